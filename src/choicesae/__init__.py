@@ -1,0 +1,23 @@
+"""choicesae: sparse autoencoders with Token, Mutual and Feature Choice sparsifiers."""
+
+from choicesae.config import SAEConfig, TrainConfig
+from choicesae.errors import ChoiceSAEError, ConfigError, DataError
+from choicesae.sae import SAE
+from choicesae.sparsifiers import (
+    Sparse,
+    feature_choice,
+    jumprelu,
+    mutual_choice,
+    relu,
+    sparsify,
+    topk,
+    uniform_capacities,
+)
+from choicesae.synthetic import SyntheticConfig, sparse_dictionary
+from choicesae.train import train
+
+__all__ = [
+    "SAE", "SAEConfig", "TrainConfig", "SyntheticConfig", "train", "sparse_dictionary",
+    "Sparse", "topk", "mutual_choice", "feature_choice", "relu", "jumprelu", "sparsify",
+    "uniform_capacities", "ChoiceSAEError", "ConfigError", "DataError",
+]

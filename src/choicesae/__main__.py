@@ -1,0 +1,49 @@
+"""Command line: `choicesae COMMAND --flags`; each command parses a config and calls one function."""
+
+import argparse
+import sys
+
+from choicesae.config import TrainConfig, add_arguments, from_arguments
+from choicesae.errors import ChoiceSAEError
+from choicesae.synthetic import SyntheticConfig, write_synthetic
+from choicesae.train import train
+
+
+def _train(cfg: TrainConfig) -> None:
+    train(cfg)
+    print(f"saved the SAE to {cfg.out}/sae, metrics in {cfg.out}/metrics.jsonl")
+
+
+def _synthetic(cfg: SyntheticConfig) -> None:
+    x_path, dict_path = write_synthetic(cfg)
+    print(f"wrote {cfg.tokens} activations to {x_path} and the true dictionary to {dict_path}")
+
+
+COMMANDS = {
+    "train": (TrainConfig, _train, "Train an SAE on an activation file."),
+    "synthetic": (SyntheticConfig, _synthetic, "Write a synthetic sparse-dictionary dataset."),
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="choicesae", description=__doc__)
+    commands = top.add_subparsers(dest="command", required=True)
+    for name, (cls, _, text) in COMMANDS.items():
+        sub = commands.add_parser(name, help=text, description=f"{text} {cls.__doc__}")
+        add_arguments(sub, cls)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    cls, run, _ = COMMANDS[args.command]
+    try:
+        run(from_arguments(cls, args))
+    except ChoiceSAEError as e:
+        print(f"choicesae {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""Flat config dataclasses, one per concern. Attribute docstrings become the CLI's --help text.
+
+Settings that cannot work are refused here, in __post_init__, with the setting named.
+"""
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import textwrap
+import typing
+from dataclasses import dataclass, field
+from typing import Literal
+
+from choicesae.errors import ConfigError
+from choicesae.sparsifiers import TRAINABLE
+
+Normalize = Literal["token", "dataset", "none"]
+Sparsifier = Literal["topk", "mutual_choice", "feature_choice", "relu"]
+
+
+@dataclass(frozen=True)
+class SAEConfig:
+    """The architecture: everything needed to rebuild and run a trained SAE."""
+
+    sparsifier: Sparsifier = "topk"
+    """Sparsifying activation used in training: topk (Token Choice), mutual_choice (BatchTopK),
+    feature_choice (uniform capacities m = k*B/F) or relu (standard SAE with an L1 penalty)."""
+    k: int = 32
+    """Target active features per token: exact for topk, the batch mean for mutual_choice and
+    feature_choice (budget M = k*B); unused by relu."""
+    expansion: int = 16
+    """Number of latents as a multiple of the input width (used when num_latents is 0)."""
+    num_latents: int = 0
+    """Number of latents F; 0 means expansion * d_in."""
+    d_in: int = 0
+    """Input width; 0 means taken from the activations."""
+    normalize: Normalize = "token"
+    """Input preprocessing: token = subtract each token's mean over d_in and scale it to unit L2
+    norm (the paper's, section 5); dataset = one scale factor for the whole dataset giving unit
+    mean norm; none = raw activations."""
+
+    def __post_init__(self):
+        if self.sparsifier not in TRAINABLE:
+            raise ConfigError(
+                f"unknown sparsifier {self.sparsifier!r}; choose one of {', '.join(TRAINABLE)}"
+            )
+        if self.normalize not in ("token", "dataset", "none"):
+            raise ConfigError(f"normalize must be token, dataset or none, not {self.normalize!r}")
+        for name in ("k", "expansion"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("num_latents", "d_in"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be positive (or 0 for the default)")
+        if self.num_latents and self.sparsifier != "relu" and self.k >= self.num_latents:
+            raise ConfigError(
+                f"k={self.k} must be smaller than the number of latents ({self.num_latents})"
+            )
+
+    def resolve(self, d_in: int) -> "SAEConfig":
+        """This config with the input width and the number of latents filled in."""
+        if self.d_in and self.d_in != d_in:
+            raise ConfigError(f"d_in={self.d_in} does not match the activations' width {d_in}")
+        return dataclasses.replace(
+            self, d_in=d_in, num_latents=self.num_latents or self.expansion * d_in
+        )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A training run: data, SAE, optimisation and logging."""
+
+    activations: str = ""
+    """Activation file [N, d_in]: .npy (memory-mapped) or .safetensors."""
+    activations_key: str = ""
+    """Tensor name inside a .safetensors file holding several tensors."""
+    out: str = "runs/sae"
+    """Run folder: config.json, metrics.jsonl and the trained SAE under sae/."""
+    overwrite: bool = False
+    """Allow writing into a run folder that already holds a run."""
+    sae: SAEConfig = field(default_factory=SAEConfig)
+    batch_size: int = 1536
+    """Tokens per step (the paper's 1536)."""
+    steps: int = 10_000
+    """Optimiser steps; the data is reshuffled and reused when one pass runs out."""
+    lr: float = 0.0
+    """Peak learning rate; 0 means 2e-4 / sqrt(F / 2^14), the scaling of Gao et al."""
+    warmup_steps: int = 100
+    """Linear learning-rate warm-up from 0 over this many steps."""
+    decay_fraction: float = 0.2
+    """Linear decay to 0 over this last fraction of the steps."""
+    weight_decay: float = 1e-5
+    """AdamW weight decay on W_enc and W_dec."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 disables)."""
+    l1_coeff: float = 3e-3
+    """L1 penalty on activations, for the relu sparsifier only."""
+    aux_k_coeff: float = 1 / 32
+    """Weight of aux_k_loss (dead latents reconstruct the residual); 0 disables it."""
+    k_aux: int = 512
+    """Dead latents per token used by aux_k_loss."""
+    dead_tokens: int = 1_000_000
+    """A latent is dead when it has not fired for this many tokens."""
+    multi_topk: bool = False
+    """Add the Multi-TopK term L(4k)/8 (Gao et al. 5.3.1) for progressive codes."""
+    log_every: int = 50
+    """Write metrics to metrics.jsonl and the progress bar every this many steps."""
+    seed: int = 0
+    """Seed for initialisation and shuffling."""
+    device: str = "cpu"
+    """Torch device, e.g. cpu or cuda."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self):
+        positive = ("batch_size", "steps", "log_every", "k_aux", "dead_tokens")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        nonnegative = ("lr", "warmup_steps", "weight_decay", "grad_clip", "l1_coeff", "aux_k_coeff")
+        for name in nonnegative:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
+        if not 0 <= self.decay_fraction <= 1:
+            raise ConfigError(f"decay_fraction must lie in [0, 1], got {self.decay_fraction}")
+        if self.multi_topk and self.sae.sparsifier == "relu":
+            raise ConfigError("multi_topk needs a k-based sparsifier, not relu")
+        if self.multi_topk and self.sae.num_latents and 4 * self.sae.k > self.sae.num_latents:
+            raise ConfigError(
+                f"multi_topk needs 4k <= num_latents, got k={self.sae.k} and "
+                f"num_latents={self.sae.num_latents}"
+            )
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each attribute of a dataclass, keyed by attribute name."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One --flag per field of the dataclass `cls` (nested dataclasses become groups)."""
+    hints, docs = typing.get_type_hints(cls), _field_docs(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            add_arguments(parser.add_argument_group(f.name, tp.__doc__), tp)
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        flag = "--" + f.name.replace("_", "-")
+        text = f"{docs.get(f.name, '')} (default: {default})".replace("%", "%%")
+        if tp is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
+        elif typing.get_origin(tp) is Literal:
+            parser.add_argument(flag, choices=typing.get_args(tp), default=default, help=text)
+        else:
+            parser.add_argument(flag, type=tp, default=default, help=text)
+
+
+def from_arguments(cls: type, args: argparse.Namespace):
+    """Build the dataclass `cls` from parsed arguments (the inverse of `add_arguments`)."""
+    hints = typing.get_type_hints(cls)
+    return cls(**{
+        f.name: from_arguments(hints[f.name], args)
+        if dataclasses.is_dataclass(hints[f.name]) else getattr(args, f.name)
+        for f in dataclasses.fields(cls)
+    })

@@ -1,0 +1,107 @@
+"""Activation files and the shuffled batches drawn from them.
+
+Activations are rows [N, d_in]: a .npy file (memory-mapped, so it may exceed memory), a
+.safetensors file, or an in-memory tensor. Everything is checked before training starts.
+"""
+
+import itertools
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import Tensor
+
+from choicesae.errors import DataError
+
+Rows = np.ndarray | Tensor  # [N, d_in]
+_CHECK_CHUNK = 65_536
+
+
+def load_activations(path: str | Path, key: str = "") -> Rows:
+    """Open an activation file [N, d_in] and check it (see `check_activations`)."""
+    path = Path(path)
+    if not str(path):
+        raise DataError("no activation file given (--activations FILE)")
+    if not path.is_file():
+        raise DataError(f"activation file {path} does not exist")
+    if path.stat().st_size == 0:
+        raise DataError(f"activation file {path} is empty")
+    try:
+        if path.suffix == ".npy":
+            rows = np.load(path, mmap_mode="r")
+        elif path.suffix == ".safetensors":
+            rows = _load_safetensors(path, key)
+        else:
+            raise DataError(f"activation file {path} must end in .npy or .safetensors")
+    except (OSError, ValueError, EOFError, SafetensorError) as e:
+        if isinstance(e, DataError):
+            raise
+        raise DataError(f"activation file {path} is not a readable array: {e}") from e
+    return check_activations(rows, name=str(path))
+
+
+def _load_safetensors(path: Path, key: str) -> Tensor:
+    with safe_open(str(path), framework="pt") as f:
+        keys = list(f.keys())
+        if not key and len(keys) == 1:
+            key = keys[0]
+        if key not in keys:
+            wanted = f"tensor {key!r} is not" if key else "several tensors are"
+            raise DataError(
+                f"{path}: {wanted} in the file; pick one with --activations-key from {keys}"
+            )
+        return f.get_tensor(key)
+
+
+def check_activations(rows: Rows, name: str = "activations") -> Rows:
+    """Refuse what cannot be trained on: wrong dimensionality, no rows, a non-float dtype,
+    NaN or Inf (scanned in chunks, naming the first bad row)."""
+    if rows.ndim != 2:
+        raise DataError(f"{name} must be 2-D [tokens, d_in], got shape {tuple(rows.shape)}")
+    if rows.shape[0] == 0 or rows.shape[1] == 0:
+        raise DataError(f"{name} holds no data (shape {tuple(rows.shape)})")
+    if not _tensor(rows[:1]).is_floating_point():
+        raise DataError(f"{name} must hold floating-point numbers, got {rows.dtype}")
+    for start in range(0, rows.shape[0], _CHECK_CHUNK):
+        chunk = _tensor(rows[start : start + _CHECK_CHUNK])
+        bad = ~torch.isfinite(chunk).all(-1)
+        if bad.any():
+            row = start + int(bad.nonzero()[0])
+            raise DataError(f"{name} contains NaN or Inf (first at row {row})")
+    return rows
+
+
+def _tensor(rows: Rows) -> Tensor:
+    """Rows as a tensor; a read-only slice of a memory map is copied into memory first."""
+    if isinstance(rows, Tensor):
+        return rows
+    rows = np.asarray(rows)
+    return torch.from_numpy(rows if rows.flags.writeable else rows.copy())
+
+
+def batch_indices(step: int, num_rows: int, batch_size: int, seed: int) -> np.ndarray:
+    """Row indices of batch `step`: a fresh permutation per pass over the data, a pure
+    function of (step, seed) so that a run can be resumed at any step. Sorted, because the
+    order inside a batch does not matter and sorted reads are faster on a memory map."""
+    per_epoch = num_rows // batch_size
+    epoch, i = divmod(step, per_epoch)
+    perm = np.random.default_rng([seed, epoch]).permutation(num_rows)
+    return np.sort(perm[i * batch_size : (i + 1) * batch_size])
+
+
+def batches(
+    rows: Rows, batch_size: int, seed: int, device: str = "cpu", start: int = 0
+) -> Iterator[Tensor]:
+    """Endless float32 batches [batch_size, d_in] from step `start` on."""
+    if batch_size > rows.shape[0]:
+        raise DataError(f"batch_size {batch_size} exceeds the {rows.shape[0]} rows of activations")
+
+    def generate() -> Iterator[Tensor]:
+        for step in itertools.count(start):
+            idx = batch_indices(step, rows.shape[0], batch_size, seed)
+            x = rows[torch.from_numpy(idx)] if isinstance(rows, Tensor) else _tensor(rows[idx])
+            yield x.to(device=device, dtype=torch.float32)
+
+    return generate()

@@ -1,0 +1,111 @@
+"""The sparse autoencoder: affine encoder, a sparsifier, and a unit-norm linear decoder.
+
+No losses and no statistics live here; the training loop owns both.
+"""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from choicesae.config import SAEConfig
+from choicesae.errors import ConfigError, DataError
+from choicesae.preprocess import denormalize, estimate_dataset_scale, normalize
+from choicesae.sparsifiers import Sparse, sparsify
+
+WEIGHTS, CONFIG = "model.safetensors", "config.json"
+
+
+class SAE(nn.Module):
+    """x̂ = σ_s((x − b_dec) W_enc + b_enc) W_dec + b_dec, rows of W_dec unit-norm.
+
+    Shapes follow SAELens: W_enc [d_in, F], W_dec [F, d_in].
+    """
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__()
+        if not (cfg.d_in and cfg.num_latents):
+            raise ConfigError("SAE needs a resolved config: call cfg.resolve(d_in) first")
+        self.cfg = cfg
+        F, d = cfg.num_latents, cfg.d_in
+        W_dec = torch.randn(F, d)
+        W_dec /= W_dec.norm(dim=-1, keepdim=True)
+        self.W_dec = nn.Parameter(W_dec)
+        self.W_enc = nn.Parameter(W_dec.T.clone())  # tied initialisation (Gao et al.)
+        self.b_enc = nn.Parameter(torch.zeros(F))
+        self.b_dec = nn.Parameter(torch.zeros(d))
+        # dataset-level normalisation factor (normalize="dataset"); saved with the weights
+        self.register_buffer("scale", torch.ones(()))
+
+    def pre_acts(self, x: Tensor) -> Tensor:
+        """Affinities z' [B, F] of normalized inputs x [B, d_in]."""
+        return (x - self.b_dec) @ self.W_enc + self.b_enc
+
+    def encode(self, x: Tensor, k: int | None = None, m: Tensor | None = None) -> Sparse:
+        """Sparse codes of normalized x [B, d_in] with the training sparsifier.
+
+        `k` overrides the config's k (test-time TopK(k')); `m` gives feature_choice capacities
+        [F] (default: uniform for this batch size).
+        """
+        return sparsify(self.cfg.sparsifier, self.pre_acts(x), k=k or self.cfg.k, m=m)
+
+    def decode(self, acts: Tensor) -> Tensor:
+        """Reconstruction [B, d_in] (normalized space) of activations [B, F]."""
+        return acts @ self.W_dec + self.b_dec
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Reconstruction of normalized x [B, d_in]."""
+        return self.decode(self.encode(x).acts)
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """Raw model activations x [B, d_in] -> reconstruction in the same (raw) space."""
+        x_n, stats = normalize(x, self.cfg.normalize, self.scale)
+        return denormalize(self(x_n), stats)
+
+    @torch.no_grad()
+    def init_from_data_(self, sample: Tensor) -> None:
+        """Set the dataset scale (normalize="dataset") and b_dec to the mean of the normalized
+        sample [N, d_in] of raw activations, so that training starts centred on the data."""
+        if self.cfg.normalize == "dataset":
+            self.scale.fill_(estimate_dataset_scale(sample))
+        x_n, _ = normalize(sample, self.cfg.normalize, self.scale)
+        self.b_dec.copy_(x_n.mean(0))
+
+    @torch.no_grad()
+    def unit_norm_decoder_(self) -> None:
+        """Project every decoder row back onto the unit sphere (after each optimiser step)."""
+        self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+
+    @torch.no_grad()
+    def remove_parallel_grad_(self) -> None:
+        """Drop the gradient component along each (unit) decoder row: it would only change the
+        row's norm, which the projection undoes anyway, and it disturbs Adam's statistics."""
+        if self.W_dec.grad is None:
+            return
+        parallel = (self.W_dec.grad * self.W_dec).sum(-1, keepdim=True)
+        self.W_dec.grad -= parallel * self.W_dec
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write model.safetensors and config.json into the folder `path`."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {name: t.detach().cpu().contiguous() for name, t in self.state_dict().items()}
+        save_file(tensors, path / WEIGHTS)
+        (path / CONFIG).write_text(json.dumps(dataclasses.asdict(self.cfg), indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str = "cpu") -> "SAE":
+        """Load an SAE written by `save_pretrained`."""
+        path = Path(path)
+        try:
+            cfg = SAEConfig(**json.loads((path / CONFIG).read_text()))
+            state = load_file(path / WEIGHTS, device=device)
+        except (OSError, ValueError, TypeError, SafetensorError) as e:
+            raise DataError(f"cannot load an SAE from {path}: {e}") from e
+        sae = cls(cfg).to(device)
+        sae.load_state_dict(state)
+        return sae

@@ -1,0 +1,112 @@
+"""Sparsifying activations: pure functions from affinities z' [B, F] to sparse activations.
+
+Each one solves the paper's allocation problem (section 3.1) under its own constraint and is
+composed with ReLU (appendix H: selecting a non-positive affinity never helps), so every
+selected pair has a strictly positive activation and `Sparse.pairs` is exactly the selection.
+Gradients flow only into the selected entries: unselected entries are constants (zeros).
+"""
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from choicesae.errors import ConfigError
+
+
+class Sparse(NamedTuple):
+    """Sparse activations of a batch, stored dense as [B, F]."""
+
+    acts: Tensor  # [B, F], zero outside the selection
+
+    @property
+    def pairs(self) -> Tensor:  # [n, 2] (token, feature) of every selected match
+        return self.acts.nonzero()
+
+    @property
+    def l0(self) -> Tensor:  # [B] active features per token
+        return (self.acts != 0).sum(-1)
+
+
+def _scatter_positive(z_pre: Tensor, dim: int, values: Tensor, indices: Tensor) -> Sparse:
+    """Place the chosen `values` at `indices` along `dim`, dropping non-positive ones (ReLU)."""
+    return Sparse(torch.zeros_like(z_pre).scatter(dim, indices, values.relu()))
+
+
+def topk(z_pre: Tensor, k: int) -> Sparse:
+    """Token Choice: each token (row) keeps its k largest positive affinities."""
+    values, indices = z_pre.topk(k, dim=-1, sorted=False)  # [B, k]
+    return _scatter_positive(z_pre, -1, values, indices)
+
+
+def mutual_choice(z_pre: Tensor, k: int) -> Sparse:
+    """Mutual Choice (= BatchTopK): the k·B largest positive affinities anywhere in the batch."""
+    flat = z_pre.flatten()
+    values, indices = flat.topk(min(k * z_pre.shape[0], flat.numel()), sorted=False)
+    return Sparse(_scatter_positive(flat, 0, values, indices).acts.view_as(z_pre))
+
+
+def feature_choice(z_pre: Tensor, m: Tensor) -> Sparse:
+    """Feature Choice: feature i (column) keeps its m[i] largest positive affinities.
+
+    One top-(max m) over the token dimension, then each column is cut to its own capacity.
+    """
+    B, F = z_pre.shape
+    if m.shape != (F,):
+        raise ConfigError(f"feature_choice capacities m must have shape ({F},), got {tuple(m.shape)}")
+    m_max = int(m.max())
+    if m_max > B:
+        raise ConfigError(f"feature_choice capacity {m_max} exceeds the batch size {B}")
+    values, indices = z_pre.topk(m_max, dim=0)  # [m_max, F], sorted: row r is each column's r-th
+    rank = torch.arange(m_max, device=z_pre.device)[:, None]
+    values = values.masked_fill(rank >= m.to(z_pre.device)[None, :], 0.0)
+    return _scatter_positive(z_pre, 0, values, indices)
+
+
+def relu(z_pre: Tensor) -> Sparse:
+    """Standard SAE: every positive affinity (sparsity comes from the L1 penalty)."""
+    return Sparse(z_pre.relu())
+
+
+def jumprelu(z_pre: Tensor, theta: Tensor | float) -> Sparse:
+    """JumpReLU for inference: z' where z' > θ (and > 0), θ a scalar or one per feature [F]."""
+    theta = torch.as_tensor(theta, dtype=z_pre.dtype, device=z_pre.device)
+    keep = (z_pre > theta.clamp(min=0.0))
+    return Sparse(z_pre * keep)
+
+
+def uniform_capacities(k: int, batch_size: int, num_latents: int) -> Tensor:
+    """Uniform Feature Choice (section 4.3): m_i = ⌊M / F⌋ with M = k·B, so L0 ≤ k on average.
+
+    Flooring keeps the budget an upper bound, as Algorithm 1 does for Zipf capacities.
+    """
+    m = (k * batch_size) // num_latents
+    if m < 1:
+        raise ConfigError(
+            f"feature_choice needs k * batch_size >= num_latents so that every feature can pick "
+            f"a token (paper footnote 8); got k={k}, batch_size={batch_size}, "
+            f"num_latents={num_latents}: raise the batch size or k"
+        )
+    return torch.full((num_latents,), m, dtype=torch.long)
+
+
+TRAINABLE = ("topk", "mutual_choice", "feature_choice", "relu")
+SPARSIFIERS = (*TRAINABLE, "jumprelu")
+
+
+def sparsify(
+    name: str, z_pre: Tensor, *, k: int, m: Tensor | None = None, theta: Tensor | float = 0.0
+) -> Sparse:
+    """Apply the sparsifier `name` with the parameter it needs (k, capacities m, or θ)."""
+    if name == "topk":
+        return topk(z_pre, k)
+    if name == "mutual_choice":
+        return mutual_choice(z_pre, k)
+    if name == "feature_choice":
+        B, F = z_pre.shape
+        return feature_choice(z_pre, uniform_capacities(k, B, F) if m is None else m)
+    if name == "relu":
+        return relu(z_pre)
+    if name == "jumprelu":
+        return jumprelu(z_pre, theta)
+    raise ConfigError(f"unknown sparsifier {name!r}; choose one of {', '.join(SPARSIFIERS)}")
