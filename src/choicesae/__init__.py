@@ -17,7 +17,21 @@ from choicesae.synthetic import SyntheticConfig, sparse_dictionary
 from choicesae.train import train
 
 __all__ = [
-    "SAE", "SAEConfig", "TrainConfig", "SyntheticConfig", "train", "sparse_dictionary",
-    "Sparse", "topk", "mutual_choice", "feature_choice", "relu", "jumprelu", "sparsify",
-    "uniform_capacities", "ChoiceSAEError", "ConfigError", "DataError",
+    "SAE",
+    "SAEConfig",
+    "TrainConfig",
+    "SyntheticConfig",
+    "train",
+    "sparse_dictionary",
+    "Sparse",
+    "topk",
+    "mutual_choice",
+    "feature_choice",
+    "relu",
+    "jumprelu",
+    "sparsify",
+    "uniform_capacities",
+    "ChoiceSAEError",
+    "ConfigError",
+    "DataError",
 ]

@@ -1,4 +1,4 @@
-"""Command line: `choicesae COMMAND --flags`; each command parses a config and calls one function."""
+"""Command line: `choicesae COMMAND --flags`; a command parses its config, calls one function."""
 
 import argparse
 import sys

@@ -94,8 +94,9 @@ class TrainConfig:
     """AdamW weight decay on W_enc and W_dec."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (0 disables)."""
-    l1_coeff: float = 3e-3
-    """L1 penalty on activations, for the relu sparsifier only."""
+    l1_coeff: float = 0.1
+    """L1 penalty on activations, for the relu sparsifier only (inputs of unit norm: about
+    0.03 to 0.3 spans L0 from dense to a few features per token)."""
     aux_k_coeff: float = 1 / 32
     """Weight of aux_k_loss (dead latents reconstruct the residual); 0 disables it."""
     k_aux: int = 512
@@ -137,7 +138,7 @@ def _field_docs(cls: type) -> dict[str, str]:
     """The docstring written under each attribute of a dataclass, keyed by attribute name."""
     body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
     docs = {}
-    for node, after in zip(body, body[1:]):
+    for node, after in zip(body, body[1:], strict=False):
         if (
             isinstance(node, ast.AnnAssign)
             and isinstance(after, ast.Expr)
@@ -160,7 +161,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         flag = "--" + f.name.replace("_", "-")
         text = f"{docs.get(f.name, '')} (default: {default})".replace("%", "%%")
         if tp is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
+            action = argparse.BooleanOptionalAction
+            parser.add_argument(flag, action=action, default=default, help=text)
         elif typing.get_origin(tp) is Literal:
             parser.add_argument(flag, choices=typing.get_args(tp), default=default, help=text)
         else:
@@ -170,8 +172,11 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
 def from_arguments(cls: type, args: argparse.Namespace):
     """Build the dataclass `cls` from parsed arguments (the inverse of `add_arguments`)."""
     hints = typing.get_type_hints(cls)
-    return cls(**{
-        f.name: from_arguments(hints[f.name], args)
-        if dataclasses.is_dataclass(hints[f.name]) else getattr(args, f.name)
-        for f in dataclasses.fields(cls)
-    })
+    return cls(
+        **{
+            f.name: from_arguments(hints[f.name], args)
+            if dataclasses.is_dataclass(hints[f.name])
+            else getattr(args, f.name)
+            for f in dataclasses.fields(cls)
+        }
+    )

@@ -53,7 +53,7 @@ def feature_choice(z_pre: Tensor, m: Tensor) -> Sparse:
     """
     B, F = z_pre.shape
     if m.shape != (F,):
-        raise ConfigError(f"feature_choice capacities m must have shape ({F},), got {tuple(m.shape)}")
+        raise ConfigError(f"feature_choice capacities m must have shape [{F}], not {list(m.shape)}")
     m_max = int(m.max())
     if m_max > B:
         raise ConfigError(f"feature_choice capacity {m_max} exceeds the batch size {B}")
@@ -71,7 +71,7 @@ def relu(z_pre: Tensor) -> Sparse:
 def jumprelu(z_pre: Tensor, theta: Tensor | float) -> Sparse:
     """JumpReLU for inference: z' where z' > θ (and > 0), θ a scalar or one per feature [F]."""
     theta = torch.as_tensor(theta, dtype=z_pre.dtype, device=z_pre.device)
-    keep = (z_pre > theta.clamp(min=0.0))
+    keep = z_pre > theta.clamp(min=0.0)
     return Sparse(z_pre * keep)
 
 

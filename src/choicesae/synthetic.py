@@ -80,8 +80,11 @@ def _fill(cfg: SyntheticConfig, x: Tensor, chunk: int) -> Tensor:
     p = feature_probabilities(cfg)
     for start in range(0, cfg.tokens, chunk):
         n = min(chunk, cfg.tokens - start)
-        active = torch.rand(n, cfg.num_features, generator=gen) < p
-        magnitude = 0.5 + torch.rand(n, cfg.num_features, generator=gen)  # in [0.5, 1.5)
+        active = (torch.rand(n, cfg.num_features, generator=gen) < p).nonzero().T  # [2, nnz]
+        magnitude = 0.5 + torch.rand(active.shape[1], generator=gen)  # in [0.5, 1.5)
+        codes = torch.sparse_coo_tensor(
+            active, magnitude, (n, cfg.num_features), check_invariants=True, is_coalesced=True
+        )
         noise = torch.randn(n, cfg.d_in, generator=gen) * (cfg.noise / cfg.d_in**0.5)
-        x[start : start + n] = (active * magnitude) @ dictionary + noise
+        x[start : start + n] = torch.sparse.mm(codes, dictionary) + noise
     return dictionary

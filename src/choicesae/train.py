@@ -1,8 +1,8 @@
 """The training loop: a function over batches of activations that reads like the paper.
 
-    for each batch x:  z' = encoder(x);  z = σ_s(z');  x̂ = decoder(z)
-                       loss = |x − x̂|² (+ L1 | aux_k | Multi-TopK);  AdamW step
-                       project decoder rows to unit norm; count tokens since each latent fired
+for each batch x:  z' = encoder(x);  z = σ_s(z');  x̂ = decoder(z)
+                   loss = |x − x̂|² (+ L1 | aux_k | Multi-TopK);  AdamW step
+                   project decoder rows to unit norm; count tokens since each latent fired
 """
 
 import dataclasses
@@ -79,7 +79,7 @@ def train(cfg: TrainConfig, activations: Rows | None = None) -> SAE:
 
     with open(out / "metrics.jsonl", "a") as log:
         bar = tqdm(range(cfg.steps), desc="train", unit="step", disable=not cfg.progress)
-        for step, x in zip(bar, data):
+        for step, x in zip(bar, data, strict=False):
             lr = lr_at(step, cfg.steps, peak_lr, cfg.warmup_steps, cfg.decay_fraction)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -97,19 +97,11 @@ def train(cfg: TrainConfig, activations: Rows | None = None) -> SAE:
 
             accumulate(window, result, x)
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-                record = {"step": step + 1, "tokens": (step + 1) * cfg.batch_size, "lr": lr}
-                record |= {name: float(v) / window["n"] for name, v in window.items() if name != "n"}
-                record["dead_pct"] = 100 * float(dead.float().mean())
+                record = summarize(window, step + 1, cfg.batch_size, lr, dead)
                 record["elapsed_s"] = round(time.perf_counter() - start, 3)
-                if not math.isfinite(record["loss"]):
-                    raise ChoiceSAEError(f"the loss became NaN or Inf by step {step + 1}")
                 log.write(json.dumps(record) + "\n")
                 log.flush()
-                bar.set_postfix(
-                    loss=f"{record['loss']:.4f}", l0=f"{record['l0']:.1f}",
-                    fvu=f"{record['fvu']:.3f}", dead=f"{record['dead_pct']:.1f}%",
-                )
-                window.clear()
+                bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "l0", "fvu", "dead_pct")})
     sae.save_pretrained(out / "sae")
     return sae
 
@@ -123,6 +115,18 @@ def accumulate(window: dict, out: StepOut, x: Tensor) -> None:
         window["fvu"] += fvu(out.x_hat, x)
         window["l0"] += l0(out.acts)
         window["n"] += 1
+
+
+def summarize(window: dict, step: int, batch_size: int, lr: float, dead: Tensor) -> dict:
+    """Empty the logging window into one metrics record (one sync point per log line)."""
+    n = window.pop("n")
+    record = {"step": step, "tokens": step * batch_size, "lr": lr}
+    record |= {name: float(total) / n for name, total in window.items()}
+    record["dead_pct"] = 100 * float(dead.float().mean())
+    window.clear()
+    if not math.isfinite(record["loss"]):
+        raise ChoiceSAEError(f"the loss became NaN or Inf by step {step}")
+    return record
 
 
 def check_budget(sae_cfg: SAEConfig, batch_size: int) -> None:

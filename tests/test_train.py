@@ -1,0 +1,176 @@
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from choicesae.config import SAEConfig, TrainConfig
+from choicesae.errors import ConfigError, DataError
+from choicesae.preprocess import normalize
+from choicesae.sae import SAE
+from choicesae.train import loss_terms, train
+
+
+def config(tmp_path, sparsifier="topk", steps=300, **kw):
+    sae_kw = {key: kw.pop(key) for key in ("k", "expansion", "normalize") if key in kw}
+    train_kw = {"batch_size": 512, "lr": 3e-3, "log_every": 50, "progress": False, **kw}
+    return TrainConfig(
+        out=str(tmp_path / "run"),
+        sae=SAEConfig(sparsifier=sparsifier, **{"k": 8, "expansion": 8, **sae_kw}),
+        steps=steps,
+        **train_kw,
+    )
+
+
+def records(tmp_path):
+    return [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+
+
+@pytest.mark.parametrize("sparsifier", ["topk", "mutual_choice", "feature_choice", "relu"])
+def test_each_sparsifier_learns_the_synthetic_dictionary(tmp_path, synthetic, sparsifier):
+    x, _ = synthetic
+    sae = train(config(tmp_path, sparsifier), x)
+    log = records(tmp_path)
+    assert [r["step"] for r in log] == [50, 100, 150, 200, 250, 300]
+    assert log[-1]["fvu"] < 0.35 and log[-1]["fvu"] < log[0]["fvu"] / 3
+    assert torch.allclose(sae.W_dec.norm(dim=-1), torch.ones(256), atol=1e-5)
+
+    x_n, _ = normalize(x[:4096], "token")
+    with torch.no_grad():
+        codes = sae.encode(x_n[:512])
+    if sparsifier == "topk":
+        assert codes.l0.max() <= 8
+    elif sparsifier == "relu":
+        assert log[-1]["l0"] < 256 / 4  # the L1 penalty made the code sparse
+    else:  # budget k·B per batch: mean L0 at most k
+        assert all(r["l0"] <= 8 + 1e-6 for r in log) and codes.l0.float().mean() <= 8
+    loaded = SAE.from_pretrained(tmp_path / "run" / "sae")
+    assert torch.equal(loaded(x_n), sae(x_n))
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["sae"]["num_latents"] == 256 and saved["sae"]["d_in"] == 32
+
+
+def test_l1_coefficient_controls_relu_sparsity(tmp_path, synthetic):
+    x, _ = synthetic
+    l0 = []
+    for coeff in (0.03, 0.3):
+        train(config(tmp_path, "relu", steps=150, l1_coeff=coeff, overwrite=True), x)
+        l0.append(records(tmp_path)[-1]["l0"])
+    assert l0[1] < l0[0] / 2
+
+
+def test_multi_topk_adds_the_4k_term(tmp_path, synthetic):
+    x, _ = synthetic
+    train(config(tmp_path, "topk", steps=100, multi_topk=True), x)
+    last = records(tmp_path)[-1]
+    assert last["mse_4k"] > 0
+    assert last["loss"] == pytest.approx(last["mse"] + last["mse_4k"] + last["aux_k"], rel=1e-5)
+
+
+def test_aux_k_term_acts_only_when_latents_are_dead(synthetic):
+    x, _ = synthetic
+    cfg = dataclasses.replace(TrainConfig(), sae=SAEConfig(k=4).resolve(32), k_aux=16)
+    torch.manual_seed(0)
+    sae = SAE(cfg.sae)
+    x_n, _ = normalize(x[:256], "token")
+    alive = torch.zeros(512, dtype=torch.bool)
+    assert loss_terms(sae, x_n, cfg, alive).terms["aux_k"] == 0
+    dead = torch.arange(512) % 2 == 0
+    out = loss_terms(sae, x_n, cfg, dead)
+    assert out.terms["aux_k"] > 0
+    sae.zero_grad()
+    out.terms["aux_k"].backward()
+    assert sae.W_enc.grad[:, dead].any() and not sae.W_enc.grad[:, ~dead].any()
+
+
+def test_dead_latents_are_counted_in_tokens(tmp_path, synthetic):
+    x, _ = synthetic
+    # 4x more latents than true features, k = 2: many latents never win a slot
+    train(config(tmp_path, "topk", steps=100, k=2, expansion=16, dead_tokens=2048), x)
+    assert records(tmp_path)[-1]["dead_pct"] > 0
+    train(
+        config(
+            tmp_path,
+            "feature_choice",
+            steps=100,
+            k=2,
+            expansion=16,
+            overwrite=True,
+            dead_tokens=2048,
+        ),
+        x,
+    )
+    assert records(tmp_path)[-1]["dead_pct"] == 0  # every feature picks tokens in every batch
+
+
+@pytest.mark.parametrize(
+    "change,data,error,message",
+    [
+        ({}, lambda x: x[:, 0], DataError, "must be 2-D"),
+        ({}, lambda x: x[:, :, None], DataError, "must be 2-D"),
+        (
+            {},
+            lambda x: torch.where(torch.arange(len(x))[:, None] == 77, np.nan, x),
+            DataError,
+            "NaN or Inf \\(first at row 77\\)",
+        ),
+        ({}, lambda x: x[:0], DataError, "holds no data"),
+        ({"k": 256}, lambda x: x, ConfigError, "k=256 must be smaller than the number of latents"),
+        ({"d_in": 16}, lambda x: x, ConfigError, "d_in=16 does not match"),
+        (
+            {"sparsifier": "feature_choice", "k": 1, "expansion": 32},
+            lambda x: x,
+            ConfigError,
+            "feature_choice needs k \\* batch_size >= num_latents",
+        ),
+        ({"batch_size": 40_000}, lambda x: x, DataError, "batch_size 40000 exceeds"),
+        ({"multi_topk": True, "k": 80}, lambda x: x, ConfigError, "multi_topk needs 4k"),
+    ],
+)
+def test_bad_input_is_refused_before_training(tmp_path, synthetic, change, data, error, message):
+    x, _ = synthetic
+    sae_keys = {"k", "d_in", "sparsifier", "expansion"}
+    cfg = config(tmp_path, **{k: v for k, v in change.items() if k not in sae_keys})
+    cfg = dataclasses.replace(
+        cfg, sae=dataclasses.replace(cfg.sae, **{k: v for k, v in change.items() if k in sae_keys})
+    )
+    with pytest.raises(error, match=message):
+        train(cfg, data(x))
+    assert not (tmp_path / "run").exists()  # nothing was written
+
+
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda: SAEConfig(sparsifier="batchtopk"), "unknown sparsifier 'batchtopk'"),
+        (lambda: SAEConfig(k=0), "k must be at least 1"),
+        (lambda: SAEConfig(k=64, num_latents=64), "k=64 must be smaller"),
+        (lambda: SAEConfig(normalize="layer"), "normalize must be"),
+        (lambda: TrainConfig(batch_size=0), "batch_size must be at least 1"),
+        (lambda: TrainConfig(lr=-1.0), "lr must not be negative"),
+        (lambda: TrainConfig(decay_fraction=2.0), "decay_fraction"),
+        (lambda: TrainConfig(sae=SAEConfig(sparsifier="relu"), multi_topk=True), "multi_topk"),
+    ],
+)
+def test_impossible_settings(make, message):
+    with pytest.raises(ConfigError, match=message):
+        make()
+
+
+def test_existing_run_is_not_clobbered(tmp_path, synthetic):
+    x, _ = synthetic
+    train(config(tmp_path, steps=5), x)
+    before = (tmp_path / "run" / "metrics.jsonl").read_text()
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(config(tmp_path, steps=5), x)
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
+    train(config(tmp_path, steps=5, overwrite=True), x)
+
+
+def test_unwritable_output_folder(tmp_path, synthetic):
+    x, _ = synthetic
+    (tmp_path / "file").write_text("")
+    cfg = dataclasses.replace(config(tmp_path), out=str(tmp_path / "file" / "run"))
+    with pytest.raises(ConfigError, match="cannot write to the output folder"):
+        train(cfg, x)
