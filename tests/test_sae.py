@@ -88,7 +88,9 @@ def test_save_load_round_trip(tmp_path):
     loaded = SAE.from_pretrained(tmp_path / "sae")
     assert loaded.cfg == sae.cfg
     for name, tensor in sae.state_dict().items():
-        assert torch.equal(loaded.state_dict()[name], tensor)
+        torch.testing.assert_close(
+            loaded.state_dict()[name], tensor, rtol=0, atol=0, equal_nan=True
+        )
     x = torch.randn(5, 16)
     assert torch.equal(loaded.reconstruct(x), sae.reconstruct(x))
     assert (

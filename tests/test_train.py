@@ -1,4 +1,5 @@
 import dataclasses
+import importlib
 import json
 
 import numpy as np
@@ -9,7 +10,7 @@ from choicesae.config import SAEConfig, TrainConfig
 from choicesae.errors import ConfigError, DataError
 from choicesae.preprocess import normalize
 from choicesae.sae import SAE
-from choicesae.train import loss_terms, train
+from choicesae.train import Masks, loss_terms, train
 
 
 def config(tmp_path, sparsifier="topk", steps=300, **kw):
@@ -68,20 +69,26 @@ def test_multi_topk_adds_the_4k_term(tmp_path, synthetic):
     assert last["loss"] == pytest.approx(last["mse"] + last["mse_4k"] + last["aux_k"], rel=1e-5)
 
 
-def test_aux_k_term_acts_only_when_latents_are_dead(synthetic):
+def test_aux_terms_act_only_on_their_latents(synthetic):
     x, _ = synthetic
     cfg = dataclasses.replace(TrainConfig(), sae=SAEConfig(k=4).resolve(32), k_aux=16)
     torch.manual_seed(0)
     sae = SAE(cfg.sae)
     x_n, _ = normalize(x[:256], "token")
-    alive = torch.zeros(512, dtype=torch.bool)
-    assert loss_terms(sae, x_n, cfg, alive).terms["aux_k"] == 0
-    dead = torch.arange(512) % 2 == 0
-    out = loss_terms(sae, x_n, cfg, dead)
-    assert out.terms["aux_k"] > 0
-    sae.zero_grad()
-    out.terms["aux_k"].backward()
-    assert sae.W_enc.grad[:, dead].any() and not sae.W_enc.grad[:, ~dead].any()
+    none = torch.zeros(512, dtype=torch.bool)
+    terms = loss_terms(sae, x_n, cfg, "topk", Masks(none, none)).terms
+    assert terms["aux_k"] == 0 and terms["aux_zipf"] == 0
+    dead = torch.arange(512) % 4 == 0
+    dying = torch.arange(512) % 4 == 1
+    out = loss_terms(sae, x_n, cfg, "mutual_choice", Masks(dead, dying))
+    for name, mask in (("aux_k", dead), ("aux_zipf", dying)):
+        assert out.terms[name] > 0
+        sae.zero_grad()
+        out.terms[name].backward(retain_graph=True)
+        assert sae.W_enc.grad[:, mask].any() and not sae.W_enc.grad[:, ~mask].any()
+        assert not sae.W_dec.grad[~mask].any()
+    # section 4.4: Feature Choice trains without aux losses
+    assert set(loss_terms(sae, x_n, cfg, "feature_choice", Masks(dead, dying)).terms) == {"mse"}
 
 
 def test_dead_latents_are_counted_in_tokens(tmp_path, synthetic):
@@ -174,3 +181,78 @@ def test_unwritable_output_folder(tmp_path, synthetic):
     cfg = dataclasses.replace(config(tmp_path), out=str(tmp_path / "file" / "run"))
     with pytest.raises(ConfigError, match="cannot write to the output folder"):
         train(cfg, x)
+
+
+def phased_config(tmp_path, **kw):
+    cfg = config(tmp_path, steps=1, k=4, expansion=8, density_tokens=512 * 20, **kw)
+    sae = dataclasses.replace(cfg.sae, capacities="zipf")
+    return dataclasses.replace(cfg, sae=sae, schedule="mutual_choice:120,feature_choice:80")
+
+
+def test_phased_training_mutual_then_zipf_feature_choice(tmp_path, synthetic):
+    x, _ = synthetic
+    sae = train(phased_config(tmp_path), x)
+    log = records(tmp_path)
+    assert log[-1]["step"] == 200
+    assert [r["phase"] for r in log] == ["mutual_choice"] * 2 + ["feature_choice"] * 2
+    assert all({"zipf_beta", "zipf_r2", "dying", "aux_zipf_features"} <= set(r) for r in log)
+    assert all("aux_zipf" in r for r in log[:3]) and "aux_zipf" not in log[3]  # 101-120: MC
+    assert log[-1]["dead"] == 0 and log[-1]["fvu"] < 0.5
+    assert sae.cfg.sparsifier == "feature_choice"
+    # the Zipf beta was fitted to the Mutual Choice phase's densities (alpha fixed at 1)
+    alpha, beta = sae.zipf.tolist()
+    assert alpha == 1.0 and beta != 6.8
+    # inference uses Zipf capacities by density rank, and each feature respects its own
+    x_n, _ = normalize(x[:512], "token")
+    m = sae.capacities(512, 4)
+    assert m.unique().numel() > 3
+    assert m[sae.feature_rank.argmin()] == m.max()
+    with torch.no_grad():
+        assert ((sae.encode(x_n).acts != 0).sum(0) <= m).all()
+    loaded = SAE.from_pretrained(tmp_path / "run" / "sae")
+    assert torch.equal(loaded.zipf, sae.zipf) and torch.equal(loaded.feature_rank, sae.feature_rank)
+
+
+@pytest.mark.parametrize("stop_at", [50, 130])  # before and after the phase switch at 120
+def test_resume_is_bit_exact_across_the_phase_switch(tmp_path, synthetic, monkeypatch, stop_at):
+    x, _ = synthetic
+    straight = train(phased_config(tmp_path / "a", checkpoint_every=20), x)
+
+    train_module = importlib.import_module(
+        "choicesae.train"
+    )  # the package's `train` is the function
+    real_advance = train_module.advance
+
+    def crash_at(state, *args):
+        if state.step == stop_at:
+            raise KeyboardInterrupt  # killed between checkpoints
+        return real_advance(state, *args)
+
+    monkeypatch.setattr(train_module, "advance", crash_at)
+    with pytest.raises(KeyboardInterrupt):
+        train(phased_config(tmp_path / "b", checkpoint_every=20), x)
+    monkeypatch.setattr(train_module, "advance", real_advance)
+    resumed = train(phased_config(tmp_path / "b", checkpoint_every=20, resume=True), x)
+    for name, tensor in straight.state_dict().items():
+        torch.testing.assert_close(
+            resumed.state_dict()[name], tensor, rtol=0, atol=0, equal_nan=True
+        )
+    steps = [r["step"] for r in records(tmp_path / "b")]
+    assert steps == sorted(set(steps)) and steps[-1] == 200
+
+
+def test_resume_refuses_other_settings_or_no_checkpoint(tmp_path, synthetic):
+    x, _ = synthetic
+    with pytest.raises(DataError, match="cannot resume"):
+        train(config(tmp_path, steps=5, resume=True), x)
+    train(config(tmp_path, steps=5), x)
+    with pytest.raises(ConfigError, match=r"settings differ.*'lr'"):
+        train(config(tmp_path, steps=5, resume=True, lr=1e-3), x)
+
+
+def test_bad_schedule_is_refused():
+    with pytest.raises(ConfigError, match="SPARSIFIER:STEPS"):
+        TrainConfig(schedule="mutual_choice:100,batchtopk:5")
+    with pytest.raises(ConfigError, match="SPARSIFIER:STEPS"):
+        TrainConfig(schedule="mutual_choice")
+    assert TrainConfig(schedule="topk:3, feature_choice:4").total_steps == 7

@@ -24,8 +24,9 @@ class SAEConfig:
     """The architecture: everything needed to rebuild and run a trained SAE."""
 
     sparsifier: Sparsifier = "topk"
-    """Sparsifying activation used in training: topk (Token Choice), mutual_choice (BatchTopK),
-    feature_choice (uniform capacities m = k*B/F) or relu (standard SAE with an L1 penalty)."""
+    """Sparsifying activation: topk (Token Choice), mutual_choice (BatchTopK), feature_choice
+    (capacities set by --capacities) or relu (standard SAE with an L1 penalty). With --schedule,
+    the last phase's sparsifier is the model's."""
     k: int = 32
     """Target active features per token: exact for topk, the batch mean for mutual_choice and
     feature_choice (budget M = k*B); unused by relu."""
@@ -40,6 +41,21 @@ class SAEConfig:
     norm (the paper's, section 5); dataset = one scale factor for the whole dataset giving unit
     mean norm; none = raw activations."""
 
+    capacities: Literal["uniform", "zipf"] = "uniform"
+    """Feature Choice capacities m_i: uniform = floor(k*B/F) each (section 4.3), or zipf =
+    Algorithm 1's capacity at the feature's density rank (Zipf Feature Choice)."""
+    zipf_alpha: float = 1.0
+    """Zipf exponent alpha of the capacities and of the dying-feature expectation (the paper
+    fixes 1). Fitted values from training are stored with the weights and take precedence."""
+    zipf_beta: float = 6.8
+    """Zipf offset beta before any fit (the paper's GPT-2 value); a phase switch to
+    feature_choice replaces it with the fit from the previous phase."""
+    m_min: int = 1
+    """Smallest Zipf capacity: Algorithm 1 floors low ranks to 0, which can never fire; 0 keeps
+    Algorithm 1 unchanged."""
+    m_max: int = 0
+    """Largest Zipf capacity (Algorithm 1's m_max); 0 means the batch size."""
+
     def __post_init__(self):
         if self.sparsifier not in TRAINABLE:
             raise ConfigError(
@@ -50,7 +66,11 @@ class SAEConfig:
         for name in ("k", "expansion"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("num_latents", "d_in"):
+        if self.capacities not in ("uniform", "zipf"):
+            raise ConfigError(f"capacities must be uniform or zipf, not {self.capacities!r}")
+        if self.zipf_alpha <= 0 or self.zipf_beta < 0:
+            raise ConfigError("zipf_alpha must be positive and zipf_beta not negative")
+        for name in ("num_latents", "d_in", "m_min", "m_max"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be positive (or 0 for the default)")
         if self.num_latents and self.sparsifier != "relu" and self.k >= self.num_latents:
@@ -75,6 +95,9 @@ class TrainConfig:
     """Activation file [N, d_in]: .npy (memory-mapped) or .safetensors."""
     activations_key: str = ""
     """Tensor name inside a .safetensors file holding several tensors."""
+    store: str = ""
+    """Activation store folder written by `choicesae harvest` (read through a shuffle buffer
+    across its shards); used instead of --activations."""
     out: str = "runs/sae"
     """Run folder: config.json, metrics.jsonl and the trained SAE under sae/."""
     overwrite: bool = False
@@ -83,7 +106,13 @@ class TrainConfig:
     batch_size: int = 1536
     """Tokens per step (the paper's 1536)."""
     steps: int = 10_000
-    """Optimiser steps; the data is reshuffled and reused when one pass runs out."""
+    """Optimiser steps; the data is reshuffled and reused when one pass runs out. Ignored when
+    --schedule gives the steps of each phase."""
+    schedule: str = ""
+    """Phased training (section 4.4) as SPARSIFIER:STEPS,..., e.g.
+    mutual_choice:8000,feature_choice:2000. Aux losses act outside feature_choice phases; on
+    entering feature_choice the Zipf beta (and alpha with --fit-alpha) is fitted to the feature
+    densities of the phase before. Empty: --sparsifier for --steps."""
     lr: float = 0.0
     """Peak learning rate; 0 means 2e-4 / sqrt(F / 2^14), the scaling of Gao et al."""
     warmup_steps: int = 100
@@ -103,6 +132,24 @@ class TrainConfig:
     """Dead latents per token used by aux_k_loss."""
     dead_tokens: int = 1_000_000
     """A latent is dead when it has not fired for this many tokens."""
+    aux_zipf_coeff: float = 1 / 32
+    """Weight of aux_zipf_loss (dying latents, Definition 3.1, reconstruct the residual);
+    0 disables it."""
+    density_tokens: int = 500_000
+    """Window of tokens over which feature densities are counted; each closed window refreshes
+    the Zipf fit, the dying features and the Zipf capacities' ranks."""
+    fit_alpha: bool = False
+    """Fit the Zipf exponent alpha too (default: fixed at --zipf-alpha, as in the paper)."""
+    nfm_coeff: float = 0.0
+    """Weight of nfm_loss = |nfm(W_dec)|_F (appendix C)."""
+    nfm_inf_coeff: float = 0.0
+    """Weight of nfm_inf_loss, the mean largest similarity between decoder rows (appendix C)."""
+    nfm_inf_sample: int = 1024
+    """Decoder rows sampled per step for nfm_inf_loss (0: all rows, F^2 d work)."""
+    checkpoint_every: int = 1000
+    """Write RUN/checkpoint.pt every this many steps (and at the end)."""
+    resume: bool = False
+    """Continue the run in --out from its checkpoint."""
     multi_topk: bool = False
     """Add the Multi-TopK term L(4k)/8 (Gao et al. 5.3.1) for progressive codes."""
     log_every: int = 50
@@ -114,18 +161,57 @@ class TrainConfig:
     progress: bool = True
     """Show a progress bar."""
 
+    def phases(self) -> list[tuple[str, int]]:
+        """[(sparsifier, steps)] of the run: the parsed --schedule, or one phase."""
+        if not self.schedule:
+            return [(self.sae.sparsifier, self.steps)]
+        phases = []
+        for part in self.schedule.split(","):
+            name, _, steps = part.strip().partition(":")
+            if name not in TRAINABLE or not steps.strip().isdigit() or int(steps) < 1:
+                raise ConfigError(
+                    f"schedule entry {part!r} must be SPARSIFIER:STEPS with SPARSIFIER one of "
+                    f"{', '.join(TRAINABLE)} and STEPS a positive integer"
+                )
+            phases.append((name, int(steps)))
+        return phases
+
+    @property
+    def total_steps(self) -> int:
+        return sum(steps for _, steps in self.phases())
+
     def __post_init__(self):
-        positive = ("batch_size", "steps", "log_every", "k_aux", "dead_tokens")
+        positive = (
+            "batch_size",
+            "steps",
+            "log_every",
+            "k_aux",
+            "dead_tokens",
+            "density_tokens",
+            "checkpoint_every",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        nonnegative = ("lr", "warmup_steps", "weight_decay", "grad_clip", "l1_coeff", "aux_k_coeff")
+        nonnegative = (
+            "lr",
+            "warmup_steps",
+            "weight_decay",
+            "grad_clip",
+            "l1_coeff",
+            "aux_k_coeff",
+            "aux_zipf_coeff",
+            "nfm_coeff",
+            "nfm_inf_coeff",
+            "nfm_inf_sample",
+        )
         for name in nonnegative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
         if not 0 <= self.decay_fraction <= 1:
             raise ConfigError(f"decay_fraction must lie in [0, 1], got {self.decay_fraction}")
-        if self.multi_topk and self.sae.sparsifier == "relu":
+        phases = self.phases()
+        if self.multi_topk and any(name == "relu" for name, _ in phases):
             raise ConfigError("multi_topk needs a k-based sparsifier, not relu")
         if self.multi_topk and self.sae.num_latents and 4 * self.sae.k > self.sae.num_latents:
             raise ConfigError(

@@ -4,6 +4,7 @@ Reconstruction error is the squared L2 error summed over d_in and averaged over 
 paper's eq. 3 term |x − x̂|²); with unit-norm inputs it is on the scale of the FVU.
 """
 
+import torch
 from torch import Tensor
 
 from choicesae.sparsifiers import topk
@@ -24,18 +25,20 @@ def l1(acts: Tensor, W_dec: Tensor) -> Tensor:
     return (acts.abs() * W_dec.norm(dim=-1)).sum(-1).mean()
 
 
-def aux_k(z_pre: Tensor, dead: Tensor, residual: Tensor, W_dec: Tensor, k_aux: int) -> Tensor:
-    """aux_k_loss (Gao et al.; paper section 2.5): reconstruct the residual e = x − x̂ from each
-    token's top-k_aux dead latents, ê = z_dead W_dec, scored as |e − ê|² / |e|².
+def aux_k(z_pre: Tensor, mask: Tensor, residual: Tensor, W_dec: Tensor, k_aux: int) -> Tensor:
+    """Reconstruct the residual e = x − x̂ from each token's top-k_aux latents among `mask`,
+    ê = z_mask W_dec, scored as |e − ê|² / |e|². With the dead latents as `mask` this is
+    aux_k_loss (Gao et al.; paper section 2.5); with the dying ones it is aux_zipf_loss
+    (section 4.2), its generalisation.
 
-    z_pre [B, F] affinities, dead [F] bool, residual [B, d] (the caller detaches it, so this loss
-    only moves the dead latents), W_dec [F, d]. Zero when no latent is dead.
+    z_pre [B, F] affinities, mask [F] bool, residual [B, d] (the caller detaches it, so the
+    loss only moves the masked latents), W_dec [F, d]. Zero when the mask is empty.
     """
-    num_dead = int(dead.sum())  # sync point: one scalar per step
-    if num_dead == 0:
+    count = int(mask.sum())  # sync point: one scalar per step
+    if count == 0:
         return z_pre.new_zeros(())
-    z_dead = z_pre.masked_fill(~dead, float("-inf"))
-    e_hat = topk(z_dead, min(k_aux, num_dead)).acts @ W_dec
+    z_masked = z_pre.masked_fill(~mask, float("-inf"))
+    e_hat = topk(z_masked, min(k_aux, count)).acts @ W_dec
     return (residual - e_hat).pow(2).sum() / residual.pow(2).sum().clamp_min(1e-12)
 
 
@@ -47,3 +50,30 @@ def l0(acts: Tensor) -> Tensor:
 def fired(acts: Tensor) -> Tensor:
     """[F] bool: which latents fired on at least one token of the batch."""
     return (acts != 0).any(0)
+
+
+def _unit_rows(W: Tensor) -> Tensor:
+    return W / W.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def nfm(W_dec: Tensor) -> Tensor:
+    """nfm_loss (appendix C): |Ŵ Ŵᵀ|_F for the row-normalised decoder Ŵ [F, d], computed as
+    |Ŵᵀ Ŵ|_F (the two Gram matrices share their non-zero eigenvalues): a d×d product, never
+    the F×F matrix. The diagonal (F ones) is included, as in the paper's definition."""
+    W = _unit_rows(W_dec)
+    return (W.T @ W).norm()
+
+
+def nfm_inf(W_dec: Tensor, rows: Tensor | None = None, chunk: int = 4096) -> Tensor:
+    """nfm_inf_loss (appendix C): mean over features i of max_{j≠i} nfm(W_dec)_ij, the largest
+    similarity of each decoder row to another row. The diagonal (always 1) is excluded, or the
+    loss would be constant. Rows are processed `chunk` at a time (memory chunk×F); `rows` [n]
+    restricts the mean to a sample of features, an unbiased estimate for very wide SAEs."""
+    W = _unit_rows(W_dec)
+    rows = torch.arange(len(W), device=W.device) if rows is None else rows
+    maxima = []
+    for ids in rows.split(chunk):
+        sims = W[ids] @ W.T  # [chunk, F]
+        sims[torch.arange(len(ids), device=W.device), ids] = float("-inf")
+        maxima.append(sims.max(-1).values)
+    return torch.cat(maxima).mean()

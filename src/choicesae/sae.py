@@ -12,10 +12,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from choicesae.allocation import feature_capacities
 from choicesae.config import SAEConfig
 from choicesae.errors import ConfigError, DataError
 from choicesae.preprocess import denormalize, estimate_dataset_scale, normalize
-from choicesae.sparsifiers import Sparse, sparsify
+from choicesae.sparsifiers import Sparse, sparsify, uniform_capacities
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 
@@ -38,20 +39,37 @@ class SAE(nn.Module):
         self.W_enc = nn.Parameter(W_dec.T.clone())  # tied initialisation (Gao et al.)
         self.b_enc = nn.Parameter(torch.zeros(F))
         self.b_dec = nn.Parameter(torch.zeros(d))
-        # dataset-level normalisation factor (normalize="dataset"); saved with the weights
+        # state learnt in training and saved with the weights: the dataset-level normalisation
+        # factor (normalize="dataset"), the Zipf (alpha, beta) in use, each feature's density
+        # rank (Zipf Feature Choice) and the densities of the last window (NaN: none yet)
         self.register_buffer("scale", torch.ones(()))
+        self.register_buffer("zipf", torch.tensor([cfg.zipf_alpha, cfg.zipf_beta]).double())
+        self.register_buffer("feature_rank", torch.arange(1, F + 1))
+        self.register_buffer("density", torch.full((F,), float("nan")))
 
     def pre_acts(self, x: Tensor) -> Tensor:
         """Affinities z' [B, F] of normalized inputs x [B, d_in]."""
         return (x - self.b_dec) @ self.W_enc + self.b_enc
 
-    def encode(self, x: Tensor, k: int | None = None, m: Tensor | None = None) -> Sparse:
-        """Sparse codes of normalized x [B, d_in] with the training sparsifier.
+    def encode(self, x: Tensor, k: int | None = None) -> Sparse:
+        """Sparse codes of normalized x [B, d_in] with the model's sparsifier; `k` overrides the
+        config's k (test-time TopK(k'), or a different budget k·B)."""
+        return self.sparsify(self.cfg.sparsifier, self.pre_acts(x), k or self.cfg.k)
 
-        `k` overrides the config's k (test-time TopK(k')); `m` gives feature_choice capacities
-        [F] (default: uniform for this batch size).
-        """
-        return sparsify(self.cfg.sparsifier, self.pre_acts(x), k=k or self.cfg.k, m=m)
+    def sparsify(self, name: str, z_pre: Tensor, k: int) -> Sparse:
+        """Apply sparsifier `name` to affinities z_pre [B, F], with this model's Feature Choice
+        capacities for a batch of B tokens."""
+        m = self.capacities(z_pre.shape[0], k) if name == "feature_choice" else None
+        return sparsify(name, z_pre, k=k, m=m)
+
+    def capacities(self, batch_size: int, k: int) -> Tensor:
+        """[F] Feature Choice capacities for a batch: uniform, or Zipf by density rank."""
+        F = self.cfg.num_latents
+        if self.cfg.capacities == "uniform":
+            return uniform_capacities(k, batch_size, F).to(self.feature_rank.device)
+        alpha, beta = self.zipf.tolist()
+        c = self.cfg
+        return feature_capacities(self.feature_rank, k, batch_size, alpha, beta, c.m_min, c.m_max)
 
     def decode(self, acts: Tensor) -> Tensor:
         """Reconstruction [B, d_in] (normalized space) of activations [B, F]."""

@@ -15,3 +15,14 @@ def lr_at(step: int, steps: int, peak: float, warmup_steps: int, decay_fraction:
     decay_steps = decay_fraction * steps
     decay = min(1.0, (steps - step) / decay_steps) if decay_steps else 1.0
     return peak * warm * decay
+
+
+def phase_at(step: int, phases: list[tuple[str, int]]) -> tuple[int, str, int]:
+    """(index, sparsifier, first step) of the phase that `step` falls in (section 4.4's phased
+    training: e.g. Mutual Choice, then Feature Choice). Steps past the end stay in the last."""
+    start = 0
+    for index, (name, steps) in enumerate(phases):
+        if step < start + steps or index == len(phases) - 1:
+            return index, name, start
+        start += steps
+    raise ValueError("no phases")

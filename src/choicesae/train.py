@@ -1,8 +1,10 @@
 """The training loop: a function over batches of activations that reads like the paper.
 
 for each batch x:  z' = encoder(x);  z = σ_s(z');  x̂ = decoder(z)
-                   loss = |x − x̂|² (+ L1 | aux_k | Multi-TopK);  AdamW step
-                   project decoder rows to unit norm; count tokens since each latent fired
+                   loss = |x − x̂|² (+ L1 | aux_k + aux_zipf | Multi-TopK | NFM);  AdamW step
+                   project decoder rows to unit norm; count firings per latent
+every density window: refit Zipf, find dying features, re-rank features (section 3.2)
+at a switch to Feature Choice: take the Zipf (α, β) fitted in the phase before (section 4.4)
 """
 
 import dataclasses
@@ -17,14 +19,25 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from choicesae.config import SAEConfig, TrainConfig
+from choicesae.allocation import (
+    Densities,
+    dying_features,
+    feature_ranks,
+    fit_zipf,
+    middle_segment,
+    rank_order,
+    update_densities,
+)
+from choicesae.checkpoint import load_checkpoint, save_checkpoint
+from choicesae.config import TrainConfig
 from choicesae.data import Rows, batches, check_activations, load_activations
 from choicesae.errors import ChoiceSAEError, ConfigError
-from choicesae.losses import aux_k, fired, fvu, l0, l1, mse
+from choicesae.losses import aux_k, fvu, l0, l1, mse, nfm, nfm_inf
 from choicesae.preprocess import normalize
 from choicesae.sae import SAE
-from choicesae.schedule import auto_lr, lr_at
-from choicesae.sparsifiers import sparsify, uniform_capacities
+from choicesae.schedule import auto_lr, lr_at, phase_at
+from choicesae.sparsifiers import uniform_capacities
+from choicesae.store import Store
 
 
 class StepOut(NamedTuple):
@@ -34,112 +47,293 @@ class StepOut(NamedTuple):
     x_hat: Tensor  # [B, d_in]
 
 
-def loss_terms(sae: SAE, x: Tensor, cfg: TrainConfig, dead: Tensor) -> StepOut:
+class Masks(NamedTuple):
+    dead: Tensor  # [F] not fired for cfg.dead_tokens tokens: aux_k_loss acts on these
+    dying: Tensor  # [F] Definition 3.1 but not dead: aux_zipf_loss acts on these
+
+
+def loss_terms(
+    sae: SAE, x: Tensor, cfg: TrainConfig, sparsifier: str, masks: Masks, step: int = 0
+) -> StepOut:
     """The training objective (paper eq. 3) on normalized inputs x [B, d_in]."""
-    name, k = sae.cfg.sparsifier, sae.cfg.k
+    k = sae.cfg.k
     z_pre = sae.pre_acts(x)  # [B, F] affinities
-    acts = sparsify(name, z_pre, k=k).acts
+    acts = sae.sparsify(sparsifier, z_pre, k).acts
     x_hat = sae.decode(acts)
     terms = {"mse": mse(x_hat, x)}
     if cfg.multi_topk:  # Gao et al. 5.3.1: L(k) + L(4k)/8
-        terms["mse_4k"] = mse(sae.decode(sparsify(name, z_pre, k=4 * k).acts), x) / 8
-    if name == "relu":
+        terms["mse_4k"] = mse(sae.decode(sae.sparsify(sparsifier, z_pre, 4 * k).acts), x) / 8
+    if sparsifier == "relu":
         terms["l1"] = cfg.l1_coeff * l1(acts, sae.W_dec)
-    elif cfg.aux_k_coeff:
-        residual = (x - x_hat).detach()  # aux_k only moves the dead latents
-        terms["aux_k"] = cfg.aux_k_coeff * aux_k(z_pre, dead, residual, sae.W_dec, cfg.k_aux)
+    elif sparsifier != "feature_choice":  # section 4.4: Feature Choice trains without aux losses
+        residual = (x - x_hat).detach()  # the aux losses only move the latents they select
+        if cfg.aux_k_coeff:
+            terms["aux_k"] = cfg.aux_k_coeff * aux_k(
+                z_pre, masks.dead, residual, sae.W_dec, cfg.k_aux
+            )
+        if cfg.aux_zipf_coeff:
+            aux = aux_k(z_pre, masks.dying, residual, sae.W_dec, cfg.k_aux)
+            terms["aux_zipf"] = cfg.aux_zipf_coeff * aux
+    if cfg.nfm_coeff:
+        terms["nfm"] = cfg.nfm_coeff * nfm(sae.W_dec)
+    if cfg.nfm_inf_coeff:
+        terms["nfm_inf"] = cfg.nfm_inf_coeff * nfm_inf(sae.W_dec, nfm_rows(cfg, step))
     return StepOut(sum(terms.values()), terms, acts, x_hat)
+
+
+def nfm_rows(cfg: TrainConfig, step: int) -> Tensor | None:
+    """The decoder rows sampled for nfm_inf_loss at `step` (a pure function of seed and step)."""
+    F = cfg.sae.num_latents
+    if not cfg.nfm_inf_sample or cfg.nfm_inf_sample >= F:
+        return None
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    return torch.randperm(F, generator=gen)[: cfg.nfm_inf_sample].to(cfg.device)
+
+
+@dataclasses.dataclass
+class TrainState:
+    """What the loop carries from step to step besides the model and optimiser."""
+
+    step: int
+    since_fired: Tensor  # [F] tokens since each latent last fired
+    densities: Densities  # firing counts of the current window
+    dying: Tensor  # [F] bool, Definition 3.1 at the last closed window
+    fit: dict  # Zipf fit and counts of the last closed window, for the log
+
+    @classmethod
+    def fresh(cls, num_latents: int, device: str) -> "TrainState":
+        return cls(
+            0,
+            torch.zeros(num_latents, dtype=torch.long, device=device),
+            Densities.empty(num_latents, device),
+            torch.zeros(num_latents, dtype=torch.bool, device=device),
+            {},
+        )
+
+    def masks(self, dead_tokens: int) -> Masks:
+        dead = self.since_fired >= dead_tokens
+        return Masks(dead, self.dying & ~dead)
 
 
 def train(cfg: TrainConfig, activations: Rows | None = None) -> SAE:
     """Train an SAE on `activations` [N, d_in] (or the file cfg.activations) and save it to
     cfg.out/sae. Every setting and the data are checked before the first step."""
     if activations is None:
-        rows = load_activations(cfg.activations, cfg.activations_key)
+        key = cfg.activations_key
+        rows = Store(cfg.store) if cfg.store else load_activations(cfg.activations, key)
     else:
         rows = check_activations(activations)
-    cfg = dataclasses.replace(cfg, sae=cfg.sae.resolve(rows.shape[1]))  # re-validates
-    check_budget(cfg.sae, cfg.batch_size)
-    data = batches(rows, cfg.batch_size, cfg.seed, cfg.device)
+    cfg = resolve(cfg, rows.shape[1])
+    data = batches(rows, cfg.batch_size, cfg.seed, cfg.device)  # checks the batch size
     out = prepare_run(cfg)
-
     torch.manual_seed(cfg.seed)
     sae = SAE(cfg.sae).to(cfg.device)
-    sae.init_from_data_(next(batches(rows, min(rows.shape[0], 16_384), cfg.seed, cfg.device)))
-    peak_lr = cfg.lr or auto_lr(cfg.sae.num_latents)
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": [sae.W_enc, sae.W_dec], "weight_decay": cfg.weight_decay},
-            {"params": [sae.b_enc, sae.b_dec], "weight_decay": 0.0},
-        ],
-        lr=peak_lr,
-    )
-    since_fired = torch.zeros(cfg.sae.num_latents, dtype=torch.long, device=cfg.device)
-    window, start = defaultdict(float), time.perf_counter()
-
+    optimizer = make_optimizer(sae, cfg)
+    if cfg.resume:
+        state = resume_(out, cfg, sae, optimizer)
+    else:
+        sample = batches(rows, min(rows.shape[0], 16_384), cfg.seed, cfg.device)
+        sae.init_from_data_(next(sample))
+        state = TrainState.fresh(cfg.sae.num_latents, cfg.device)
+    data = batches(rows, cfg.batch_size, cfg.seed, cfg.device, start=state.step)
     with open(out / "metrics.jsonl", "a") as log:
-        bar = tqdm(range(cfg.steps), desc="train", unit="step", disable=not cfg.progress)
-        for step, x in zip(bar, data, strict=False):
-            lr = lr_at(step, cfg.steps, peak_lr, cfg.warmup_steps, cfg.decay_fraction)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            x, _ = normalize(x, cfg.sae.normalize, sae.scale)
-            dead = since_fired >= cfg.dead_tokens
-            result = loss_terms(sae, x, cfg, dead)
-            result.loss.backward()
-            sae.remove_parallel_grad_()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            sae.unit_norm_decoder_()
-            since_fired = torch.where(fired(result.acts), 0, since_fired + cfg.batch_size)
-
-            accumulate(window, result, x)
-            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-                record = summarize(window, step + 1, cfg.batch_size, lr, dead)
+        bar = tqdm(
+            total=cfg.total_steps,
+            initial=state.step,
+            desc="train",
+            unit="step",
+            disable=not cfg.progress,
+        )
+        window, start = defaultdict(float), time.perf_counter()
+        while state.step < cfg.total_steps:
+            result, metrics = train_step(sae, optimizer, next(data), cfg, state)
+            state = advance(state, result.acts, cfg, sae)
+            accumulate(window, {"loss": result.loss, **result.terms, **metrics})
+            bar.update()
+            if state.step % cfg.log_every == 0 or state.step == cfg.total_steps:
+                record = summarize(window, state, cfg)
                 record["elapsed_s"] = round(time.perf_counter() - start, 3)
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "l0", "fvu", "dead_pct")})
+            if state.step % cfg.checkpoint_every == 0 or state.step == cfg.total_steps:
+                save_checkpoint(out, checkpoint_state(state, sae, optimizer, cfg))
+        bar.close()
     sae.save_pretrained(out / "sae")
     return sae
 
 
-def accumulate(window: dict, out: StepOut, x: Tensor) -> None:
-    """Add this step's metrics to the logging window (tensors: no sync until logged)."""
+def lr_of(cfg: TrainConfig, step: int) -> float:
+    peak = cfg.lr or auto_lr(cfg.sae.num_latents)
+    return lr_at(step, cfg.total_steps, peak, cfg.warmup_steps, cfg.decay_fraction)
+
+
+def train_step(
+    sae: SAE, optimizer, x: Tensor, cfg: TrainConfig, state: TrainState
+) -> tuple[StepOut, dict[str, Tensor]]:
+    """One optimiser step on raw activations x [B, d_in]; returns the loss terms and, as
+    metrics, the FVU and L0 of the batch."""
+    index, sparsifier, first = phase_at(state.step, cfg.phases())
+    if state.step == first and index > 0 and sparsifier == "feature_choice":
+        adopt_zipf_fit_(sae, state, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = lr_of(cfg, state.step)
+    x, _ = normalize(x, cfg.sae.normalize, sae.scale)
+    result = loss_terms(sae, x, cfg, sparsifier, state.masks(cfg.dead_tokens), state.step)
+    result.loss.backward()
+    sae.remove_parallel_grad_()
+    if cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    sae.unit_norm_decoder_()
     with torch.no_grad():
-        window["loss"] += out.loss.detach()
-        for name, value in out.terms.items():
-            window[name] += value.detach()
-        window["fvu"] += fvu(out.x_hat, x)
-        window["l0"] += l0(out.acts)
-        window["n"] += 1
+        return result, {"fvu": fvu(result.x_hat, x), "l0": l0(result.acts)}
 
 
-def summarize(window: dict, step: int, batch_size: int, lr: float, dead: Tensor) -> dict:
+def advance(state: TrainState, acts: Tensor, cfg: TrainConfig, sae: SAE) -> TrainState:
+    """Count this batch's firings; at the end of a density window refresh the allocation."""
+    B = acts.shape[0]
+    fired = (acts != 0).sum(0)  # [F] tokens each latent fired on
+    since_fired = torch.where(fired > 0, 0, state.since_fired + B)
+    densities = update_densities(state.densities, fired, B, cfg.density_tokens)
+    state = dataclasses.replace(
+        state, step=state.step + 1, since_fired=since_fired, densities=densities
+    )
+    if densities.tokens == 0:  # a window just closed
+        state.dying, state.fit = refresh_allocation_(sae, densities.density, cfg)
+    return state
+
+
+@torch.no_grad()
+def refresh_allocation_(sae: SAE, density: Tensor, cfg: TrainConfig) -> tuple[Tensor, dict]:
+    """Store the window's densities and ranks in the SAE (Zipf Feature Choice reads the ranks),
+    fit Zipf over all ranks and over the middle segment (figure 3), and find the dying
+    features (Definition 3.1) against the middle fit: fitting the under-used tail we are testing
+    would drag the expectation down towards it."""
+    sae.density.copy_(density)
+    sae.feature_rank.copy_(feature_ranks(density))
+    sorted_density = density[rank_order(density)]
+    alpha = None if cfg.fit_alpha else float(sae.zipf[0])
+    full = fit_zipf(sorted_density, alpha)
+    middle = fit_zipf(sorted_density, alpha, middle_segment(len(density)))
+    dying = dying_features(density, middle)
+    fit = {
+        "zipf_alpha": middle.alpha,
+        "zipf_beta": middle.beta,
+        "zipf_r2": full.r2,
+        "zipf_r2_middle": middle.r2,
+        "dying": int(dying.sum()),
+    }
+    return dying, fit
+
+
+@torch.no_grad()
+def adopt_zipf_fit_(sae: SAE, state: TrainState, cfg: TrainConfig) -> None:
+    """Section 4.4: Feature Choice fine-tuning uses the Zipf fitted to the previous phase's
+    densities (the last closed window, or the current one if none has closed)."""
+    density = sae.density
+    if density.isnan().any():
+        if state.densities.tokens == 0:
+            raise ConfigError("the phase before feature_choice saw no tokens to fit Zipf on")
+        density = state.densities.counts.double() / state.densities.tokens
+        sae.feature_rank.copy_(feature_ranks(density))
+    sorted_density = density[rank_order(density)]
+    alpha = None if cfg.fit_alpha else float(sae.zipf[0])
+    fit = fit_zipf(sorted_density, alpha, middle_segment(len(density)))
+    if math.isfinite(fit.beta):
+        sae.zipf.copy_(torch.tensor([fit.alpha, fit.beta]))
+
+
+def accumulate(window: dict, values: dict[str, Tensor]) -> None:
+    """Add this step's values to the logging window (tensors: no sync until logged)."""
+    for name, value in values.items():
+        window[name] += value.detach()
+    window["n"] += 1
+
+
+def summarize(window: dict, state: TrainState, cfg: TrainConfig) -> dict:
     """Empty the logging window into one metrics record (one sync point per log line)."""
     n = window.pop("n")
-    record = {"step": step, "tokens": step * batch_size, "lr": lr}
+    masks = state.masks(cfg.dead_tokens)
+    record = {"step": state.step, "tokens": state.step * cfg.batch_size}
+    record["lr"] = lr_of(cfg, state.step - 1)
     record |= {name: float(total) / n for name, total in window.items()}
-    record["dead_pct"] = 100 * float(dead.float().mean())
+    record |= {"phase": phase_at(state.step - 1, cfg.phases())[1], "dead": int(masks.dead.sum())}
+    record |= {"dead_pct": 100 * record["dead"] / cfg.sae.num_latents, **state.fit}
+    record["aux_zipf_features"] = int(masks.dying.sum())
     window.clear()
     if not math.isfinite(record["loss"]):
-        raise ChoiceSAEError(f"the loss became NaN or Inf by step {step}")
+        raise ChoiceSAEError(f"the loss became NaN or Inf by step {state.step}")
     return record
 
 
-def check_budget(sae_cfg: SAEConfig, batch_size: int) -> None:
-    """Refuse a Feature Choice batch too small to give every feature a token (footnote 8)."""
-    if sae_cfg.sparsifier == "feature_choice":
-        uniform_capacities(sae_cfg.k, batch_size, sae_cfg.num_latents)
+def resolve(cfg: TrainConfig, d_in: int) -> TrainConfig:
+    """Fill in the SAE's width; with a schedule, the model's sparsifier is the last phase's.
+    Refuses a Feature Choice batch too small to give every feature a token (footnote 8)."""
+    sae = dataclasses.replace(cfg.sae.resolve(d_in), sparsifier=cfg.phases()[-1][0])
+    cfg = dataclasses.replace(cfg, sae=sae)  # re-validates with the width known
+    if any(name == "feature_choice" for name, _ in cfg.phases()) and sae.capacities == "uniform":
+        uniform_capacities(sae.k, cfg.batch_size, sae.num_latents)
+    return cfg
+
+
+def make_optimizer(sae: SAE, cfg: TrainConfig) -> torch.optim.AdamW:
+    decay, no_decay = [sae.W_enc, sae.W_dec], [sae.b_enc, sae.b_dec]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=lr_of(cfg, 0))
+
+
+def checkpoint_state(state: TrainState, sae: SAE, optimizer, cfg: TrainConfig) -> dict:
+    """Plain tensors and numbers only, so the checkpoint loads with weights_only=True."""
+    return {
+        "config": json.dumps(dataclasses.asdict(cfg)),
+        "step": state.step,
+        "since_fired": state.since_fired,
+        "counts": state.densities.counts,
+        "window_tokens": state.densities.tokens,
+        "dying": state.dying,
+        "fit": state.fit,
+        "sae": sae.state_dict(),
+        "optimizer": optimizer.state_dict(),
+    }
+
+
+def resume_(out: Path, cfg: TrainConfig, sae: SAE, optimizer) -> TrainState:
+    """Load the checkpoint into `sae` and `optimizer`; refuse one from a different run."""
+    saved = load_checkpoint(out, cfg.device)
+    ignore = {"resume", "overwrite", "progress"}
+    old = {k: v for k, v in json.loads(saved["config"]).items() if k not in ignore}
+    new = {
+        k: v for k, v in json.loads(json.dumps(dataclasses.asdict(cfg))).items() if k not in ignore
+    }
+    if old != new:
+        changed = sorted(k for k in new if old.get(k) != new[k])
+        raise ConfigError(f"cannot resume {out}: settings differ from the run's ({changed})")
+    sae.load_state_dict(saved["sae"])
+    optimizer.load_state_dict(saved["optimizer"])
+    trim_metrics(out / "metrics.jsonl", saved["step"])
+    densities = Densities(saved["counts"], saved["window_tokens"], sae.density.clone())
+    return TrainState(saved["step"], saved["since_fired"], densities, saved["dying"], saved["fit"])
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop records logged after the checkpoint's step, so a resumed log has each step once."""
+    if path.is_file():
+        lines = path.read_text().splitlines(keepends=True)
+        path.write_text("".join(ln for ln in lines if json.loads(ln)["step"] <= step))
 
 
 def prepare_run(cfg: TrainConfig) -> Path:
-    """Create the run folder and write the resolved config; refuse to clobber a finished run."""
+    """Create the run folder and write the resolved config; refuse to clobber a run."""
     out = Path(cfg.out)
+    if cfg.resume:
+        return out
     if (out / "config.json").exists() and not cfg.overwrite:
-        raise ConfigError(f"{out} already holds a run; pick another --out or pass --overwrite")
+        raise ConfigError(f"{out} already holds a run; pick another --out, --resume or --overwrite")
     try:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
