@@ -7,6 +7,7 @@ Activations are rows [N, d_in]: a .npy file (memory-mapped, so it may exceed mem
 import itertools
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -15,7 +16,20 @@ from torch import Tensor
 
 from choicesae.errors import DataError
 
-Rows = np.ndarray | Tensor  # [N, d_in]
+
+@runtime_checkable
+class RowSource(Protocol):
+    """Rows that make their own shuffled batches and check themselves: an activation store
+    (store.Store) or model activations harvested on the fly (harvest.OnlineActivations)."""
+
+    shape: tuple[int, int]  # (rows, d_in)
+
+    def batches(
+        self, batch_size: int, seed: int, device: str = "cpu", start: int = 0
+    ) -> Iterator[Tensor]: ...
+
+
+Rows = np.ndarray | Tensor | RowSource  # [N, d_in]
 _CHECK_CHUNK = 65_536
 
 
@@ -23,7 +37,7 @@ def load_activations(path: str | Path, key: str = "") -> Rows:
     """Open an activation file [N, d_in] and check it (see `check_activations`)."""
     path = Path(path)
     if not str(path):
-        raise DataError("no activation file given (--activations FILE)")
+        raise DataError("no activations given (--activations FILE or --store STORE)")
     if not path.is_file():
         raise DataError(f"activation file {path} does not exist")
     if path.stat().st_size == 0:
@@ -57,7 +71,9 @@ def _load_safetensors(path: Path, key: str) -> Tensor:
 
 def check_activations(rows: Rows, name: str = "activations") -> Rows:
     """Refuse what cannot be trained on: wrong dimensionality, no rows, a non-float dtype,
-    NaN or Inf (scanned in chunks, naming the first bad row)."""
+    NaN or Inf (scanned in chunks, naming the first bad row). A RowSource checks itself."""
+    if isinstance(rows, RowSource):
+        return rows
     if rows.ndim != 2:
         raise DataError(f"{name} must be 2-D [tokens, d_in], got shape {tuple(rows.shape)}")
     if rows.shape[0] == 0 or rows.shape[1] == 0:
@@ -95,6 +111,8 @@ def batches(
     rows: Rows, batch_size: int, seed: int, device: str = "cpu", start: int = 0
 ) -> Iterator[Tensor]:
     """Endless float32 batches [batch_size, d_in] from step `start` on."""
+    if isinstance(rows, RowSource):
+        return rows.batches(batch_size, seed, device, start)
     if batch_size > rows.shape[0]:
         raise DataError(f"batch_size {batch_size} exceeds the {rows.shape[0]} rows of activations")
 

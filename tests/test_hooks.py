@@ -1,0 +1,62 @@
+import pytest
+import torch
+from tiny_models import ARCHITECTURES, save_tiny_model
+
+from choicesae.errors import ChoiceSAEError, ConfigError, DataError
+from choicesae.hooks import capture, find_module, hookpoints, load_model
+
+
+@pytest.fixture(scope="module", params=list(ARCHITECTURES))
+def tiny(request, tmp_path_factory):
+    folder, hookpoint = save_tiny_model(request.param, tmp_path_factory.mktemp(request.param))
+    model, tokenizer = load_model(str(folder))
+    return model, tokenizer, hookpoint
+
+
+def test_capture_equals_the_models_hidden_states(tiny):
+    model, tokenizer, hookpoint = tiny
+    ids = torch.tensor([tokenizer("the quick brown fox jumps over the lazy dog")["input_ids"]] * 2)
+    mask = torch.ones_like(ids)
+    got = capture(model, find_module(model, hookpoint), ids, mask)  # [2, T, 32]
+    with torch.no_grad():
+        # hidden_states[0] is the embedding output, so [2] is the residual after block 1
+        reference = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    assert got.shape == (2, ids.shape[1], 32)
+    torch.testing.assert_close(got, reference.hidden_states[2])
+
+
+def test_hookpoints_list_the_blocks(tiny):
+    model, _, hookpoint = tiny
+    names = hookpoints(model)
+    assert hookpoint in names and hookpoint.replace("1", "2") in names
+    assert "" not in names
+
+
+def test_an_unknown_hookpoint_names_the_closest(tiny):
+    model, _, hookpoint = tiny
+    wrong = hookpoint.replace(".1", ".l")
+    with pytest.raises(ConfigError, match=f"unknown hookpoint .*closest: .*{hookpoint}"):
+        find_module(model, wrong)
+
+
+def test_a_hookpoint_without_a_residual_output_is_refused(tiny):
+    model, tokenizer, _ = tiny
+    ids = torch.tensor([tokenizer("a b c")["input_ids"]])
+    containers = [n for n in hookpoints(model) if n.endswith(("layer", "layers", "h"))]
+    # the list of blocks is never called itself, so it has no output to capture
+    with pytest.raises(ConfigError, match="not \\[batch, tokens, width\\]"):
+        capture(model, find_module(model, containers[0]), ids, torch.ones_like(ids))
+
+
+def test_a_missing_model_is_an_error(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_model(str(tmp_path / "absent"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ChoiceSAEError, match="cannot load the model"):
+        load_model(str(tmp_path / "empty"))
+
+
+def test_the_bundled_minilm_loads_offline():
+    model, tokenizer = load_model("all-MiniLM-L6-v2")
+    assert "encoder.layer.3" in hookpoints(model)
+    assert tokenizer("hello")["input_ids"] == [101, 7592, 102]
