@@ -4,7 +4,9 @@ import argparse
 import sys
 
 from choicesae.config import TrainConfig, add_arguments, from_arguments
-from choicesae.errors import ChoiceSAEError
+from choicesae.errors import ChoiceSAEError, Interrupted
+from choicesae.harvest import HarvestConfig, harvest
+from choicesae.hooks import HookpointsConfig, load_model, module_table
 from choicesae.synthetic import SyntheticConfig, write_synthetic
 from choicesae.train import train
 
@@ -19,9 +21,21 @@ def _synthetic(cfg: SyntheticConfig) -> None:
     print(f"wrote {cfg.tokens} activations to {x_path} and the true dictionary to {dict_path}")
 
 
+def _harvest(cfg: HarvestConfig) -> None:
+    store = harvest(cfg)
+    rows, d_model = store.shape
+    print(f"{cfg.out}: {rows} activations [{d_model}] of {cfg.model} at {cfg.hookpoint}")
+
+
+def _hookpoints(cfg: HookpointsConfig) -> None:
+    print("\n".join(module_table(load_model(cfg.model)[0])))
+
+
 COMMANDS = {
     "train": (TrainConfig, _train, "Train an SAE on an activation file."),
     "synthetic": (SyntheticConfig, _synthetic, "Write a synthetic sparse-dictionary dataset."),
+    "harvest": (HarvestConfig, _harvest, "Harvest a model's activations over text to a store."),
+    "hookpoints": (HookpointsConfig, _hookpoints, "List the module paths a harvest can hook."),
 }
 
 
@@ -31,14 +45,21 @@ def parser() -> argparse.ArgumentParser:
     for name, (cls, _, text) in COMMANDS.items():
         sub = commands.add_parser(name, help=text, description=f"{text} {cls.__doc__}")
         add_arguments(sub, cls)
+        if name == "hookpoints":  # `choicesae hookpoints MODEL`
+            sub.add_argument("model_arg", nargs="?", metavar="MODEL", help="same as --model")
     return top
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     cls, run, _ = COMMANDS[args.command]
+    if getattr(args, "model_arg", None):
+        args.model = args.model_arg
     try:
         run(from_arguments(cls, args))
+    except Interrupted as e:
+        print(f"choicesae {args.command}: {e}", file=sys.stderr)
+        return 128 + e.signum  # the shell's convention for a process ended by a signal
     except ChoiceSAEError as e:
         print(f"choicesae {args.command}: error: {e}", file=sys.stderr)
         return 2

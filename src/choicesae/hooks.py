@@ -6,6 +6,7 @@ Llama; the output of such a block is the residual stream after it.
 """
 
 import difflib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,7 +36,9 @@ def model_path(name: str) -> str:
 def load_model(name: str, device: str = "cpu") -> tuple[nn.Module, object]:
     """(model in eval mode, float32, on `device`; its tokenizer) for a folder or hub name."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer  # slow import, used here only
+    from transformers.utils import logging
 
+    logging.disable_progress_bar()  # loading a bundled model takes a second: no bar needed
     path = model_path(name)
     try:
         config = AutoConfig.from_pretrained(path)
@@ -97,3 +100,18 @@ def capture(model: nn.Module, module: nn.Module, input_ids: Tensor, attention_ma
             "an attention or MLP output (see `choicesae hookpoints MODEL`)"
         )
     return out.float()
+
+
+@dataclass(frozen=True)
+class HookpointsConfig:
+    """The module paths of a model that can be harvested."""
+
+    model: str = DEFAULT_MODEL
+    """Model folder or hub name (also accepted as the first argument)."""
+
+
+def module_table(model: nn.Module) -> list[str]:
+    """One line per hookpoint: its path and its module class."""
+    names = hookpoints(model)
+    width = max(map(len, names))
+    return [f"{name:<{width}}  {type(model.get_submodule(name)).__name__}" for name in names]

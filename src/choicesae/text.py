@@ -151,6 +151,7 @@ def token_stream(docs: Iterator[str], tokenizer) -> Iterator[int]:
         ids = [
             token  # paragraph by paragraph: bounded tokenizer calls on book-length files
             for paragraph in doc.split("\n\n")
+            if paragraph.strip()  # blank text is no text, even to byte-level tokenizers
             for token in tokenizer(paragraph, add_special_tokens=False, verbose=False)["input_ids"]
         ]
         if ids and started and sep is not None:

@@ -1,0 +1,205 @@
+import dataclasses
+import itertools
+import json
+import os
+import pydoc_data.topics
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import save_tiny_model
+
+import choicesae.store as store_module
+from choicesae.__main__ import main, parser
+from choicesae.config import _field_docs
+from choicesae.errors import ConfigError, DataError
+from choicesae.harvest import HarvestConfig, OnlineActivations, harvest
+from choicesae.hooks import load_model
+from choicesae.store import Store
+from choicesae.text import contexts, documents
+
+TOPICS = pydoc_data.topics.topics
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Two short English documents as a text file, the same as JSONL."""
+    folder = tmp_path_factory.mktemp("text")
+    docs = [TOPICS["naming"], TOPICS["try"]]
+    (folder / "a.txt").write_text(docs[0])
+    (folder / "b.txt").write_text(docs[1])
+    (folder / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return folder
+
+
+@pytest.fixture(scope="module", params=["gpt2", "bert"])
+def tiny(request, tmp_path_factory):
+    return save_tiny_model(request.param, tmp_path_factory.mktemp(request.param))
+
+
+def config(model, hookpoint, text, out, **kw) -> HarvestConfig:
+    kw = {"tokens": 1000, "batch_size": 4, "shard_tokens": 200, "progress": False} | kw
+    return HarvestConfig(model=str(model), hookpoint=hookpoint, text=str(text), out=str(out), **kw)
+
+
+def files(path) -> dict[str, bytes]:
+    return {
+        p.name + "/" + f.name: f.read_bytes() for p in path.glob("shard-*") for f in p.iterdir()
+    }
+
+
+def test_harvest_matches_the_model_and_repeats_byte_for_byte(tiny, corpus, tmp_path):
+    folder, hookpoint = tiny
+    text = f"{corpus / 'a.txt'},{corpus / 'b.txt'}"
+    store = harvest(config(folder, hookpoint, text, tmp_path / "s1", dtype="float32"))
+    again = harvest(config(folder, hookpoint, text, tmp_path / "s2", dtype="float32"))
+    assert files(tmp_path / "s1") == files(tmp_path / "s2") and store.num_shards > 2
+    assert store.shape == (1000, 32) and store.manifest["complete"]
+
+    model, tokenizer = load_model(str(folder))
+    ctxs = list(itertools.islice(contexts(documents(text), tokenizer, 64), 16))  # 16*63 >= 1000
+    assert np.array_equal(store.tokens(), np.concatenate([c[1:] for c in ctxs])[:1000])
+    for c in (0, 5, 15):  # the rows of context c are its positions 1..63, BOS/CLS dropped
+        ids = torch.tensor([ctxs[c]])
+        with torch.no_grad():
+            hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[2][0]
+        rows = store[np.arange(63 * c, min(63 * (c + 1), 1000))]
+        torch.testing.assert_close(rows, hidden[1 : 1 + len(rows)], atol=1e-5, rtol=1e-4)
+    assert torch.equal(again[:], store[:])
+
+
+def test_the_last_context_is_short_and_padding_never_stored(tiny, corpus, tmp_path):
+    folder, hookpoint = tiny
+    _, tokenizer = load_model(str(folder))
+    text = corpus / "a.txt"
+    ctxs = list(contexts(documents(str(text)), tokenizer, 16))
+    assert len(ctxs[-1]) < 16 and all(len(c) == 16 for c in ctxs[:-1])
+    cfg = config(folder, hookpoint, text, tmp_path / "s", tokens=10**6, context=16)
+    cfg = dataclasses.replace(cfg, batch_size=16, shard_tokens=2000)
+    store = harvest(cfg)
+    expected = np.concatenate([c[1:] for c in ctxs])  # every real token, no pad, no BOS/CLS
+    assert np.array_equal(store.tokens(), expected)
+    keep_first = harvest(dataclasses.replace(cfg, out=str(tmp_path / "k"), drop_first=False))
+    assert np.array_equal(keep_first.tokens(), np.concatenate(ctxs))
+
+
+def test_text_files_jsonl_and_datasets_give_the_same_store(tiny, corpus, tmp_path):
+    folder, hookpoint = tiny
+    text = f"{corpus / 'a.txt'},{corpus / 'b.txt'}"
+    reference = harvest(config(folder, hookpoint, text, tmp_path / "t")).tokens()
+    from_jsonl = harvest(config(folder, hookpoint, corpus / "docs.jsonl", tmp_path / "j"))
+    dataset = tmp_path / "dataset"
+    dataset.mkdir()
+    (dataset / "train.jsonl").write_text((corpus / "docs.jsonl").read_text())
+    from_dataset = harvest(config(folder, hookpoint, f"hf:{dataset}", tmp_path / "d"))
+    assert np.array_equal(from_jsonl.tokens(), reference)
+    assert np.array_equal(from_dataset.tokens(), reference)
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: nothing of the harvest's own error handling runs."""
+
+
+def test_an_interrupted_harvest_resumes_to_the_same_store(tiny, corpus, tmp_path, monkeypatch):
+    folder, hookpoint = tiny
+    text = corpus / "a.txt"
+    full = harvest(config(folder, hookpoint, text, tmp_path / "full"))
+    save, calls = store_module._save, []
+
+    def dies_in_the_third_shard(path, array):
+        calls.append(path)
+        if len(calls) == 5:  # acts.npy of shard 2, half written
+            path.write_bytes(b"\x93NUMPY half")
+            raise Killed
+        save(path, array)
+
+    monkeypatch.setattr(store_module, "_save", dies_in_the_third_shard)
+    cfg = config(folder, hookpoint, text, tmp_path / "cut")
+    with pytest.raises(Killed):
+        harvest(cfg)
+    assert (tmp_path / "cut" / "shard-00002.tmp" / "acts.npy").exists()
+    partial = Store(tmp_path / "cut")  # a reader sees the two complete shards only
+    assert partial.num_shards == 2 and torch.equal(partial[:], full[: len(partial)])
+    monkeypatch.setattr(store_module, "_save", save)
+    resumed = harvest(cfg)
+    assert files(tmp_path / "cut") == files(tmp_path / "full")
+    assert resumed.manifest == full.manifest
+
+
+def test_a_harvest_killed_by_a_signal_resumes_to_the_same_store(tmp_path):
+    folder, hookpoint = save_tiny_model("gpt2", tmp_path / "gpt2")
+    text = tmp_path / "pydoc.txt"
+    text.write_text("\n\n".join(TOPICS[k] for k in sorted(TOPICS)))
+    argv = ["harvest", "--model", str(folder), "--hookpoint", hookpoint, "--text", str(text)]
+    argv += ["--tokens", "20000", "--shard-tokens", "1000", "--batch-size", "4", "--no-progress"]
+    command = [sys.executable, "-m", "choicesae", *argv]
+    cut = subprocess.Popen([*command, "--out", str(tmp_path / "cut")])
+    manifest = tmp_path / "cut" / "manifest.json"
+    while not (manifest.exists() and len(json.loads(manifest.read_text())["shards"]) >= 3):
+        assert cut.poll() is None, "the harvest ended before it could be killed"
+        time.sleep(0.01)
+    os.kill(cut.pid, signal.SIGKILL)
+    cut.wait()
+    assert not json.loads(manifest.read_text())["complete"]
+    assert main([*argv, "--out", str(tmp_path / "cut")]) == 0
+    assert main([*argv, "--out", str(tmp_path / "full")]) == 0
+    assert files(tmp_path / "cut") == files(tmp_path / "full")
+
+
+def test_bad_inputs_are_clear_errors(tiny, corpus, tmp_path):
+    folder, hookpoint = tiny
+    (tmp_path / "empty.txt").write_text("  \n\n ")
+    with pytest.raises(DataError, match="holds no tokens"):
+        harvest(config(folder, hookpoint, tmp_path / "empty.txt", tmp_path / "s"))
+    assert not (tmp_path / "s").exists()
+    with pytest.raises(DataError, match="does not exist"):
+        harvest(config(folder, hookpoint, tmp_path / "absent.txt", tmp_path / "s"))
+    with pytest.raises(DataError, match="model folder .* does not exist"):
+        harvest(config(tmp_path / "no-model", hookpoint, corpus / "a.txt", tmp_path / "s"))
+    with pytest.raises(ConfigError, match=f"closest: {hookpoint}"):
+        harvest(config(folder, hookpoint + "0", corpus / "a.txt", tmp_path / "s"))
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"body": "no text"}\n')
+    with pytest.raises(DataError, match="line 2"):
+        harvest(config(folder, hookpoint, tmp_path / "bad.jsonl", tmp_path / "s"))
+
+
+def test_online_activations_feed_the_trainer_the_stored_rows(tiny, corpus, tmp_path):
+    folder, hookpoint = tiny
+    cfg = config(folder, hookpoint, corpus / "a.txt", tmp_path / "s", dtype="float32")
+    stored = harvest(cfg)[:]
+    online = OnlineActivations(cfg)
+    batch = next(online.batches(batch_size=100, seed=0))  # [100, 32], without a store
+    distance = (batch[:, None] - stored[None]).abs().amax(-1).min(dim=1).values  # [100]
+    assert online.shape == (1000, 32) and distance.max() < 1e-5
+
+
+def test_the_bundled_minilm_layer_3(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text(TOPICS["try"])
+    cfg = HarvestConfig(text=str(text), tokens=300, out=str(tmp_path / "s"), progress=False)
+    store = harvest(cfg)
+    model, tokenizer = load_model("all-MiniLM-L6-v2")
+    first = next(contexts(documents(str(text)), tokenizer, 64))
+    with torch.no_grad():
+        hidden = model(input_ids=torch.tensor([first]), output_hidden_states=True).hidden_states
+    # float16 storage: compare at its precision
+    torch.testing.assert_close(store[:63], hidden[4][0, 1:], atol=2e-2, rtol=1e-2)
+    assert store.manifest["model"] == "all-MiniLM-L6-v2" and store.shape == (300, 384)
+
+
+def test_cli_lists_hookpoints_and_documents_every_option(tiny, capsys):
+    folder, hookpoint = tiny
+    assert main(["hookpoints", str(folder)]) == 0
+    assert hookpoint in capsys.readouterr().out.split()
+    assert main(["hookpoints", str(folder) + "-absent"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    docs = _field_docs(HarvestConfig)
+    with pytest.raises(SystemExit):
+        parser().parse_args(["harvest", "--help"])
+    text = capsys.readouterr().out
+    for f in dataclasses.fields(HarvestConfig):
+        assert docs.get(f.name) and "--" + f.name.replace("_", "-") in text
