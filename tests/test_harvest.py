@@ -15,12 +15,13 @@ from tiny_models import save_tiny_model
 
 import choicesae.store as store_module
 from choicesae.__main__ import main, parser
-from choicesae.config import _field_docs
+from choicesae.config import SAEConfig, TrainConfig, _field_docs
 from choicesae.errors import ConfigError, DataError
 from choicesae.harvest import HarvestConfig, OnlineActivations, harvest
 from choicesae.hooks import load_model
 from choicesae.store import Store
 from choicesae.text import contexts, documents
+from choicesae.train import train
 
 TOPICS = pydoc_data.topics.topics
 
@@ -175,6 +176,9 @@ def test_online_activations_feed_the_trainer_the_stored_rows(tiny, corpus, tmp_p
     batch = next(online.batches(batch_size=100, seed=0))  # [100, 32], without a store
     distance = (batch[:, None] - stored[None]).abs().amax(-1).min(dim=1).values  # [100]
     assert online.shape == (1000, 32) and distance.max() < 1e-5
+    run = TrainConfig(out=str(tmp_path / "run"), steps=20, batch_size=64, progress=False)
+    sae = train(dataclasses.replace(run, sae=SAEConfig(k=4, expansion=2)), online)
+    assert sae.cfg.d_in == 32 and (tmp_path / "run" / "sae").is_dir()
 
 
 def test_the_bundled_minilm_layer_3(tmp_path):

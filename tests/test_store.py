@@ -90,6 +90,11 @@ def test_missing_store_and_unfinished_shards_are_not_read(tmp_path):
     assert writer.done == 1 and not (tmp_path / "s" / "shard-00001.tmp").exists()
     with pytest.raises(ConfigError, match="hookpoint='h', not 'other'"):
         StoreWriter(tmp_path / "s", META | {"hookpoint": "other"})
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="not an activation store"):
+        StoreWriter(tmp_path / "mine", META, overwrite=True)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
 def test_a_full_disk_keeps_the_written_shards(tmp_path, monkeypatch):

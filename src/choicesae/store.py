@@ -82,7 +82,10 @@ class StoreWriter:
 
     def __init__(self, path: str | Path, meta: dict, overwrite: bool = False):
         self.path = Path(path)
-        if overwrite and self.path.exists():
+        is_store = (self.path / "manifest.json").is_file()
+        if self.path.exists() and not is_store and any(self.path.iterdir()):
+            raise ConfigError(f"{self.path} is a folder but not an activation store; pick another")
+        if overwrite and is_store:
             shutil.rmtree(self.path)
         if (self.path / "manifest.json").exists():
             self.manifest = read_manifest(self.path)
