@@ -1,0 +1,324 @@
+"""The fast training step: selection in index form, a sparse encoder backward, a sparse decoder.
+
+An SAE step needs one dense product, the encoder's z' = (x − b_dec) W_enc + b_enc (2·B·d·F
+flops). A selection is a budget of n ≈ k·B token-feature matches (paper section 3.1), and
+everything after it touches only those pairs:
+
+- `select_*` return `Pairs` (indices) computed from z' without autograd;
+- `encode_pairs` gathers z' at the pairs; its backward builds the gradients of W_enc, b_enc,
+  b_dec (and x) from the n pairs, never a dense [B, F] gradient or a second dense product;
+- `decode_pairs` is acts @ W_dec for acts given as (pairs, values); its backward touches only
+  the selected rows of W_dec.
+
+Values are ReLU'd after the gather as in the reference sparsifiers (appendix H), so a selected
+non-positive affinity is a zero activation with a zero gradient. The plain functions of
+sparsifiers.py stay the reference the tests compare with. The sparse work runs in float32 with
+autocast off, so under bf16 autocast only the dense product runs in bf16.
+"""
+
+import warnings
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as Fn
+from torch import Tensor
+
+from choicesae.errors import ConfigError
+from choicesae.losses import mse, nfm, nfm_inf
+
+
+class Pairs(NamedTuple):
+    """n selected (token, feature) matches of a [B, F] batch, sorted by token then feature
+    (CSR order) unless made by `concat`. Each pair appears at most once."""
+
+    token: Tensor  # [n] long
+    feature: Tensor  # [n] long
+    shape: tuple[int, int]  # (B, F)
+
+
+def _argsort(key: Tensor, bound: int) -> Tensor:
+    """Stable argsort of key [n] with values < bound; int32 keys sort many times faster on CPU."""
+    return torch.sort(key.int() if bound < 2**31 else key, stable=True).indices
+
+
+def _csr_order(token: Tensor, feature: Tensor, shape: tuple[int, int]) -> Pairs:
+    B, F = shape
+    order = _argsort(token * F + feature, B * F)  # one sort of n keys
+    return Pairs(token[order], feature[order], shape)
+
+
+def _from_rows(indices: Tensor, F: int) -> Pairs:
+    """Pairs from per-token feature indices [B, K] (token t chose row t)."""
+    B, K = indices.shape
+    token = torch.arange(B, device=indices.device).repeat_interleave(K)
+    return Pairs(token, indices.sort(dim=1).values.flatten(), (B, F))
+
+
+def concat(pairs: list[Pairs]) -> Pairs:
+    """Several selections of one batch as one (not CSR-ordered; pairs may repeat): the input of
+    `encode_pairs`, so that one sparse backward serves the main and the auxiliary losses."""
+    token = torch.cat([p.token for p in pairs])
+    return Pairs(token, torch.cat([p.feature for p in pairs]), pairs[0].shape)
+
+
+# ---- selection (no autograd): the index form of each sparsifier -------------------------------
+
+
+def select_topk(z_pre: Tensor, k: int) -> Pairs:
+    """Token Choice (sparsifiers.topk): each token's k largest affinities; z_pre [B, F]."""
+    return _from_rows(z_pre.topk(k, dim=1, sorted=False).indices, z_pre.shape[1])
+
+
+def select_mutual_choice(z_pre: Tensor, k: int, k_row: int = 0) -> Pairs:
+    """Mutual Choice (sparsifiers.mutual_choice): the M = k·B largest affinities of the batch,
+    without a top-M over all B·F of them.
+
+    Each token proposes its k_row ≥ k largest (default 2k), and the top M of the B·k_row candidates
+    is taken. Every affinity a token did not propose is at most its k_row-th, so the result is
+    exact unless some token is *full*: its k_row-th candidate is positive and above the M-th
+    selected value, so its next ones might belong too. Full tokens then propose their whole row
+    and the top M is taken once more, which is exact (more candidates only raise the M-th value,
+    and the other tokens' unproposed entries stay below it). Non-positive entries are zeros after
+    ReLU, so they never force the fallback.
+    """
+    B, F = z_pre.shape
+    M, k_row = min(k * B, B * F), min(F, max(k_row or 2 * k, k))  # ≥ M candidates
+    values, feature = z_pre.topk(k_row, dim=1, sorted=False)  # [B, k_row] candidates
+    token = torch.arange(B, device=z_pre.device)[:, None].expand(B, k_row)
+    top, chosen = values.flatten().topk(M, sorted=False)
+    last = values.min(1).values  # [B] each token's k_row-th largest
+    full = (last > top.min()) & (last > 0) & (k_row < F)
+    if full.any():  # sync point; rare once training has spread the budget
+        rows = full.nonzero()[:, 0]  # [R]
+        keep = ~full[:, None].expand(B, k_row)
+        every = torch.arange(F, device=z_pre.device)
+        token = torch.cat([token[keep], rows.repeat_interleave(F)])
+        feature = torch.cat([feature[keep], every.repeat(len(rows))])
+        values = torch.cat([values[keep], z_pre[rows].flatten()])
+        chosen = values.topk(M, sorted=False).indices
+    return _csr_order(token.flatten()[chosen], feature.flatten()[chosen], (B, F))
+
+
+def select_feature_choice(z_pre: Tensor, m: Tensor) -> Pairs:
+    """Feature Choice (sparsifiers.feature_choice): feature i keeps its m[i] largest affinities,
+    for any capacities m [F] (uniform, or Zipf by Algorithm 1).
+
+    Works on z'ᵀ [F, B], contiguous when z_pre comes from `pre_acts(..., feature_major=True)`,
+    so a feature's choice is a top-k over one contiguous row. Features are grouped by ⌈log2 m_i⌉:
+    one top-k per group, each row read once, and no feature asks for more than twice its m_i.
+    """
+    B, F = z_pre.shape
+    if m.shape != (F,):
+        raise ConfigError(f"feature_choice capacities m must have shape [{F}], not {list(m.shape)}")
+    if int(m.max()) > B:
+        raise ConfigError(f"feature_choice capacity {int(m.max())} exceeds the batch size {B}")
+    m, z_t = m.to(z_pre.device), z_pre.t()  # z_t [F, B]
+    group = torch.where(m > 0, torch.log2(m.clamp(min=1).double()).ceil().long(), -1)
+    token, feature = [], []
+    for g in group.unique().tolist():
+        if g < 0:  # capacity 0: the feature picks nothing
+            continue
+        rows = (group == g).nonzero()[:, 0]  # [R]
+        cap = m[rows]
+        idx = (z_t if len(rows) == F else z_t[rows]).topk(int(cap.max()), dim=1).indices
+        keep = torch.arange(idx.shape[1], device=z_pre.device) < cap[:, None]  # sorted: rank
+        token.append(idx[keep])
+        feature.append(rows[:, None].expand_as(idx)[keep])
+    return _csr_order(torch.cat(token), torch.cat(feature), (B, F))
+
+
+def select_masked_topk(z_pre: Tensor, mask: Tensor, k: int) -> Pairs:
+    """Each token's min(k, |mask|) largest affinities among the features in mask [F]: the
+    latents of aux_k_loss (mask = dead) or aux_zipf_loss (mask = dying), as in losses.aux_k."""
+    B, F = z_pre.shape
+    cols = mask.nonzero()[:, 0]  # [D]
+    if len(cols) == 0:
+        empty = cols.new_zeros(0)
+        return Pairs(empty, empty, (B, F))
+    idx = z_pre[:, cols].topk(min(k, len(cols)), dim=1, sorted=False).indices  # [B, k']
+    return _from_rows(cols[idx], F)
+
+
+def select(name: str, z_pre: Tensor, k: int, m: Tensor | None = None) -> Pairs:
+    """The index form of sparsifiers.sparsify for the k-based sparsifiers; m [F] is required
+    for feature_choice (e.g. `SAE.capacities(B, k)`)."""
+    if name == "topk":
+        return select_topk(z_pre, k)
+    if name == "mutual_choice":
+        return select_mutual_choice(z_pre, k)
+    if name == "feature_choice" and m is not None:
+        return select_feature_choice(z_pre, m)
+    if name == "feature_choice":
+        raise ConfigError("select('feature_choice', ...) needs the capacities m")
+    raise ConfigError(f"no index form for sparsifier {name!r}: topk, mutual_choice, feature_choice")
+
+
+# ---- sparse products -------------------------------------------------------------------------
+
+
+def _offsets(index: Tensor, size: int) -> Tensor:
+    """[size + 1] where each group of a grouped index [n] starts (CSR row pointers)."""
+    counts = torch.bincount(index, minlength=size)
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+
+
+def _bag(index: Tensor, table: Tensor, offsets: Tensor, weights: Tensor) -> Tensor:
+    """[len(offsets) − 1, d]: row j = Σ_{p in group j} weights[p] · table[index[p]], the product
+    of a sparse matrix (groups × rows of table) and a dense one, without gathering [n, d]."""
+    return Fn.embedding_bag(
+        index, table, offsets, mode="sum", per_sample_weights=weights, include_last_offset=True
+    )
+
+
+def _by(index: Tensor, size: int, *others: Tensor) -> tuple[Tensor, ...]:
+    """`others` reordered so that equal values of index [n] < size are adjacent, and the
+    group offsets: the CSR form of the pairs' transpose when index is the feature."""
+    order = _argsort(index, size)
+    return (_offsets(index, size), *(t[order] for t in others))
+
+
+def _no_autocast(t: Tensor):
+    return torch.autocast(t.device.type, enabled=False)
+
+
+class _EncodePairs(torch.autograd.Function):
+    """z'[pairs] gathered from a precomputed z', with the backward of
+    z' = (x − b_dec) W_enc + b_enc restricted to the pairs: O(n·d) work, no dense product."""
+
+    @staticmethod
+    def forward(ctx, z_pre, x, W_enc, b_enc, b_dec, pairs: Pairs):
+        ctx.save_for_backward(x, W_enc, b_dec)
+        ctx.pairs = pairs
+        return z_pre[pairs.token, pairs.feature].float()
+
+    @staticmethod
+    def backward(ctx, grad):  # grad [n] = ∂L/∂z' at the pairs
+        x, W_enc, b_dec = ctx.saved_tensors
+        (token, feature, (B, F)), grad = ctx.pairs, grad.float()
+        with _no_autocast(grad):
+            grad_b_enc = grad.new_zeros(F).index_add_(0, feature, grad)  # [F]
+            offsets, token_f, grad_f = _by(feature, F, token, grad)
+            xc = (x - b_dec).float()  # [B, d]
+            grad_W_enc = _bag(token_f, xc, offsets, grad_f).t()  # [d, F]
+            grad_b_dec = -(W_enc.float() @ grad_b_enc)  # ∂z'/∂b_dec = −W_enc, summed
+            grad_x = None
+            if ctx.needs_input_grad[1]:
+                offsets, feature_t, grad_t = _by(token, B, feature, grad)
+                W_t = W_enc.float().t().contiguous()  # [F, d]
+                grad_x = _bag(feature_t, W_t, offsets, grad_t)
+        return None, grad_x, grad_W_enc, grad_b_enc, grad_b_dec, None
+
+
+class _DecodePairs(torch.autograd.Function):
+    """acts @ W_dec for acts given as (pairs, values [n]); pairs in CSR order."""
+
+    @staticmethod
+    def forward(ctx, values, W_dec, pairs: Pairs):
+        ctx.save_for_backward(values, W_dec)
+        ctx.pairs = pairs
+        with _no_autocast(values):
+            offsets = _offsets(pairs.token, pairs.shape[0])
+            return _bag(pairs.feature, W_dec.float(), offsets, values.float())
+
+    @staticmethod
+    def backward(ctx, grad):  # grad [B, d] = ∂L/∂x̂
+        values, W_dec = ctx.saved_tensors
+        (token, feature, (B, F)), grad = ctx.pairs, grad.float()
+        with _no_autocast(grad):
+            # ∂L/∂value_p = ⟨∂L/∂x̂[token_p], W_dec[feature_p]⟩: a sampled product at the pairs
+            with warnings.catch_warnings():  # "sparse CSR support is in beta"
+                warnings.simplefilter("ignore")
+                pattern = torch.sparse_csr_tensor(
+                    _offsets(token, B), feature, grad.new_zeros(len(feature)), (B, F)
+                )
+            sampled = torch.sparse.sampled_addmm(pattern, grad, W_dec.float().t(), beta=0.0)
+            offsets, token_f, values_f = _by(feature, F, token, values.float())
+            grad_W_dec = _bag(token_f, grad, offsets, values_f)  # [F, d], rows of W_dec used
+        return sampled.values(), grad_W_dec, None
+
+
+def pre_acts(sae, x: Tensor, feature_major: bool = False) -> Tensor:
+    """Affinities z' [B, F] of normalized x [B, d_in] without autograd: the step's one dense
+    product. feature_major stores them as z'ᵀ [F, B] (a transposed view is returned) so that
+    Feature Choice's per-feature top-k reads contiguous rows; the bias is fused (addmm)."""
+    with torch.no_grad():
+        xc = x - sae.b_dec  # [B, d]
+        if feature_major:
+            return torch.addmm(sae.b_enc[:, None], sae.W_enc.t(), xc.t()).t()
+        return torch.addmm(sae.b_enc, xc, sae.W_enc)
+
+
+def encode_pairs(sae, x: Tensor, z_pre: Tensor, pairs: Pairs) -> Tensor:
+    """[n] float32 affinities z'[pairs] (z_pre from `pre_acts`), differentiable in the SAE's
+    encoder and in x through the sparse backward."""
+    return _EncodePairs.apply(z_pre, x, sae.W_enc, sae.b_enc, sae.b_dec, pairs)
+
+
+def decode_pairs(pairs: Pairs, acts: Tensor, W_dec: Tensor) -> Tensor:
+    """[B, d] = acts @ W_dec with the activations acts [n] at `pairs` (CSR order); no bias."""
+    return _DecodePairs.apply(acts, W_dec, pairs)
+
+
+def sparse_acts(pairs: Pairs, acts: Tensor) -> Tensor:
+    """The activations as a coalesced sparse COO [B, F] tensor (detached): what the step
+    returns for firing counts and L0, instead of a dense [B, F] matrix."""
+    indices = torch.stack([pairs.token, pairs.feature])
+    return torch.sparse_coo_tensor(
+        indices, acts.detach(), pairs.shape, is_coalesced=True, check_invariants=False
+    )
+
+
+def aux_loss(pairs: Pairs, acts: Tensor, residual: Tensor, W_dec: Tensor) -> Tensor:
+    """losses.aux_k from the pairs of `select_masked_topk`: |e − ê|² / |e|², ê = z_mask W_dec;
+    residual [B, d] detached. Zero when the mask was empty."""
+    if len(acts) == 0:
+        return residual.new_zeros(())
+    e_hat = decode_pairs(pairs, acts, W_dec)
+    return (residual - e_hat).pow(2).sum() / residual.pow(2).sum().clamp_min(1e-12)
+
+
+AUX = {"aux_k": ("aux_k_coeff", "dead"), "aux_zipf": ("aux_zipf_coeff", "dying")}
+
+
+def selections(sae, z_pre: Tensor, cfg, sparsifier: str, masks) -> dict[str, Pairs]:
+    """Every selection the step's losses use, all from one z' [B, F]: the code ("mse"), the
+    Multi-TopK code ("mse_4k") and the latents of each auxiliary loss, keyed by loss term."""
+    k, B = sae.cfg.k, z_pre.shape[0]
+    fc = sparsifier == "feature_choice"
+    pairs = {"mse": select(sparsifier, z_pre, k, sae.capacities(B, k) if fc else None)}
+    if cfg.multi_topk:  # Gao et al. 5.3.1: L(k) + L(4k)/8
+        pairs["mse_4k"] = select(sparsifier, z_pre, 4 * k, sae.capacities(B, 4 * k) if fc else None)
+    for name, (coeff, mask) in AUX.items():
+        if getattr(cfg, coeff) and not fc:  # section 4.4: Feature Choice trains without them
+            pairs[name] = select_masked_topk(z_pre, getattr(masks, mask), cfg.k_aux)
+    return pairs
+
+
+def fast_loss_terms(sae, x: Tensor, cfg, sparsifier: str, masks, step: int = 0):
+    """train.loss_terms with the sparse step: same inputs, terms and gradients, but StepOut.acts
+    is a sparse COO [B, F] tensor (`sparse_acts`). relu has no sparse form (every positive
+    affinity is active) and runs the dense train.loss_terms."""
+    from choicesae.train import StepOut, loss_terms, nfm_rows  # train imports this module
+
+    if sparsifier == "relu":
+        return loss_terms(sae, x, cfg, sparsifier, masks, step)
+    z_pre = pre_acts(sae, x, feature_major=sparsifier == "feature_choice")  # [B, F]
+    pairs = selections(sae, z_pre, cfg, sparsifier, masks)
+    values = encode_pairs(sae, x, z_pre, concat(list(pairs.values())))  # one sparse backward
+    sizes = [len(p.token) for p in pairs.values()]
+    acts = dict(zip(pairs, values.relu().split(sizes), strict=True))
+    x_hat = decode_pairs(pairs["mse"], acts["mse"], sae.W_dec) + sae.b_dec
+    terms = {"mse": mse(x_hat, x)}
+    if "mse_4k" in pairs:
+        x_hat_4k = decode_pairs(pairs["mse_4k"], acts["mse_4k"], sae.W_dec) + sae.b_dec
+        terms["mse_4k"] = mse(x_hat_4k, x) / 8
+    residual = (x - x_hat).detach()  # the aux losses only move the latents they select
+    for name, (coeff, _) in AUX.items():
+        if name in pairs:
+            aux = aux_loss(pairs[name], acts[name], residual, sae.W_dec)
+            terms[name] = getattr(cfg, coeff) * aux
+    if cfg.nfm_coeff:
+        terms["nfm"] = cfg.nfm_coeff * nfm(sae.W_dec)
+    if cfg.nfm_inf_coeff:
+        terms["nfm_inf"] = cfg.nfm_inf_coeff * nfm_inf(sae.W_dec, nfm_rows(cfg, step))
+    return StepOut(sum(terms.values()), terms, sparse_acts(pairs["mse"], acts["mse"]), x_hat)
