@@ -109,7 +109,8 @@ class Harvester:
         acts, ids = [], []
         for batch in _batched(group, self.cfg.batch_size):
             input_ids, mask = _pad(batch, self.cfg.context, self.tokenizer.pad_token_id or 0)
-            out = capture(self.model, self.module, input_ids.to(self.cfg.device), mask)  # [B,T,d]
+            inputs = input_ids.to(self.cfg.device), mask.to(self.cfg.device)
+            out = capture(self.model, self.module, *inputs)  # [B, T, d]
             keep = mask.bool()
             keep[:, : int(self.cfg.drop_first)] = False
             acts.append(out[keep.to(out.device)].cpu())  # [rows, d]
