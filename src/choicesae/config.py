@@ -147,7 +147,11 @@ class TrainConfig:
     nfm_inf_sample: int = 1024
     """Decoder rows sampled per step for nfm_inf_loss (0: all rows, F^2 d work)."""
     checkpoint_every: int = 1000
-    """Write RUN/checkpoint.pt every this many steps (and at the end)."""
+    """Write RUN/checkpoint-STEP.pt every this many steps, at the end, and on SIGINT/SIGTERM."""
+    keep_checkpoints: int = 3
+    """How many of the latest checkpoints to keep."""
+    skip_bad_batches: bool = False
+    """Skip (and count) batches whose loss is NaN or Inf instead of stopping the run."""
     resume: bool = False
     """Continue the run in --out from its checkpoint."""
     multi_topk: bool = False
@@ -189,6 +193,7 @@ class TrainConfig:
             "dead_tokens",
             "density_tokens",
             "checkpoint_every",
+            "keep_checkpoints",
         )
         for name in positive:
             if getattr(self, name) < 1:

@@ -11,3 +11,15 @@ class ConfigError(ChoiceSAEError):
 
 class DataError(ChoiceSAEError):
     """Activations that cannot be trained on (empty, wrong shape, NaN or Inf, ...)."""
+
+
+class NonFiniteError(ChoiceSAEError):
+    """The loss became NaN or Inf during training."""
+
+
+class Interrupted(ChoiceSAEError):
+    """Training stopped by SIGINT or SIGTERM after writing a final checkpoint."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum

@@ -7,9 +7,12 @@ every density window: refit Zipf, find dying features, re-rank features (section
 at a switch to Feature Choice: take the Zipf (α, β) fitted in the phase before (section 4.4)
 """
 
+import contextlib
 import dataclasses
 import json
 import math
+import signal
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -22,6 +25,7 @@ from tqdm.auto import tqdm
 from choicesae.allocation import (
     Densities,
     dying_features,
+    feature_capacities,
     feature_ranks,
     fit_zipf,
     middle_segment,
@@ -29,9 +33,9 @@ from choicesae.allocation import (
     update_densities,
 )
 from choicesae.checkpoint import load_checkpoint, save_checkpoint
-from choicesae.config import TrainConfig
+from choicesae.config import SAEConfig, TrainConfig
 from choicesae.data import Rows, batches, check_activations, load_activations
-from choicesae.errors import ChoiceSAEError, ConfigError
+from choicesae.errors import ConfigError, Interrupted, NonFiniteError
 from choicesae.losses import aux_k, fvu, l0, l1, mse, nfm, nfm_inf
 from choicesae.preprocess import normalize
 from choicesae.sae import SAE
@@ -99,6 +103,7 @@ class TrainState:
     densities: Densities  # firing counts of the current window
     dying: Tensor  # [F] bool, Definition 3.1 at the last closed window
     fit: dict  # Zipf fit and counts of the last closed window, for the log
+    skipped: int = 0  # non-finite batches skipped
 
     @classmethod
     def fresh(cls, num_latents: int, device: str) -> "TrainState":
@@ -116,15 +121,15 @@ class TrainState:
 
 
 def train(cfg: TrainConfig, activations: Rows | None = None) -> SAE:
-    """Train an SAE on `activations` [N, d_in] (or the file cfg.activations) and save it to
-    cfg.out/sae. Every setting and the data are checked before the first step."""
+    """Train an SAE on `activations` [N, d_in] (or cfg.activations / cfg.store) and save it to
+    cfg.out/sae. Every setting and the data are checked before anything is written."""
     if activations is None:
         key = cfg.activations_key
         rows = Store(cfg.store) if cfg.store else load_activations(cfg.activations, key)
     else:
         rows = check_activations(activations)
     cfg = resolve(cfg, rows.shape[1])
-    data = batches(rows, cfg.batch_size, cfg.seed, cfg.device)  # checks the batch size
+    batches(rows, cfg.batch_size, cfg.seed, cfg.device)  # checks the batch size
     out = prepare_run(cfg)
     torch.manual_seed(cfg.seed)
     sae = SAE(cfg.sae).to(cfg.device)
@@ -136,31 +141,74 @@ def train(cfg: TrainConfig, activations: Rows | None = None) -> SAE:
         sae.init_from_data_(next(sample))
         state = TrainState.fresh(cfg.sae.num_latents, cfg.device)
     data = batches(rows, cfg.batch_size, cfg.seed, cfg.device, start=state.step)
-    with open(out / "metrics.jsonl", "a") as log:
-        bar = tqdm(
-            total=cfg.total_steps,
-            initial=state.step,
-            desc="train",
-            unit="step",
-            disable=not cfg.progress,
-        )
-        window, start = defaultdict(float), time.perf_counter()
-        while state.step < cfg.total_steps:
-            result, metrics = train_step(sae, optimizer, next(data), cfg, state)
-            state = advance(state, result.acts, cfg, sae)
-            accumulate(window, {"loss": result.loss, **result.terms, **metrics})
-            bar.update()
-            if state.step % cfg.log_every == 0 or state.step == cfg.total_steps:
-                record = summarize(window, state, cfg)
-                record["elapsed_s"] = round(time.perf_counter() - start, 3)
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-                bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "l0", "fvu", "dead_pct")})
-            if state.step % cfg.checkpoint_every == 0 or state.step == cfg.total_steps:
-                save_checkpoint(out, checkpoint_state(state, sae, optimizer, cfg))
-        bar.close()
+    with stop_signals() as stop, open(out / "metrics.jsonl", "a") as log:
+        record = run_loop(sae, optimizer, data, cfg, state, log, stop)
     sae.save_pretrained(out / "sae")
+    # the last fit, dead and dying counts travel with the model
+    (out / "sae" / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     return sae
+
+
+def run_loop(sae, optimizer, data, cfg: TrainConfig, state: TrainState, log, stop: list) -> dict:
+    """Step until the end of the schedule; log every cfg.log_every steps, checkpoint every
+    cfg.checkpoint_every steps and when asked to stop. Returns the last metrics record."""
+    out = Path(cfg.out)
+    bar = tqdm(
+        total=cfg.total_steps,
+        initial=state.step,
+        desc="train",
+        unit="step",
+        disable=not cfg.progress,
+    )
+    window, start, record = defaultdict(float), time.perf_counter(), {}
+    while state.step < cfg.total_steps:
+        if stop:
+            save_checkpoint(out, checkpoint_state(state, sae, optimizer, cfg), cfg.keep_checkpoints)
+            name = signal.Signals(stop[0]).name
+            raise Interrupted(
+                f"stopped by {name} after step {state.step}; the checkpoint is "
+                f"saved, continue with --resume",
+                stop[0],
+            )
+        stepped = train_step(sae, optimizer, next(data), cfg, state)
+        if stepped is None:  # a non-finite batch skipped (--skip-bad-batches)
+            state = dataclasses.replace(state, step=state.step + 1, skipped=state.skipped + 1)
+        else:
+            state = advance(state, stepped[0].acts, cfg, sae)
+            accumulate(window, {"loss": stepped[0].loss, **stepped[0].terms, **stepped[1]})
+        bar.update()
+        if window and (state.step % cfg.log_every == 0 or state.step == cfg.total_steps):
+            record = summarize(window, state, cfg)
+            record["elapsed_s"] = round(time.perf_counter() - start, 3)
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "l0", "fvu", "dead_pct")})
+        if state.step % cfg.checkpoint_every == 0 or state.step == cfg.total_steps:
+            save_checkpoint(out, checkpoint_state(state, sae, optimizer, cfg), cfg.keep_checkpoints)
+    bar.close()
+    return record
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """Turn SIGINT and SIGTERM into a request to stop after the current step (a final
+    checkpoint is written); a second SIGINT interrupts at once."""
+    stop: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield stop  # signal handlers can only be set from the main thread
+        return
+
+    def handler(signum, frame):
+        if stop and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop.append(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def lr_of(cfg: TrainConfig, step: int) -> float:
@@ -170,9 +218,9 @@ def lr_of(cfg: TrainConfig, step: int) -> float:
 
 def train_step(
     sae: SAE, optimizer, x: Tensor, cfg: TrainConfig, state: TrainState
-) -> tuple[StepOut, dict[str, Tensor]]:
+) -> tuple[StepOut, dict[str, Tensor]] | None:
     """One optimiser step on raw activations x [B, d_in]; returns the loss terms and, as
-    metrics, the FVU and L0 of the batch."""
+    metrics, the FVU and L0 of the batch, or None for a skipped non-finite batch."""
     index, sparsifier, first = phase_at(state.step, cfg.phases())
     if state.step == first and index > 0 and sparsifier == "feature_choice":
         adopt_zipf_fit_(sae, state, cfg)
@@ -180,6 +228,14 @@ def train_step(
         group["lr"] = lr_of(cfg, state.step)
     x, _ = normalize(x, cfg.sae.normalize, sae.scale)
     result = loss_terms(sae, x, cfg, sparsifier, state.masks(cfg.dead_tokens), state.step)
+    if not torch.isfinite(result.loss):  # a sync point, so that NaN never reaches the weights
+        if cfg.skip_bad_batches:
+            return None
+        cause = "" if torch.isfinite(x).all() else " (the batch holds NaN or Inf activations)"
+        raise NonFiniteError(
+            f"the loss is NaN or Inf at step {state.step + 1}{cause}; stopped with the weights "
+            f"of step {state.step} and the last checkpoint kept (--skip-bad-batches skips them)"
+        )
     result.loss.backward()
     sae.remove_parallel_grad_()
     if cfg.grad_clip:
@@ -261,10 +317,8 @@ def summarize(window: dict, state: TrainState, cfg: TrainConfig) -> dict:
     record |= {name: float(total) / n for name, total in window.items()}
     record |= {"phase": phase_at(state.step - 1, cfg.phases())[1], "dead": int(masks.dead.sum())}
     record |= {"dead_pct": 100 * record["dead"] / cfg.sae.num_latents, **state.fit}
-    record["aux_zipf_features"] = int(masks.dying.sum())
+    record |= {"aux_zipf_features": int(masks.dying.sum()), "skipped": state.skipped}
     window.clear()
-    if not math.isfinite(record["loss"]):
-        raise ChoiceSAEError(f"the loss became NaN or Inf by step {state.step}")
     return record
 
 
@@ -273,9 +327,27 @@ def resolve(cfg: TrainConfig, d_in: int) -> TrainConfig:
     Refuses a Feature Choice batch too small to give every feature a token (footnote 8)."""
     sae = dataclasses.replace(cfg.sae.resolve(d_in), sparsifier=cfg.phases()[-1][0])
     cfg = dataclasses.replace(cfg, sae=sae)  # re-validates with the width known
-    if any(name == "feature_choice" for name, _ in cfg.phases()) and sae.capacities == "uniform":
-        uniform_capacities(sae.k, cfg.batch_size, sae.num_latents)
+    if any(name == "feature_choice" for name, _ in cfg.phases()):
+        check_capacities(sae, cfg.batch_size)
     return cfg
+
+
+def check_capacities(sae: SAEConfig, batch_size: int) -> None:
+    """Feature Choice needs a batch large enough to give every feature a token (footnote 8):
+    uniform capacities must be at least 1, Zipf capacities (raised to m_min) within k·B."""
+    if sae.capacities == "uniform":
+        uniform_capacities(sae.k, batch_size, sae.num_latents)
+        return
+    ranks = torch.arange(1, sae.num_latents + 1)
+    m = feature_capacities(
+        ranks, sae.k, batch_size, sae.zipf_alpha, sae.zipf_beta, sae.m_min, sae.m_max
+    )
+    if m.sum() > sae.k * batch_size:
+        raise ConfigError(
+            f"Zipf capacities sum to {int(m.sum())}, past the budget k*batch_size = "
+            f"{sae.k * batch_size}: the batch is too small to give each of the "
+            f"{sae.num_latents} features a token (paper footnote 8); raise batch_size or k"
+        )
 
 
 def make_optimizer(sae: SAE, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -299,6 +371,8 @@ def checkpoint_state(state: TrainState, sae: SAE, optimizer, cfg: TrainConfig) -
         "fit": state.fit,
         "sae": sae.state_dict(),
         "optimizer": optimizer.state_dict(),
+        "skipped": state.skipped,
+        "rng": torch.get_rng_state(),
     }
 
 
@@ -316,8 +390,16 @@ def resume_(out: Path, cfg: TrainConfig, sae: SAE, optimizer) -> TrainState:
     sae.load_state_dict(saved["sae"])
     optimizer.load_state_dict(saved["optimizer"])
     trim_metrics(out / "metrics.jsonl", saved["step"])
+    torch.set_rng_state(saved["rng"])
     densities = Densities(saved["counts"], saved["window_tokens"], sae.density.clone())
-    return TrainState(saved["step"], saved["since_fired"], densities, saved["dying"], saved["fit"])
+    return TrainState(
+        saved["step"],
+        saved["since_fired"],
+        densities,
+        saved["dying"],
+        saved["fit"],
+        saved["skipped"],
+    )
 
 
 def trim_metrics(path: Path, step: int) -> None:
