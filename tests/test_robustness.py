@@ -5,6 +5,7 @@ import importlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,12 +16,14 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_store import write_store  # noqa: E402
 
-from choicesae.__main__ import parser
+from choicesae.__main__ import main, parser
 from choicesae.checkpoint import checkpoint_paths, load_checkpoint
 from choicesae.config import SAEConfig, TrainConfig, from_arguments
 from choicesae.data import load_activations
 from choicesae.errors import ChoiceSAEError, ConfigError, NonFiniteError
+from choicesae.store import Store
 from choicesae.train import train
 
 train_module = importlib.import_module("choicesae.train")  # the package's `train` is the function
@@ -233,3 +236,63 @@ def test_corrupted_activation_files_fail_cleanly(tmp_path, blob, cut):
             continue
         assert rows.ndim == 2 and np.isfinite(rows).all()  # whatever loads is checked data
         os.remove(path)
+
+
+def test_verify_a_run_and_its_damage(tmp_path, synthetic, capsys):
+    train(small(tmp_path, checkpoint_every=10), synthetic[0])
+    run = tmp_path / "run"
+    assert main(["verify", str(run)]) == 0
+    assert "config valid, the trained SAE loads, 3 checkpoints load" in capsys.readouterr().out
+    checkpoint_paths(run)[0].write_bytes(b"\0" * 64)
+    assert main(["verify", str(run)]) == 2
+    assert "checkpoint-000000010.pt is unreadable" in capsys.readouterr().err
+    checkpoint_paths(run)[0].unlink()
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps(config | {"batch_size": "many"}))
+    assert main(["verify", "--path", str(run)]) == 2
+    assert "TrainConfig.batch_size must be an integer" in capsys.readouterr().err
+    assert main(["verify", str(tmp_path)]) == 2
+    assert "neither a store" in capsys.readouterr().err
+
+
+def test_verify_a_store_finds_a_flipped_byte(tmp_path, capsys):
+    write_store(tmp_path / "s", [40, 30])
+    assert main(["verify", str(tmp_path / "s")]) == 0
+    assert "2 shards, 70 rows of width 8, checksums match" in capsys.readouterr().out
+    acts = tmp_path / "s" / "shard-00001" / "acts.npy"
+    blob = bytearray(acts.read_bytes())
+    blob[-5] ^= 1
+    acts.write_bytes(bytes(blob))
+    assert main(["verify", str(tmp_path / "s")]) == 2
+    assert "shard-00001 of the store" in capsys.readouterr().err
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    target=st.sampled_from(["manifest.json", "shard-00000/acts.npy", "shard-00000/tokens.npy"]),
+    position=st.integers(0, 10_000),
+    junk=st.binary(min_size=1, max_size=64),
+    truncate=st.booleans(),
+)
+def test_corrupted_stores_fail_cleanly_or_read_true_rows(
+    tmp_path, target, position, junk, truncate
+):
+    path = tmp_path / "s"
+    if path.exists():
+        shutil.rmtree(path)
+    rows = write_store(path, [16])
+    file = path / target
+    blob = file.read_bytes()
+    position %= len(blob)
+    file.write_bytes(
+        blob[:position] if truncate else blob[:position] + junk + blob[position + len(junk) :]
+    )
+    try:
+        store = Store(path)
+        read = store[np.arange(store.shape[0])]
+    except ChoiceSAEError as e:
+        assert str(e)
+        return
+    assert torch.equal(read, rows[: len(read)])  # whatever reads back is the true data

@@ -9,6 +9,7 @@ from choicesae.harvest import HarvestConfig, harvest
 from choicesae.hooks import HookpointsConfig, load_model, module_table
 from choicesae.synthetic import SyntheticConfig, write_synthetic
 from choicesae.train import train
+from choicesae.verify import VerifyConfig, verify
 
 
 def _train(cfg: TrainConfig) -> None:
@@ -31,12 +32,19 @@ def _hookpoints(cfg: HookpointsConfig) -> None:
     print("\n".join(module_table(load_model(cfg.model)[0])))
 
 
+def _verify(cfg: VerifyConfig) -> None:
+    print(verify(cfg.path))
+
+
 COMMANDS = {
     "train": (TrainConfig, _train, "Train an SAE on an activation file."),
     "synthetic": (SyntheticConfig, _synthetic, "Write a synthetic sparse-dictionary dataset."),
     "harvest": (HarvestConfig, _harvest, "Harvest a model's activations over text to a store."),
     "hookpoints": (HookpointsConfig, _hookpoints, "List the module paths a harvest can hook."),
+    "verify": (VerifyConfig, _verify, "Check a store's checksums or a run's files."),
 }
+# commands whose main setting may also be given positionally: `choicesae hookpoints MODEL`
+POSITIONAL = {"hookpoints": "model", "verify": "path"}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -45,16 +53,19 @@ def parser() -> argparse.ArgumentParser:
     for name, (cls, _, text) in COMMANDS.items():
         sub = commands.add_parser(name, help=text, description=f"{text} {cls.__doc__}")
         add_arguments(sub, cls)
-        if name == "hookpoints":  # `choicesae hookpoints MODEL`
-            sub.add_argument("model_arg", nargs="?", metavar="MODEL", help="same as --model")
+        if name in POSITIONAL:
+            field = POSITIONAL[name]
+            sub.add_argument(
+                "positional", nargs="?", metavar=field.upper(), help=f"same as --{field}"
+            )
     return top
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     cls, run, _ = COMMANDS[args.command]
-    if getattr(args, "model_arg", None):
-        args.model = args.model_arg
+    if getattr(args, "positional", None):
+        setattr(args, POSITIONAL[args.command], args.positional)
     try:
         run(from_arguments(cls, args))
     except Interrupted as e:

@@ -42,6 +42,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def read_checkpoint(path: Path, device: str = "cpu") -> dict:
+    """One checkpoint file; a DataError if it is unreadable."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # a torn or corrupt file raises pickle, zip or EOF errors alike
+        raise DataError(f"checkpoint {path} is unreadable: {e}") from e
+
+
 def load_checkpoint(out: Path, device: str = "cpu") -> dict:
     """The newest readable checkpoint of the run folder `out`; an unreadable newer one is
     reported and skipped."""
@@ -50,7 +58,7 @@ def load_checkpoint(out: Path, device: str = "cpu") -> dict:
         raise DataError(f"cannot resume: {out} holds no checkpoint")
     for path in reversed(paths):
         try:
-            return torch.load(path, map_location=device, weights_only=True)
-        except Exception as e:  # a torn or corrupt file raises pickle, zip or EOF errors alike
-            warnings.warn(f"skipping unreadable checkpoint {path}: {e}", stacklevel=2)
+            return read_checkpoint(path, device)
+        except DataError as e:
+            warnings.warn(f"skipping unreadable checkpoint: {e}", stacklevel=2)
     raise DataError(f"cannot resume: no checkpoint in {out} is readable")

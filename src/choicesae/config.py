@@ -271,3 +271,39 @@ def from_arguments(cls: type, args: argparse.Namespace):
             for f in dataclasses.fields(cls)
         }
     )
+
+
+def from_dict(cls: type, values: dict):
+    """Build the dataclass `cls` from a dict such as a saved config.json; unknown or
+    ill-typed keys are a ConfigError naming them."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"a {cls.__name__} must be a JSON object, not {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} settings: {', '.join(unknown)}")
+    kwargs = {}
+    for name, value in values.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            value = from_dict(tp, value)
+        elif not _has_type(value, tp):
+            raise ConfigError(f"{cls.__name__}.{name} must be {_type_name(tp)}, not {value!r}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _has_type(value, tp) -> bool:
+    if typing.get_origin(tp) is Literal:
+        return value in typing.get_args(tp)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(tp)))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[tp]

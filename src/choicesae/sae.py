@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from choicesae.allocation import feature_capacities
-from choicesae.config import SAEConfig
+from choicesae.config import SAEConfig, from_dict
 from choicesae.errors import ConfigError, DataError
 from choicesae.preprocess import denormalize, estimate_dataset_scale, normalize
 from choicesae.sparsifiers import Sparse, sparsify, uniform_capacities
@@ -120,9 +120,9 @@ class SAE(nn.Module):
         """Load an SAE written by `save_pretrained`."""
         path = Path(path)
         try:
-            cfg = SAEConfig(**json.loads((path / CONFIG).read_text()))
+            cfg = from_dict(SAEConfig, json.loads((path / CONFIG).read_text()))
             state = load_file(path / WEIGHTS, device=device)
-        except (OSError, ValueError, TypeError, SafetensorError) as e:
+        except (OSError, ValueError, SafetensorError) as e:  # ConfigError is a ValueError
             raise DataError(f"cannot load an SAE from {path}: {e}") from e
         sae = cls(cfg).to(device)
         sae.load_state_dict(state)

@@ -51,11 +51,35 @@ def read_manifest(path: str | Path) -> dict:
         raise DataError(f"activation store {path} {what}; make one with `choicesae harvest`")
     try:
         manifest = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or bad UTF-8
         raise DataError(f"the manifest of the store {path} is unreadable: {e}") from e
-    if manifest.get("format") != FORMAT:
-        raise DataError(f"store {path} has format {manifest.get('format')}, expected {FORMAT}")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else manifest
+        raise DataError(f"store {path} has format {found!r}, expected {FORMAT}")
+    if not _well_formed(manifest):
+        raise DataError(f"the manifest of the store {path} is damaged (fields missing or wrong)")
     return manifest
+
+
+def _well_formed(manifest: dict) -> bool:
+    """The fields a reader relies on have the right types."""
+    shards = manifest.get("shards")
+    d_model = manifest.get("d_model")
+    return (
+        manifest.get("dtype") in DTYPES
+        and isinstance(d_model, int)
+        and d_model > 0
+        and isinstance(shards, list)
+        and all(
+            isinstance(s, dict)
+            and isinstance(s.get("name"), str)
+            and s["name"].startswith("shard-")
+            and isinstance(s.get("rows"), int)
+            and s["rows"] >= 0
+            and isinstance(s.get("sha256"), str)
+            for s in shards
+        )
+    )
 
 
 def write_manifest(path: Path, manifest: dict) -> None:
