@@ -46,6 +46,8 @@ class SAE(nn.Module):
         self.register_buffer("zipf", torch.tensor([cfg.zipf_alpha, cfg.zipf_beta]).double())
         self.register_buffer("feature_rank", torch.arange(1, F + 1))
         self.register_buffer("density", torch.full((F,), float("nan")))
+        # JumpReLU thresholds for single-token inference (appendix B); NaN until estimated
+        self.register_buffer("threshold", torch.full((F,), float("nan")))
 
     def pre_acts(self, x: Tensor) -> Tensor:
         """Affinities z' [B, F] of normalized inputs x [B, d_in]."""
