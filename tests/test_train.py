@@ -256,3 +256,24 @@ def test_bad_schedule_is_refused():
     with pytest.raises(ConfigError, match="SPARSIFIER:STEPS"):
         TrainConfig(schedule="mutual_choice")
     assert TrainConfig(schedule="topk:3, feature_choice:4").total_steps == 7
+
+
+def test_phased_run_on_minilm_ends_with_zero_dead_features(tmp_path):
+    """Section 4.4 on the embedded default's activations (MiniLM layer 3 over the default
+    offline corpus): Mutual Choice with aux_k and aux_zipf, then Zipf Feature Choice."""
+    from choicesae.harvest import HarvestConfig, harvest
+
+    store = tmp_path / "store"
+    harvest(HarvestConfig(tokens=16_384, out=str(store), progress=False))
+    cfg = TrainConfig(
+        store=str(store), out=str(tmp_path / "run"), batch_size=512, lr=1e-3, log_every=10,
+        sae=SAEConfig(k=8, expansion=2, capacities="zipf"), progress=False,
+        schedule="mutual_choice:100,feature_choice:40", dead_tokens=5120, density_tokens=5120,
+    )
+    train(cfg)
+    log = records(tmp_path)
+    mc = [r for r in log if r["phase"] == "mutual_choice"]
+    assert any(r["dying"] > 0 for r in mc)  # Definition 3.1 found dying features ...
+    assert any(r["aux_zipf_features"] > 0 and r["aux_zipf"] > 0 for r in mc)  # ... and acted
+    assert log[-1]["phase"] == "feature_choice" and log[-1]["dead"] == 0
+    assert log[-1]["fvu"] < mc[0]["fvu"]
