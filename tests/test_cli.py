@@ -75,7 +75,7 @@ def test_synthetic_then_train_end_to_end(tmp_path):
         check=True,
     )
     assert np.load(data).shape == (8192, 16)
-    assert np.load(tmp_path / "syn.dictionary.npy").shape == (48, 16)
+    assert np.load(tmp_path / "syn.dictionary.npy").shape == (49, 16)  # + the first-token row
     done = subprocess.run(
         [
             *cli,

@@ -1,6 +1,8 @@
 """Synthetic activations with a known dictionary: sparse non-negative combinations of unit-norm
 directions whose firing frequencies follow a Zipf law, so the number of active features per
-token varies (paper section 3.2). Used for tests and for the demo until a model is harvested."""
+token varies (paper section 3.2), plus a share of constant "first-token" vectors that one extra
+direction explains (the BOS/CLS token of appendix D), plus noise. With the true dictionary known,
+a learned decoder is scored by MMCS and by the share of true features it recovers."""
 
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +33,13 @@ class SyntheticConfig:
     """Zipf exponent of the feature frequencies: p_i ∝ 1 / (i + beta)^alpha."""
     zipf_beta: float = 10.0
     """Zipf offset of the feature frequencies."""
+    magnitude_min: float = 0.5
+    """Smallest coefficient of an active feature (coefficients are uniform in [min, max))."""
+    magnitude_max: float = 1.5
+    """Largest coefficient of an active feature."""
+    first_token_share: float = 1 / 64
+    """Share of vectors that are the constant first-token direction (the last dictionary row)
+    alone, like the first token of each 64-token context; 0 disables."""
     noise: float = 0.01
     """Expected L2 norm of the dense Gaussian noise added to each vector."""
     seed: int = 0
@@ -44,6 +53,10 @@ class SyntheticConfig:
             raise ConfigError(f"mean_active must lie in (0, num_features], got {self.mean_active}")
         if self.noise < 0:
             raise ConfigError(f"noise must not be negative, got {self.noise}")
+        if not 0 <= self.magnitude_min <= self.magnitude_max:
+            raise ConfigError("magnitudes need 0 <= magnitude_min <= magnitude_max")
+        if not 0 <= self.first_token_share < 1:
+            raise ConfigError(f"first_token_share must lie in [0, 1), got {self.first_token_share}")
 
 
 def feature_probabilities(cfg: SyntheticConfig) -> Tensor:
@@ -54,7 +67,8 @@ def feature_probabilities(cfg: SyntheticConfig) -> Tensor:
 
 
 def sparse_dictionary(cfg: SyntheticConfig, chunk: int = 16_384) -> tuple[Tensor, Tensor]:
-    """(activations [tokens, d_in], dictionary [num_features, d_in]) in memory."""
+    """(activations [tokens, d_in], dictionary [num_features + 1, d_in]) in memory; the last
+    dictionary row is the first-token direction."""
     x = torch.empty(cfg.tokens, cfg.d_in)
     dictionary = _fill(cfg, x, chunk)
     return x, dictionary
@@ -73,18 +87,38 @@ def write_synthetic(cfg: SyntheticConfig) -> tuple[Path, Path]:
 
 
 def _fill(cfg: SyntheticConfig, x: Tensor, chunk: int) -> Tensor:
-    """Fill x [tokens, d_in] chunk by chunk; returns the dictionary."""
+    """Fill x [tokens, d_in] chunk by chunk; returns the dictionary [num_features + 1, d_in]."""
     gen = torch.Generator().manual_seed(cfg.seed)
-    dictionary = torch.randn(cfg.num_features, cfg.d_in, generator=gen)
+    dictionary = torch.randn(cfg.num_features + 1, cfg.d_in, generator=gen)
     dictionary /= dictionary.norm(dim=-1, keepdim=True)
     p = feature_probabilities(cfg)
+    span = cfg.magnitude_max - cfg.magnitude_min
     for start in range(0, cfg.tokens, chunk):
         n = min(chunk, cfg.tokens - start)
         active = (torch.rand(n, cfg.num_features, generator=gen) < p).nonzero().T  # [2, nnz]
-        magnitude = 0.5 + torch.rand(active.shape[1], generator=gen)  # in [0.5, 1.5)
+        magnitude = cfg.magnitude_min + span * torch.rand(active.shape[1], generator=gen)
         codes = torch.sparse_coo_tensor(
             active, magnitude, (n, cfg.num_features), check_invariants=True, is_coalesced=True
         )
         noise = torch.randn(n, cfg.d_in, generator=gen) * (cfg.noise / cfg.d_in**0.5)
-        x[start : start + n] = torch.sparse.mm(codes, dictionary) + noise
+        first = torch.rand(n, 1, generator=gen) < cfg.first_token_share  # [n, 1]
+        mixed = torch.sparse.mm(codes, dictionary[:-1])
+        x[start : start + n] = torch.where(first, dictionary[-1], mixed) + noise
     return dictionary
+
+
+def max_cosines(true_dictionary: Tensor, W_dec: Tensor, chunk: int = 4096) -> Tensor:
+    """[n_true] each true direction's largest cosine similarity to a learned decoder row."""
+    learned = W_dec / W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    true = true_dictionary / true_dictionary.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return torch.cat([(rows @ learned.T).max(-1).values for rows in true.split(chunk)])
+
+
+def mmcs(true_dictionary: Tensor, W_dec: Tensor) -> float:
+    """Mean max cosine similarity between the true dictionary and the learned decoder."""
+    return float(max_cosines(true_dictionary, W_dec).mean())
+
+
+def recovered(true_dictionary: Tensor, W_dec: Tensor, threshold: float = 0.9) -> float:
+    """Share of true features with a learned decoder row at cosine >= threshold."""
+    return float((max_cosines(true_dictionary, W_dec) >= threshold).float().mean())
