@@ -6,15 +6,15 @@ plain dense-autograd step, all measured side by side in one run.
 
 floor: one dense encoder product (x − b_dec) W_enc, the least a step can cost. fast:
 kernels.fast_loss_terms + backward. dense: train.loss_terms + backward (autograd through the
-reference sparsifiers). Times are medians over --repeats rounds in which every variant runs once,
-so slow drifts of a shared machine hit all of them alike. Peak memory is measured in a separate
+reference sparsifiers). Times are the best of --repeats rounds in which every variant runs once:
+on a shared machine interference only ever adds time, and the rounds interleave the variants so
+that slow spells hit all of them alike. Peak memory is measured in a separate
 untimed pass: on CPU the growth of the process's peak RSS during the step (VmHWM, reset through
 /proc/self/clear_refs), on CUDA torch.cuda.max_memory_allocated above the memory in use before.
 """
 
 import argparse
 import dataclasses
-import statistics
 import time
 
 import torch
@@ -33,7 +33,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--expansion", type=int, nargs="+", default=[8, 32], help="F / d")
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--batch", type=int, default=4096)
-    p.add_argument("--repeats", type=int, default=3, help="timed rounds (median reported)")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds (the best is reported)")
     p.add_argument("--sparsifiers", nargs="+", default=["topk", "mutual_choice", "feature_choice"])
     p.add_argument("--dead", type=float, default=0.0, help="fraction of latents marked dead")
     p.add_argument("--multi-topk", action="store_true", help="add the L(4k)/8 term")
@@ -94,7 +94,7 @@ def setup(d: int, F: int, args):
 
 
 def bench(d: int, F: int, args) -> dict:
-    """{variant: (median seconds, peak MiB)}; variants 'floor' and (sparsifier, impl)."""
+    """{variant: (best seconds, peak MiB)}; variants 'floor' and (sparsifier, impl)."""
     sae, x, cfg, masks = setup(d, F, args)
     xc = (x - sae.b_dec).detach()
     W_enc = sae.W_enc.detach()
@@ -107,7 +107,7 @@ def bench(d: int, F: int, args) -> dict:
     for _ in range(args.repeats):
         for key, run in runs.items():
             times[key].append(timed(run, args.device))
-    return {key: (statistics.median(t), memory[key]) for key, t in times.items()}
+    return {key: (min(t), memory[key]) for key, t in times.items()}
 
 
 def report(d: int, F: int, results: dict, args) -> None:

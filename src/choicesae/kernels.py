@@ -37,8 +37,10 @@ class Pairs(NamedTuple):
 
 
 def _argsort(key: Tensor, bound: int) -> Tensor:
-    """Stable argsort of key [n] with values < bound; int32 keys sort many times faster on CPU."""
-    return torch.sort(key.int() if bound < 2**31 else key, stable=True).indices
+    """Argsort of key [n] with values < bound. Not stable: the keys are unique (CSR order) or
+    only group pairs for a sum. On CPU int32 keys and the unstable sort are much the faster
+    (a stable int32 sort of these partly ordered keys measured 100x slower)."""
+    return torch.sort(key.int() if bound < 2**31 else key).indices
 
 
 def _csr_order(token: Tensor, feature: Tensor, shape: tuple[int, int]) -> Pairs:
@@ -69,34 +71,29 @@ def select_topk(z_pre: Tensor, k: int) -> Pairs:
     return _from_rows(z_pre.topk(k, dim=1, sorted=False).indices, z_pre.shape[1])
 
 
-def select_mutual_choice(z_pre: Tensor, k: int, k_row: int = 0) -> Pairs:
+def select_mutual_choice(z_pre: Tensor, k: int, sample: int = 256) -> Pairs:
     """Mutual Choice (sparsifiers.mutual_choice): the M = k·B largest affinities of the batch,
     without a top-M over all B·F of them.
 
-    Each token proposes its k_row ≥ k largest (default 2k), and the top M of the B·k_row candidates
-    is taken. Every affinity a token did not propose is at most its k_row-th, so the result is
-    exact unless some token is *full*: its k_row-th candidate is positive and above the M-th
-    selected value, so its next ones might belong too. Full tokens then propose their whole row
-    and the top M is taken once more, which is exact (more candidates only raise the M-th value,
-    and the other tokens' unproposed entries stay below it). Non-positive entries are zeros after
-    ReLU, so they never force the fallback.
+    The candidates are the affinities above a threshold t. If at least M of them exceed t, so
+    does the M-th largest, and the top M of the candidates is exact. t is estimated from
+    `sample` evenly spaced tokens (each one's top 2k stand for its row) to leave about 1.5·M
+    candidates. If fewer than M exceed it, t drops to 0, which is exact whatever the count:
+    non-positive affinities are zeros after ReLU (appendix H), so they may be left out.
     """
     B, F = z_pre.shape
-    M, k_row = min(k * B, B * F), min(F, max(k_row or 2 * k, k))  # ≥ M candidates
-    values, feature = z_pre.topk(k_row, dim=1, sorted=False)  # [B, k_row] candidates
-    token = torch.arange(B, device=z_pre.device)[:, None].expand(B, k_row)
-    top, chosen = values.flatten().topk(M, sorted=False)
-    last = values.min(1).values  # [B] each token's k_row-th largest
-    full = (last > top.min()) & (last > 0) & (k_row < F)
-    if full.any():  # sync point; rare once training has spread the budget
-        rows = full.nonzero()[:, 0]  # [R]
-        keep = ~full[:, None].expand(B, k_row)
-        every = torch.arange(F, device=z_pre.device)
-        token = torch.cat([token[keep], rows.repeat_interleave(F)])
-        feature = torch.cat([feature[keep], every.repeat(len(rows))])
-        values = torch.cat([values[keep], z_pre[rows].flatten()])
-        chosen = values.topk(M, sorted=False).indices
-    return _csr_order(token.flatten()[chosen], feature.flatten()[chosen], (B, F))
+    M = min(k * B, B * F)
+    rows = z_pre[:: max(1, B // sample)]  # [S, F]
+    proposals = rows.topk(min(F, 2 * k), dim=1, sorted=False).values.flatten()
+    rank = min(len(proposals), 3 * M * len(rows) // (2 * B) + 1)
+    t = proposals.topk(rank, sorted=False).values.min().clamp(min=0)
+    above = (z_pre > t).nonzero()  # [c, 2] (token, feature) in CSR order; sync point
+    if len(above) < M and t > 0:  # the sample misjudged the batch: take every positive one
+        above = (z_pre > 0).nonzero()
+    if len(above) > M:
+        chosen = z_pre[above[:, 0], above[:, 1]].topk(M, sorted=False).indices
+        above = above[chosen.sort().values]  # keep CSR order
+    return Pairs(above[:, 0], above[:, 1], (B, F))
 
 
 def select_feature_choice(z_pre: Tensor, m: Tensor) -> Pairs:
@@ -240,12 +237,13 @@ class _DecodePairs(torch.autograd.Function):
 def pre_acts(sae, x: Tensor, feature_major: bool = False) -> Tensor:
     """Affinities z' [B, F] of normalized x [B, d_in] without autograd: the step's one dense
     product. feature_major stores them as z'ᵀ [F, B] (a transposed view is returned) so that
-    Feature Choice's per-feature top-k reads contiguous rows; the bias is fused (addmm)."""
+    Feature Choice's per-feature top-k reads contiguous rows. The bias is added in place: on CPU
+    addmm's broadcast copy of it costs several times more."""
     with torch.no_grad():
         xc = x - sae.b_dec  # [B, d]
         if feature_major:
-            return torch.addmm(sae.b_enc[:, None], sae.W_enc.t(), xc.t()).t()
-        return torch.addmm(sae.b_enc, xc, sae.W_enc)
+            return torch.mm(sae.W_enc.t(), xc.t()).add_(sae.b_enc[:, None]).t()
+        return torch.mm(xc, sae.W_enc).add_(sae.b_enc)
 
 
 def encode_pairs(sae, x: Tensor, z_pre: Tensor, pairs: Pairs) -> Tensor:
