@@ -6,6 +6,7 @@ No losses and no statistics live here; the training loop owns both.
 import dataclasses
 import json
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors import SafetensorError
@@ -16,9 +17,10 @@ from choicesae.allocation import feature_capacities
 from choicesae.config import SAEConfig, from_dict
 from choicesae.errors import ConfigError, DataError
 from choicesae.preprocess import denormalize, estimate_dataset_scale, normalize
-from choicesae.sparsifiers import Sparse, sparsify, uniform_capacities
+from choicesae.sparsifiers import Sparse, jumprelu, sparsify, uniform_capacities
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
+Inference = Literal["feature", "global"] | None  # JumpReLU thresholds, or None: batch inference
 
 
 class SAE(nn.Module):
@@ -46,17 +48,37 @@ class SAE(nn.Module):
         self.register_buffer("zipf", torch.tensor([cfg.zipf_alpha, cfg.zipf_beta]).double())
         self.register_buffer("feature_rank", torch.arange(1, F + 1))
         self.register_buffer("density", torch.full((F,), float("nan")))
-        # JumpReLU thresholds for single-token inference (appendix B); NaN until estimated
+        # JumpReLU thresholds on z' for single-token inference (appendix B), NaN until
+        # `choicesae eval` estimates them (evaluate/thresholds.py): `threshold` [F] one per
+        # feature, calibrated to each feature's batch-inference density; `threshold_global` []
+        # one for all, the mean smallest selected activation (BatchTopK, as SAELens does)
         self.register_buffer("threshold", torch.full((F,), float("nan")))
+        self.register_buffer("threshold_global", torch.tensor(float("nan")))
 
     def pre_acts(self, x: Tensor) -> Tensor:
         """Affinities z' [B, F] of normalized inputs x [B, d_in]."""
         return (x - self.b_dec) @ self.W_enc + self.b_enc
 
-    def encode(self, x: Tensor, k: int | None = None) -> Sparse:
+    def encode(self, x: Tensor, k: int | None = None, threshold: Inference = None) -> Sparse:
         """Sparse codes of normalized x [B, d_in] with the model's sparsifier; `k` overrides the
-        config's k (test-time TopK(k'), or a different budget k·B)."""
+        config's k (test-time TopK(k'), or a different budget k·B). `threshold` = "feature" or
+        "global" encodes every token on its own with JumpReLU at the stored thresholds
+        (appendix B: single-token inference, no batch needed) instead."""
+        if threshold is not None:
+            return jumprelu(self.pre_acts(x), self.thresholds(threshold))
         return self.sparsify(self.cfg.sparsifier, self.pre_acts(x), k or self.cfg.k)
+
+    def thresholds(self, which: str) -> Tensor:
+        """The JumpReLU thresholds on z': "feature" -> `threshold` [F], "global" ->
+        `threshold_global` []; an error until `choicesae eval` has estimated them."""
+        theta = {"feature": self.threshold, "global": self.threshold_global}.get(which)
+        if theta is None:
+            raise ConfigError(f"threshold must be 'feature' or 'global', not {which!r}")
+        if theta.isnan().any():
+            raise ConfigError(
+                f"this SAE has no {which} thresholds yet; estimate them with `choicesae eval RUN`"
+            )
+        return theta
 
     def sparsify(self, name: str, z_pre: Tensor, k: int) -> Sparse:
         """Apply sparsifier `name` to affinities z_pre [B, F], with this model's Feature Choice
@@ -77,14 +99,15 @@ class SAE(nn.Module):
         """Reconstruction [B, d_in] (normalized space) of activations [B, F]."""
         return acts @ self.W_dec + self.b_dec
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Reconstruction of normalized x [B, d_in]."""
-        return self.decode(self.encode(x).acts)
+    def forward(self, x: Tensor, threshold: Inference = None) -> Tensor:
+        """Reconstruction of normalized x [B, d_in] (batch inference, or `threshold`)."""
+        return self.decode(self.encode(x, threshold=threshold).acts)
 
-    def reconstruct(self, x: Tensor) -> Tensor:
-        """Raw model activations x [B, d_in] -> reconstruction in the same (raw) space."""
+    def reconstruct(self, x: Tensor, threshold: Inference = None) -> Tensor:
+        """Raw model activations x [B, d_in] -> reconstruction in the same (raw) space; with
+        `threshold` ("feature" or "global") each token is encoded on its own (JumpReLU)."""
         x_n, stats = normalize(x, self.cfg.normalize, self.scale)
-        return denormalize(self(x_n), stats)
+        return denormalize(self(x_n, threshold), stats)
 
     @torch.no_grad()
     def init_from_data_(self, sample: Tensor) -> None:
@@ -126,6 +149,7 @@ class SAE(nn.Module):
             state = load_file(path / WEIGHTS, device=device)
         except (OSError, ValueError, SafetensorError) as e:  # ConfigError is a ValueError
             raise DataError(f"cannot load an SAE from {path}: {e}") from e
+        state.setdefault("threshold_global", torch.tensor(float("nan")))  # saved before it
         sae = cls(cfg).to(device)
         sae.load_state_dict(state)
         return sae

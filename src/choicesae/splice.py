@@ -1,0 +1,140 @@
+"""Downstream loss recovered: the model run on held-out contexts with its hookpoint's output
+replaced (by the SAE's reconstruction, zeros, or the mean activation).
+
+The contexts are rebuilt from the store's token ids (rows are whole contexts in order; a first
+token the harvest dropped is the tokenizer's BOS/CLS, put back and left unreplaced: the SAE
+never saw it). The downstream loss L is, per context:
+- causal LMs: the next-token cross-entropy (the paper's measure);
+- encoders (BERT, MiniLM): 1 − cos(e, e_clean) of the mean-pooled final hidden state, the
+  sentence embedding all-MiniLM-L6-v2 produces, against the clean one (0 when untouched).
+loss recovered = 1 − (L_sae − L_clean) / (L_ablated − L_clean): 1 for a perfect
+reconstruction, 0 for one as bad as zero (or mean) ablation.
+"""
+
+import contextlib
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F_
+from torch import Tensor, nn
+
+from choicesae.errors import ConfigError, DataError
+from choicesae.hooks import model_path
+from choicesae.store import Store
+from choicesae.text import special_tokens
+
+Replace = Callable[[Tensor], Tensor]  # hookpoint rows [n, d] -> replacement rows [n, d]
+
+
+def load_spliceable(name: str) -> tuple[nn.Module, nn.Module, object, str]:
+    """(model with its output head, its base model holding the hookpoints, tokenizer, kind):
+    kind "encoder" for masked-LM families (mean-pooled embedding), else "causal" (LM head)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()  # a base-model folder loads its LM head tied: no warning
+    logging.disable_progress_bar()
+    path = model_path(name)
+    try:
+        config = AutoConfig.from_pretrained(path)
+        encoder = config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not config.is_decoder
+        cls = AutoModel if encoder else AutoModelForCausalLM
+        model = cls.from_pretrained(path, dtype=torch.float32).eval()
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise DataError(f"cannot load the model {name!r} ({path}) to splice into: {e}") from e
+    return model, model.base_model, tokenizer, "encoder" if encoder else "causal"
+
+
+def store_contexts(store: Store, tokenizer, max_contexts: int) -> tuple[Tensor, Tensor]:
+    """(input_ids [C, T], spliced [C, T] bool) of the store's first complete contexts: the
+    spliced positions, in row-major order, are the store's rows 0 .. C·(T − drop_first) − 1."""
+    context, drop_first = store.manifest.get("context"), bool(store.manifest.get("drop_first"))
+    if not isinstance(context, int):
+        raise DataError(f"store {store.path} records no context length: not a harvest")
+    per_context = context - drop_first
+    C = min(len(store) // per_context, max_contexts)
+    if C < 1:
+        raise DataError(f"store {store.path} holds no complete context of {context} tokens")
+    ids = torch.from_numpy(store.tokens()[: C * per_context].astype(np.int64)).view(C, -1)
+    spliced = torch.ones(C, context, dtype=torch.bool)
+    if drop_first:
+        prefix = special_tokens(tokenizer)[0]
+        if not prefix:
+            raise DataError(
+                "the harvest dropped each context's first token and the tokenizer "
+                "has no BOS/CLS to restore it; harvest with --no-drop-first"
+            )
+        ids = torch.cat([torch.full((C, 1), prefix[0]), ids], 1)
+        spliced[:, 0] = False
+    return ids, spliced
+
+
+@contextlib.contextmanager
+def spliced_into(module: nn.Module, where: Tensor, replace: Replace | None):
+    """Within the block, `module`'s output [C, T, d] has the positions `where` [C, T] replaced
+    by `replace` of those rows (None: left clean)."""
+
+    def hook(_module, _inputs, output):
+        h = output[0] if isinstance(output, tuple) else output  # [C, T, d]
+        new = h.clone()
+        new[where] = replace(h[where]).to(h.dtype)
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    handle = module.register_forward_hook(hook) if replace is not None else None
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def model_output(model: nn.Module, kind: str, ids: Tensor) -> Tensor:
+    """Per context: next-token cross-entropy [C] (causal) or mean-pooled embedding [C, d]."""
+    if kind == "causal":
+        logits = model(input_ids=ids).logits[:, :-1]  # [C, T-1, V]
+        ce = F_.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+        return ce.mean(-1)
+    return model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state.mean(1)
+
+
+def context_loss(kind: str, out: Tensor, clean: Tensor) -> Tensor:
+    """[C] downstream loss of one variant's output against the clean output. For embeddings
+    1 − cos(e, e_clean), computed as |ê − ê_clean|²/2 of the unit vectors (the same value),
+    which is exactly 0 for an untouched output."""
+    if kind == "causal":
+        return out
+    return (F_.normalize(out, dim=-1) - F_.normalize(clean, dim=-1)).pow(2).sum(-1) / 2
+
+
+@torch.no_grad()
+def downstream_losses(
+    model: nn.Module,
+    kind: str,
+    module: nn.Module,
+    ids: Tensor,
+    spliced: Tensor,
+    replacements: dict[str, Replace],
+    contexts_per_batch: int,
+) -> dict[str, float]:
+    """Mean downstream loss over the contexts ids [C, T] when `module`'s output at `spliced`
+    [C, T] is replaced by each of `replacements`, and "clean" (untouched)."""
+    if kind not in ("causal", "encoder"):
+        raise ConfigError(f"kind must be causal or encoder, not {kind!r}")
+    losses = {name: [] for name in ("clean", *replacements)}
+    for batch in torch.arange(len(ids)).split(contexts_per_batch):
+        clean = model_output(model, kind, ids[batch])
+        losses["clean"].append(context_loss(kind, clean, clean))
+        for name, replace in replacements.items():
+            with spliced_into(module, spliced[batch], replace):
+                out = model_output(model, kind, ids[batch])
+            losses[name].append(context_loss(kind, out, clean))
+    return {name: float(torch.cat(v).double().mean()) for name, v in losses.items()}
+
+
+def loss_recovered(loss: float, clean: float, ablated: float) -> float:
+    """1 − (L − L_clean) / (L_ablated − L_clean) (NaN when ablation changes nothing)."""
+    gap = ablated - clean
+    return 1 - (loss - clean) / gap if gap else float("nan")

@@ -1,0 +1,288 @@
+import json
+import pydoc_data.topics
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import save_tiny_model
+from transformers import AutoModelForCausalLM
+
+from choicesae import metrics, splice
+from choicesae.config import SAEConfig, TrainConfig
+from choicesae.errors import ConfigError, DataError
+from choicesae.evaluate import EvalConfig, evaluate, first_tokens
+from choicesae.harvest import HarvestConfig, harvest
+from choicesae.hooks import find_module
+from choicesae.sae import SAE
+from choicesae.sparsifiers import topk
+from choicesae.store import Store
+from choicesae.thresholds import estimate_thresholds_, feature_thresholds
+from choicesae.train import train
+
+TOPICS = pydoc_data.topics.topics
+
+
+def small_sae(normalize="none", sparsifier="topk", seed=0) -> SAE:
+    torch.manual_seed(seed)
+    cfg = SAEConfig(d_in=8, num_latents=16, k=2, sparsifier=sparsifier, normalize=normalize)
+    sae = SAE(cfg)
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1)
+        sae.b_dec.normal_(0, 0.1)
+    return sae
+
+
+def test_sae_pass_matches_a_plain_loop():
+    sae, x = small_sae(), torch.randn(40, 8)
+    got = metrics.sae_pass(sae, x, 10, lambda z: topk(z, 2).acts)
+    W_enc, b_enc, W_dec, b_dec = (
+        t.detach().double() for t in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)
+    )
+    mean = [sum(float(x[i, j]) for i in range(40)) / 40 for j in range(8)]
+    sse = var = 0.0
+    counts, l0 = [0] * 16, []
+    for i in range(40):
+        z = [float((x[i].double() - b_dec) @ W_enc[:, f] + b_enc[f]) for f in range(16)]
+        chosen = sorted(range(16), key=lambda f: -z[f])[:2]
+        chosen = [f for f in chosen if z[f] > 0]
+        l0.append(len(chosen))
+        for f in chosen:
+            counts[f] += 1
+        x_hat = b_dec + sum((z[f] * W_dec[f] for f in chosen), torch.zeros(8, dtype=torch.float64))
+        sse += sum((float(x_hat[j]) - float(x[i, j])) ** 2 for j in range(8))
+        var += sum((float(x[i, j]) - mean[j]) ** 2 for j in range(8))
+    assert got.l0.tolist() == l0 and got.counts.tolist() == counts
+    assert got.mse == pytest.approx(sse / 40, rel=1e-5)
+    assert got.fvu == pytest.approx(sse / var, rel=1e-5) and got.fvu_raw == pytest.approx(got.fvu)
+
+
+def test_fvu_is_measured_in_both_spaces_with_token_normalisation():
+    sae, x = small_sae("token"), 3 * torch.randn(30, 8) + 1
+    got = metrics.sae_pass(sae, x, 30, lambda z: topk(z, 2).acts)
+    x_n = (x - x.mean(-1, keepdim=True)) / (x - x.mean(-1, keepdim=True)).norm(dim=-1, keepdim=True)
+    with torch.no_grad():
+        sse = float(((sae(x_n) - x_n) ** 2).sum())
+        raw = float(((sae.reconstruct(x) - x) ** 2).sum()) / metrics.variance(x)
+    assert got.fvu == pytest.approx(sse / metrics.variance(x_n))
+    assert got.fvu_raw == pytest.approx(raw, rel=1e-4)
+
+
+def test_per_feature_thresholds_reproduce_batch_densities_exactly():
+    sae = small_sae("none", "mutual_choice")
+    batches = list(torch.randn(96, 8).split(32))
+    fitted = estimate_thresholds_(sae, batches)
+    x = torch.cat(batches)
+    batch_counts = sum((sae.encode(b).acts > 0).sum(0) for b in batches)
+    single = sae.encode(x, threshold="feature").acts > 0
+    assert single.sum(0).tolist() == batch_counts.tolist()  # every density, hence the L0
+    assert fitted["calibration_l0"] == pytest.approx(float(single.sum(-1).float().mean()))
+    smallest = [
+        min(float(v) for v in sae.encode(b).acts.detach().flatten() if v > 0) for b in batches
+    ]
+    assert float(sae.threshold_global) == pytest.approx(sum(smallest) / 3)
+    z = sae.pre_acts(x)
+    assert torch.equal(sae.encode(x, threshold="global").acts, z * (z > sae.threshold_global))
+
+
+def test_a_feature_never_selected_never_fires_and_one_always_selected_always_does():
+    sae, x = small_sae(), torch.randn(20, 8)
+    counts = torch.zeros(16, dtype=torch.long)
+    counts[3], counts[5] = 20, 7
+    theta = feature_thresholds(sae, x, counts)
+    fires = (sae.pre_acts(x) > theta).sum(0)
+    assert fires[0] == 0 and fires[5] == 7 and theta[3] == 0
+
+
+def test_thresholds_are_saved_and_required(tmp_path):
+    sae = small_sae()
+    with pytest.raises(ConfigError, match="no feature thresholds"):
+        sae.encode(torch.randn(2, 8), threshold="feature")
+    with pytest.raises(ConfigError, match="'feature' or 'global'"):
+        sae.encode(torch.randn(2, 8), threshold="both")
+    estimate_thresholds_(sae, [torch.randn(16, 8)])
+    sae.save_pretrained(tmp_path / "sae")
+    loaded = SAE.from_pretrained(tmp_path / "sae")
+    assert torch.equal(loaded.threshold, sae.threshold)
+    assert torch.equal(loaded.threshold_global, sae.threshold_global)
+    from safetensors.torch import load_file, save_file  # an SAE saved before threshold_global
+
+    state = load_file(tmp_path / "sae" / "model.safetensors")
+    del state["threshold_global"]
+    save_file(state, tmp_path / "sae" / "model.safetensors")
+    assert SAE.from_pretrained(tmp_path / "sae").threshold_global.isnan()
+
+
+def test_allocation_and_features_per_token_against_plain_counts():
+    counts = torch.tensor([50, 0, 20, 10, 5, 3, 0, 1] * 4)
+    got = metrics.allocation_metrics(counts, 100)
+    assert got["dead"] == 8 and got["dead_pct"] == 25.0
+    assert got["density_sorted"] == sorted((counts.double() / 100).tolist(), reverse=True)
+    l0 = torch.tensor([3, 1, 4, 1, 5, 0])
+    first = torch.tensor([True, False, False, True, False, False])
+    fpt = metrics.features_per_token(l0, first)
+    assert fpt["histogram"] == [1, 1, 0, 0, 1, 1] and fpt["histogram_first"] == [0, 1, 0, 1, 0, 0]
+    assert fpt["first_token_l0"] == 2.0 and fpt["other_l0"] == 2.5
+    assert first_tokens({"context": 3, "drop_first": False}, 7).tolist() == [
+        True,
+        False,
+        False,
+        True,
+        False,
+        False,
+        True,
+    ]
+    assert not first_tokens({"context": 3, "drop_first": True}, 7).any()
+
+
+# ---- splice: tiny models and MiniLM, stores harvested as in test_harvest -------------------
+
+
+def harvest_pair(model, hookpoint, root, tokens=(4800, 1600), **kw):
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "train.txt").write_text("\n\n".join(TOPICS[k] for k in sorted(TOPICS)[:30]))
+    (root / "test.txt").write_text("\n\n".join(TOPICS[k] for k in sorted(TOPICS)[30:40]))
+    common = (
+        dict(
+            model=str(model),
+            hookpoint=hookpoint,
+            context=16,
+            batch_size=8,
+            progress=False,
+            dtype="float32",
+        )
+        | kw
+    )
+    for name, n in zip(("train", "test"), tokens, strict=True):
+        harvest(
+            HarvestConfig(text=str(root / f"{name}.txt"), tokens=n, out=str(root / name), **common)
+        )
+    return root / "train", root / "test"
+
+
+def train_run(store, out, batch_size=240, sparsifier="mutual_choice", **kw):
+    cfg = TrainConfig(
+        store=str(store),
+        out=str(out),
+        batch_size=batch_size,
+        steps=40,
+        progress=False,
+        log_every=10,
+        density_tokens=2400,
+        overwrite=True,
+        sae=SAEConfig(sparsifier=sparsifier, k=4, expansion=4),
+        **kw,
+    )
+    train(cfg)
+    return out
+
+
+@pytest.fixture(scope="module", params=["gpt2", "bert"])
+def tiny_run(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    folder, hookpoint = save_tiny_model(request.param, root / "model")
+    train_store, test_store = harvest_pair(folder, hookpoint, root)
+    return request.param, train_run(train_store, root / "run"), test_store
+
+
+def setup_splice(test_store, contexts=12):
+    store = Store(test_store)
+    model, base, tokenizer, kind = splice.load_spliceable(store.manifest["model"])
+    module = find_module(base, store.manifest["hookpoint"])
+    ids, where = splice.store_contexts(store, tokenizer, contexts)
+    return store, model, module, kind, ids, where
+
+
+def test_identity_recovers_all_and_zero_none(tiny_run):
+    arch, _, test_store = tiny_run
+    _, model, module, kind, ids, where = setup_splice(test_store)
+    assert kind == ("encoder" if arch == "bert" else "causal")
+    replace = {"identity": lambda h: h, "zero": torch.zeros_like, "half": lambda h: h / 2}
+    losses = splice.downstream_losses(model, kind, module, ids, where, replace, 5)
+    assert splice.loss_recovered(losses["identity"], losses["clean"], losses["zero"]) == 1.0
+    assert splice.loss_recovered(losses["zero"], losses["clean"], losses["zero"]) == 0.0
+    assert losses["half"] != losses["clean"]
+    if kind == "causal":  # the clean loss is the model's own next-token cross-entropy
+        lm = AutoModelForCausalLM.from_pretrained(Store(test_store).manifest["model"])
+        torch.set_grad_enabled(False)
+        plain = [
+            float(lm(input_ids=ids[c : c + 1], labels=ids[c : c + 1]).loss) for c in range(len(ids))
+        ]
+        torch.set_grad_enabled(True)
+        assert losses["clean"] == pytest.approx(np.mean(plain), rel=1e-5)
+    else:
+        assert losses["clean"] == 0.0 and losses["zero"] > 0
+
+
+def test_contexts_rebuilt_from_the_store_give_its_rows(tiny_run):
+    _, _, test_store = tiny_run
+    store, model, module, kind, ids, where = setup_splice(test_store, contexts=4)
+    assert where[:, 0].logical_not().all() and where[:, 1:].all()  # drop_first: BOS/CLS kept
+    from choicesae.evaluate import check_rows_match
+
+    check_rows_match(model, module, ids, where, store)  # passes: the rows are the model's
+    with pytest.raises(DataError, match="not harvested from this model"):
+        check_rows_match(model, module, ids.roll(1, dims=1), where, store)
+
+
+def test_eval_end_to_end_is_deterministic_and_saves_thresholds(tiny_run, tmp_path):
+    arch, run, test_store = tiny_run
+    cfg = EvalConfig(run=str(run), store=str(test_store), splice_contexts=32, report=False)
+    first = evaluate(cfg)
+    saved = SAE.from_pretrained(run / "sae")
+    text = (run / "eval" / "metrics.json").read_text()
+    second = evaluate(cfg)
+    assert (run / "eval" / "metrics.json").read_text() == text and first == second
+    assert not saved.threshold.isnan().any() and float(saved.threshold_global) > 0
+    single = first["inference"]["feature_threshold"]
+    assert abs(single["l0"] - first["l0"]) < 0.5 and single["density_corr"] > 0.9
+    assert first["l0"] == pytest.approx(
+        np.dot(np.arange(len(h := first["features_per_token"]["histogram"])), h) / first["tokens"]
+    )
+    assert first["splice"]["kind"] == ("encoder" if arch == "bert" else "causal")
+    topks = [p["l0"] for p in first["progressive"]["topk"]]
+    assert topks == sorted(topks) and len(first["progressive"]["jumprelu"]) == 6
+
+
+def test_eval_errors_name_the_problem(tiny_run, tmp_path):
+    _, run, test_store = tiny_run
+    with pytest.raises(DataError, match="not a run folder"):
+        evaluate(EvalConfig(run=str(tmp_path), store=str(test_store)))
+    moved = tmp_path / "run"
+    shutil.copytree(run, moved)
+    config = json.loads((moved / "config.json").read_text())
+    (moved / "config.json").write_text(json.dumps(config | {"store": str(tmp_path / "gone")}))
+    with pytest.raises(DataError, match="--calibrate"):
+        evaluate(EvalConfig(run=str(moved), store=str(test_store), report=False))
+    with pytest.raises(ConfigError, match="splice_contexts"):
+        EvalConfig(run=str(run), splice_contexts=-1)
+
+
+def test_first_token_share_on_a_store_that_keeps_it(tmp_path):
+    folder, hookpoint = save_tiny_model("gpt2", tmp_path / "model")
+    train_store, test_store = harvest_pair(folder, hookpoint, tmp_path, drop_first=False)
+    run = train_run(train_store, tmp_path / "run")
+    result = evaluate(
+        EvalConfig(run=str(run), store=str(test_store), splice_contexts=16, report=False)
+    )
+    fpt = result["features_per_token"]
+    assert fpt["first_tokens"] == -(-result["tokens"] // 16) and sum(fpt["histogram_first"]) > 0
+    assert result["splice"]["loss_recovered"]["sae"] == pytest.approx(
+        1
+        - (result["splice"]["losses"]["sae"] - result["splice"]["losses"]["clean"])
+        / (result["splice"]["losses"]["zero_ablation"] - result["splice"]["losses"]["clean"])
+    )
+
+
+def test_minilm_few_hundred_tokens(tmp_path):
+    train_store, test_store = harvest_pair(
+        "all-MiniLM-L6-v2", "encoder.layer.3", tmp_path, tokens=(1200, 480), context=32
+    )
+    run = train_run(train_store, tmp_path / "run", batch_size=120, sparsifier="topk")
+    result = evaluate(
+        EvalConfig(run=str(run), store=str(test_store), splice_contexts=9, report=False)
+    )
+    s = result["splice"]
+    assert s["kind"] == "encoder" and s["contexts"] == 9 and s["losses"]["clean"] == 0.0
+    assert 0 < s["losses"]["sae"] < s["losses"]["zero_ablation"]  # better than ablation
+    assert 0 < s["loss_recovered"]["sae"] <= 1
