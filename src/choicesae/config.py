@@ -55,6 +55,13 @@ class SAEConfig:
     Algorithm 1 unchanged."""
     m_max: int = 0
     """Largest Zipf capacity (Algorithm 1's m_max); 0 means the batch size."""
+    model: str = ""
+    """The model whose activations the SAE reads (recorded with it, and exported as SAELens's
+    model_name); filled in from the store's manifest by train --store."""
+    hookpoint: str = ""
+    """The module path of those activations (SAELens's hook_name); filled in from the store."""
+    context: int = 0
+    """Tokens per context of the harvest (SAELens's context_size); filled in from the store."""
 
     def __post_init__(self):
         if self.sparsifier not in TRAINABLE:
@@ -70,7 +77,7 @@ class SAEConfig:
             raise ConfigError(f"capacities must be uniform or zipf, not {self.capacities!r}")
         if self.zipf_alpha <= 0 or self.zipf_beta < 0:
             raise ConfigError("zipf_alpha must be positive and zipf_beta not negative")
-        for name in ("num_latents", "d_in", "m_min", "m_max"):
+        for name in ("num_latents", "d_in", "m_min", "m_max", "context"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be positive (or 0 for the default)")
         if self.num_latents and self.sparsifier != "relu" and self.k >= self.num_latents:

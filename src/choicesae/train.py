@@ -128,7 +128,7 @@ def train(cfg: TrainConfig, activations: Rows | None = None) -> SAE:
         rows = Store(cfg.store) if cfg.store else load_activations(cfg.activations, key)
     else:
         rows = check_activations(activations)
-    cfg = resolve(cfg, rows.shape[1])
+    cfg = resolve(record_source(cfg, rows), rows.shape[1])
     batches(rows, cfg.batch_size, cfg.seed, cfg.device)  # checks the batch size
     out = prepare_run(cfg)
     torch.manual_seed(cfg.seed)
@@ -330,6 +330,21 @@ def resolve(cfg: TrainConfig, d_in: int) -> TrainConfig:
     if any(name == "feature_choice" for name, _ in cfg.phases()):
         check_capacities(sae, cfg.batch_size)
     return cfg
+
+
+def record_source(cfg: TrainConfig, rows) -> TrainConfig:
+    """Record with the SAE the model, hookpoint and context of a store's (or an online
+    harvest's) activations, where not given by hand: exports name them (interop.py)."""
+    meta = getattr(rows, "manifest", None)
+    if meta is None and dataclasses.is_dataclass(getattr(rows, "cfg", None)):
+        meta = dataclasses.asdict(rows.cfg)
+    if not meta:
+        return cfg
+    s = cfg.sae
+    found = {"model": meta.get("model"), "hookpoint": meta.get("hookpoint")}
+    found["context"] = meta.get("context")
+    sae = dataclasses.replace(s, **{k: getattr(s, k) or v for k, v in found.items() if v})
+    return dataclasses.replace(cfg, sae=sae)
 
 
 def check_capacities(sae: SAEConfig, batch_size: int) -> None:
