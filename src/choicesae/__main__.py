@@ -3,11 +3,14 @@
 import argparse
 import sys
 
+from choicesae.browser import BrowseConfig, browse
 from choicesae.config import TrainConfig, add_arguments, from_arguments
 from choicesae.errors import ChoiceSAEError, Interrupted
+from choicesae.evaluate import EvalConfig, evaluate, summary_line
 from choicesae.harvest import HarvestConfig, harvest
 from choicesae.hooks import HookpointsConfig, load_model, module_table
 from choicesae.interop import ExportConfig, ImportConfig, export, import_
+from choicesae.report import CompareConfig, compare
 from choicesae.synthetic import SyntheticConfig, write_synthetic
 from choicesae.train import train
 from choicesae.verify import VerifyConfig, verify
@@ -37,6 +40,20 @@ def _verify(cfg: VerifyConfig) -> None:
     print(verify(cfg.path))
 
 
+def _eval(cfg: EvalConfig) -> None:
+    result = evaluate(cfg)
+    out = cfg.out or f"{cfg.run}/eval"
+    print(f"{summary_line(result)}\nthresholds saved to {cfg.run}/sae; metrics in {out}")
+
+
+def _compare(cfg: CompareConfig) -> None:
+    print(f"wrote {compare(cfg)}")
+
+
+def _browse(cfg: BrowseConfig) -> None:
+    print(f"wrote {browse(cfg)}")
+
+
 def _export(cfg: ExportConfig) -> None:
     print(f"wrote {cfg.sae} in {cfg.format}'s format to {export(cfg)}")
 
@@ -53,9 +70,13 @@ COMMANDS = {
     "verify": (VerifyConfig, _verify, "Check a store's checksums or a run's files."),
     "export": (ExportConfig, _export, "Write an SAE in SAELens's or sparsify's format."),
     "import": (ImportConfig, _import, "Read an SAE in SAELens's or sparsify's format."),
+    "eval": (EvalConfig, _eval, "Evaluate a run on a held-out store; thresholds and report."),
+    "compare": (CompareConfig, _compare, "Pareto plot and table of evaluated runs."),
+    "browse": (BrowseConfig, _browse, "Static HTML pages of a run's top features."),
 }
 # commands whose main setting may also be given positionally: `choicesae hookpoints MODEL`
-POSITIONAL = {"hookpoints": "model", "verify": "path"}
+POSITIONAL = {"hookpoints": "model", "verify": "path", "eval": "run", "browse": "run"}
+VARIADIC = {"compare": "runs"}  # several positional values, joined with commas
 
 
 def parser() -> argparse.ArgumentParser:
@@ -69,13 +90,18 @@ def parser() -> argparse.ArgumentParser:
             sub.add_argument(
                 "positional", nargs="?", metavar=field.upper(), help=f"same as --{field}"
             )
+        if name in VARIADIC:
+            field = VARIADIC[name]
+            sub.add_argument("positional", nargs="*", metavar="RUN", help=f"same as --{field}")
     return top
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     cls, run, _ = COMMANDS[args.command]
-    if getattr(args, "positional", None):
+    if args.command in VARIADIC and args.positional:
+        setattr(args, VARIADIC[args.command], ",".join(args.positional))
+    elif getattr(args, "positional", None):
         setattr(args, POSITIONAL[args.command], args.positional)
     try:
         run(from_arguments(cls, args))
