@@ -225,15 +225,18 @@ class Store:
         folder = self.path / entry["name"]
         try:
             corrupt = shard_checksum(folder) != entry["sha256"]
-            acts = np.load(folder / "acts.npy", mmap_mode="r")
-            tokens = np.load(folder / "tokens.npy", mmap_mode="r")
-        except (OSError, ValueError, EOFError) as e:
+        except OSError as e:
             raise DataError(f"{entry['name']} of the store {self.path} is unreadable: {e}") from e
-        if corrupt:
+        if corrupt:  # checked first: a damaged .npy header can fail in many ways inside numpy
             raise DataError(
                 f"{entry['name']} of the store {self.path} is corrupt: its SHA-256 differs from "
                 "the manifest's; harvest the store again"
             )
+        try:
+            acts = np.load(folder / "acts.npy", mmap_mode="r")
+            tokens = np.load(folder / "tokens.npy", mmap_mode="r")
+        except Exception as e:  # numpy raises ValueError, SyntaxError, TokenError, ...
+            raise DataError(f"{entry['name']} of the store {self.path} is unreadable: {e}") from e
         expected = (entry["rows"], self.shape[1])
         if acts.shape != expected or tokens.shape != expected[:1]:
             raise DataError(
