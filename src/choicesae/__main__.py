@@ -4,7 +4,7 @@ import argparse
 import sys
 
 from choicesae.browser import BrowseConfig, browse
-from choicesae.config import TrainConfig, add_arguments, from_arguments
+from choicesae.config import TrainConfig, add_arguments, file_defaults, from_arguments
 from choicesae.errors import ChoiceSAEError, Interrupted
 from choicesae.evaluate import EvalConfig, evaluate, summary_line
 from choicesae.harvest import HarvestConfig, harvest
@@ -79,12 +79,21 @@ POSITIONAL = {"hookpoints": "model", "verify": "path", "eval": "run", "browse": 
 VARIADIC = {"compare": "runs"}  # several positional values, joined with commas
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(defaults: dict[str, dict] | None = None) -> argparse.ArgumentParser:
+    """The CLI; `defaults` = {command: {setting: value}} replaces the dataclass defaults (with
+    the values of a --config file, which flags then override)."""
     top = argparse.ArgumentParser(prog="choicesae", description=__doc__)
     commands = top.add_subparsers(dest="command", required=True)
     for name, (cls, _, text) in COMMANDS.items():
         sub = commands.add_parser(name, help=text, description=f"{text} {cls.__doc__}")
         add_arguments(sub, cls)
+        sub.add_argument(
+            "--config",
+            metavar="FILE",
+            help="YAML or JSON file of settings (flag names, nested or not, e.g. a run's "
+            "config.json); flags given on the command line override it",
+        )
+        sub.set_defaults(**(defaults or {}).get(name, {}))
         if name in POSITIONAL:
             field = POSITIONAL[name]
             sub.add_argument(
@@ -96,8 +105,21 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line; with --config FILE, again with the file's settings as defaults."""
     args = parser().parse_args(argv)
+    if args.config:
+        cls = COMMANDS[args.command][0]
+        args = parser({args.command: file_defaults(cls, args.config)}).parse_args(argv)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse(argv)
+    except ChoiceSAEError as e:  # an unreadable or invalid --config file
+        print(f"choicesae: error: {e}", file=sys.stderr)
+        return 2
     cls, run, _ = COMMANDS[args.command]
     if args.command in VARIADIC and args.positional:
         setattr(args, VARIADIC[args.command], ",".join(args.positional))

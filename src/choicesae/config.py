@@ -7,10 +7,14 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import json
 import textwrap
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
+
+import yaml
 
 from choicesae.errors import ConfigError
 from choicesae.sparsifiers import TRAINABLE
@@ -314,3 +318,57 @@ def _type_name(tp) -> str:
     if typing.get_origin(tp) is Literal:
         return "one of " + ", ".join(map(str, typing.get_args(tp)))
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[tp]
+
+
+def read_config_file(path: str | Path) -> dict:
+    """The settings in a YAML (.yaml, .yml) or JSON (.json) config file, as a dict."""
+    path = Path(path)
+    if path.suffix not in (".yaml", ".yml", ".json"):
+        raise ConfigError(f"config file {path} must end in .yaml, .yml or .json")
+    try:
+        text = path.read_text()
+        values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError) as e:  # JSONDecodeError is a ValueError
+        mark = getattr(e, "problem_mark", None)  # YAML's own message spans several lines
+        detail = f"{e.problem} at line {mark.line + 1}" if mark else e
+        raise ConfigError(f"cannot read the config file {path}: {detail}") from e
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of settings, not {values!r}")
+    return values
+
+
+def nest(cls: type, values: dict) -> dict:
+    """Settings as a config file may write them (flag names with - or _, nested dataclasses'
+    settings at the top level or under their field, as in a run's config.json) in the nesting
+    of `cls`, for `from_dict`."""
+    hints = typing.get_type_hints(cls)
+    nested = {n: tp for n, tp in hints.items() if dataclasses.is_dataclass(tp)}
+    out: dict = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        owner = next((n for n, tp in nested.items() if name in typing.get_type_hints(tp)), None)
+        if name in nested and isinstance(value, dict):
+            out.setdefault(name, {}).update(nest(nested[name], value))
+        elif name not in hints and owner is not None:
+            out.setdefault(owner, {})[name] = value
+        else:
+            out[name] = value
+    return out
+
+
+def flatten(obj) -> dict:
+    """A config dataclass as argparse's flat namespace (nested dataclasses' fields inlined)."""
+    flat = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        flat |= flatten(value) if dataclasses.is_dataclass(value) else {f.name: value}
+    return flat
+
+
+def file_defaults(cls: type, path: str | Path) -> dict:
+    """The settings of the config file `path` for the dataclass `cls`, as argparse defaults:
+    checked (unknown names, wrong types, impossible values) before any flag overrides them."""
+    try:
+        return flatten(from_dict(cls, nest(cls, read_config_file(path))))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if str(path) not in str(e) else str(e)) from e
