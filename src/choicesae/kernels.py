@@ -19,6 +19,7 @@ autocast off, so under bf16 autocast only the dense product runs in bf16.
 import warnings
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as Fn
 from torch import Tensor
@@ -38,9 +39,12 @@ class Pairs(NamedTuple):
 
 def _argsort(key: Tensor, bound: int) -> Tensor:
     """Argsort of key [n] with values < bound. Not stable: the keys are unique (CSR order) or
-    only group pairs for a sum. On CPU int32 keys and the unstable sort are much the faster
-    (a stable int32 sort of these partly ordered keys measured 100x slower)."""
-    return torch.sort(key.int() if bound < 2**31 else key).indices
+    only group pairs for a sum. On CPU numpy's single-threaded sort of int32 keys: torch's
+    parallel integer sort stalls when the cores are shared (131k keys: 200 ms against 1.5)."""
+    key = key.int() if bound < 2**31 else key
+    if key.device.type == "cpu":
+        return torch.from_numpy(np.argsort(key.numpy()))
+    return torch.sort(key).indices
 
 
 def _csr_order(token: Tensor, feature: Tensor, shape: tuple[int, int]) -> Pairs:
@@ -52,13 +56,15 @@ def _csr_order(token: Tensor, feature: Tensor, shape: tuple[int, int]) -> Pairs:
 def _from_rows(indices: Tensor, F: int) -> Pairs:
     """Pairs from per-token feature indices [B, K] (token t chose row t)."""
     B, K = indices.shape
-    token = torch.arange(B, device=indices.device).repeat_interleave(K)
+    token = torch.arange(B, device=indices.device)[:, None].expand(B, K).flatten()
     return Pairs(token, indices.sort(dim=1).values.flatten(), (B, F))
 
 
 def concat(pairs: list[Pairs]) -> Pairs:
     """Several selections of one batch as one (not CSR-ordered; pairs may repeat): the input of
     `encode_pairs`, so that one sparse backward serves the main and the auxiliary losses."""
+    if len(pairs) == 1:
+        return pairs[0]
     token = torch.cat([p.token for p in pairs])
     return Pairs(token, torch.cat([p.feature for p in pairs]), pairs[0].shape)
 
@@ -92,8 +98,10 @@ def select_mutual_choice(z_pre: Tensor, k: int, sample: int = 256) -> Pairs:
         above = (z_pre > 0).nonzero()
     if len(above) > M:
         chosen = z_pre[above[:, 0], above[:, 1]].topk(M, sorted=False).indices
-        above = above[chosen.sort().values]  # keep CSR order
-    return Pairs(above[:, 0], above[:, 1], (B, F))
+        keep = torch.zeros(len(above), dtype=torch.bool, device=z_pre.device)
+        above = above[keep.index_fill_(0, chosen, True)]  # a mask keeps the CSR order
+    token, feature = above.t().contiguous()  # [n] each, contiguous
+    return Pairs(token, feature, (B, F))
 
 
 def select_feature_choice(z_pre: Tensor, m: Tensor) -> Pairs:
@@ -154,9 +162,8 @@ def select(name: str, z_pre: Tensor, k: int, m: Tensor | None = None) -> Pairs:
 
 
 def _offsets(index: Tensor, size: int) -> Tensor:
-    """[size + 1] where each group of a grouped index [n] starts (CSR row pointers)."""
-    counts = torch.bincount(index, minlength=size)
-    return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    """[size + 1] where each value of a sorted index [n] starts (CSR row pointers)."""
+    return torch.searchsorted(index, torch.arange(size + 1, device=index.device))
 
 
 def _bag(index: Tensor, table: Tensor, offsets: Tensor, weights: Tensor) -> Tensor:
@@ -171,7 +178,7 @@ def _by(index: Tensor, size: int, *others: Tensor) -> tuple[Tensor, ...]:
     """`others` reordered so that equal values of index [n] < size are adjacent, and the
     group offsets: the CSR form of the pairs' transpose when index is the feature."""
     order = _argsort(index, size)
-    return (_offsets(index, size), *(t[order] for t in others))
+    return (_offsets(index[order], size), *(t[order] for t in others))
 
 
 def _no_autocast(t: Tensor):
@@ -304,7 +311,9 @@ def fast_loss_terms(sae, x: Tensor, cfg, sparsifier: str, masks, step: int = 0):
     pairs = selections(sae, z_pre, cfg, sparsifier, masks)
     values = encode_pairs(sae, x, z_pre, concat(list(pairs.values())))  # one sparse backward
     sizes = [len(p.token) for p in pairs.values()]
-    acts = dict(zip(pairs, values.relu().split(sizes), strict=True))
+    acts = dict(
+        zip(pairs, values.relu().split(sizes) if len(sizes) > 1 else [values.relu()], strict=True)
+    )
     x_hat = decode_pairs(pairs["mse"], acts["mse"], sae.W_dec) + sae.b_dec
     terms = {"mse": mse(x_hat, x)}
     if "mse_4k" in pairs:
