@@ -207,3 +207,13 @@ def test_cli_lists_hookpoints_and_documents_every_option(tiny, capsys):
     text = capsys.readouterr().out
     for f in dataclasses.fields(HarvestConfig):
         assert docs.get(f.name) and "--" + f.name.replace("_", "-") in text
+
+
+def test_the_default_corpus_falls_back_to_pydoc_without_the_debian_packages(tmp_path, monkeypatch):
+    import choicesae.text as text_module
+
+    for name in ("JARGON", "FORTUNES", "PYTHON_DOCS"):
+        monkeypatch.setattr(text_module, name, tmp_path / "absent")
+    with pytest.warns(UserWarning, match="apt|not installed"):
+        docs = list(documents("default"))
+    assert docs == [TOPICS[k] for k in sorted(TOPICS)]
