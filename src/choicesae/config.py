@@ -6,6 +6,7 @@ Settings that cannot work are refused here, in __post_init__, with the setting n
 import argparse
 import ast
 import dataclasses
+import importlib.util
 import inspect
 import json
 import textwrap
@@ -17,6 +18,7 @@ from typing import Literal
 import yaml
 
 from choicesae.errors import ConfigError
+from choicesae.loggers import LOGGERS, PACKAGES, chosen
 from choicesae.sparsifiers import TRAINABLE
 
 Normalize = Literal["token", "dataset", "none"]
@@ -169,6 +171,14 @@ class TrainConfig:
     """Add the Multi-TopK term L(4k)/8 (Gao et al. 5.3.1) for progressive codes."""
     log_every: int = 50
     """Write metrics to metrics.jsonl and the progress bar every this many steps."""
+    log: str = "jsonl"
+    """Metric writers, comma-separated: jsonl (RUN/metrics.jsonl, always written), tensorboard
+    (event files in RUN/tensorboard), wandb (Weights & Biases, in RUN/wandb)."""
+    wandb_mode: Literal["offline", "online"] = "offline"
+    """W&B mode for --log wandb: offline writes the run to RUN/wandb only (upload it later with
+    `wandb sync`); online streams it to the W&B server (needs a login)."""
+    wandb_project: str = "choicesae"
+    """W&B project name for --log wandb."""
     seed: int = 0
     """Seed for initialisation and shuffling."""
     device: str = "cpu"
@@ -224,6 +234,7 @@ class TrainConfig:
         for name in nonnegative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
+        check_loggers(self.log)
         if not 0 <= self.decay_fraction <= 1:
             raise ConfigError(f"decay_fraction must lie in [0, 1], got {self.decay_fraction}")
         phases = self.phases()
@@ -233,6 +244,17 @@ class TrainConfig:
             raise ConfigError(
                 f"multi_topk needs 4k <= num_latents, got k={self.sae.k} and "
                 f"num_latents={self.sae.num_latents}"
+            )
+
+
+def check_loggers(log: str) -> None:
+    """Refuse an unknown --log writer, or one whose package is not installed, before the run."""
+    for name in chosen(log):
+        if name not in LOGGERS:
+            raise ConfigError(f"log {name!r} is not one of {', '.join(LOGGERS)}")
+        if name in PACKAGES and importlib.util.find_spec(PACKAGES[name]) is None:
+            raise ConfigError(
+                f"--log {name} needs the {PACKAGES[name]} package: pip install 'choicesae[log]'"
             )
 
 

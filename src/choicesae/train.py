@@ -36,6 +36,7 @@ from choicesae.checkpoint import load_checkpoint, save_checkpoint
 from choicesae.config import SAEConfig, TrainConfig
 from choicesae.data import Rows, batches, check_activations, load_activations
 from choicesae.errors import ConfigError, Interrupted, NonFiniteError
+from choicesae.loggers import open_loggers
 from choicesae.losses import aux_k, fvu, l0, l1, mse, nfm, nfm_inf
 from choicesae.preprocess import normalize
 from choicesae.sae import SAE
@@ -141,7 +142,7 @@ def train(cfg: TrainConfig, activations: Rows | None = None) -> SAE:
         sae.init_from_data_(next(sample))
         state = TrainState.fresh(cfg.sae.num_latents, cfg.device)
     data = batches(rows, cfg.batch_size, cfg.seed, cfg.device, start=state.step)
-    with stop_signals() as stop, open(out / "metrics.jsonl", "a") as log:
+    with stop_signals() as stop, open_loggers(cfg, out, state.step) as log:
         record = run_loop(sae, optimizer, data, cfg, state, log, stop)
     sae.save_pretrained(out / "sae")
     # the last fit, dead and dying counts travel with the model
@@ -180,8 +181,7 @@ def run_loop(sae, optimizer, data, cfg: TrainConfig, state: TrainState, log, sto
         if window and (state.step % cfg.log_every == 0 or state.step == cfg.total_steps):
             record = summarize(window, state, cfg)
             record["elapsed_s"] = round(time.perf_counter() - start, 3)
-            log.write(json.dumps(record) + "\n")
-            log.flush()
+            log.log(record)
             bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "l0", "fvu", "dead_pct")})
         if state.step % cfg.checkpoint_every == 0 or state.step == cfg.total_steps:
             save_checkpoint(out, checkpoint_state(state, sae, optimizer, cfg), cfg.keep_checkpoints)
