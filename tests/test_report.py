@@ -132,3 +132,18 @@ def test_pages_render_in_chromium_without_console_errors(evaluated, tmp_path):
     broken.write_text("<html><body><script>undefined_function()</script></body></html>")
     log = chromium_render(broken, tmp_path / "broken.png")
     assert console_errors(log) and not non_blank(tmp_path / "broken.png")
+
+
+def test_tokens_display_as_running_text(tmp_path):
+    from transformers import AutoTokenizer
+
+    from choicesae.browser import display_tokens
+    from choicesae.hooks import model_path
+
+    wordpiece = AutoTokenizer.from_pretrained(model_path("all-MiniLM-L6-v2"))
+    ids = wordpiece("Unbelievable exceptions, he said", add_special_tokens=False)["input_ids"]
+    assert "".join(display_tokens(wordpiece, ids)) == " unbelievable exceptions , he said"
+    folder, _ = save_tiny_model("gpt2", tmp_path / "gpt2")
+    bpe = AutoTokenizer.from_pretrained(folder)
+    ids = bpe("def f(x):\n    return x", add_special_tokens=False)["input_ids"]
+    assert "".join(display_tokens(bpe, ids)) == "def f(x):\n    return x"

@@ -92,6 +92,19 @@ def top_contexts(acts: Tensor, per_context: int, n: int, window: int) -> list[tu
     return spans
 
 
+def display_tokens(tokenizer, ids: list[int]) -> list[str]:
+    """Each token as it reads in running text: byte-level BPE's Ġ/Ċ and SentencePiece's ▁
+    become a space or newline, WordPiece words get a space unless they continue one (##)."""
+    wordpiece = "##s" in tokenizer.get_vocab()
+    words = []
+    for token in tokenizer.convert_ids_to_tokens(ids):
+        if wordpiece:
+            words.append(token[2:] if token.startswith("##") else " " + token)
+        else:
+            words.append(token.replace("Ġ", " ").replace("Ċ", "\n").replace("▁", " "))
+    return words
+
+
 def shade(token: str, value: float, peak: float) -> str:
     """A token as a span whose orange background grows with its activation."""
     alpha = 0.0 if peak <= 0 else min(1.0, value / peak)
@@ -156,7 +169,7 @@ def browse(cfg: BrowseConfig) -> Path:
     chosen = list(dict.fromkeys([*order[: cfg.top].tolist(), *asked]))
     acts = feature_activations(sae, x, B, chosen)  # [N, len(chosen)]
     tokenizer = AutoTokenizer.from_pretrained(model_path(store.manifest["model"]))
-    words = [tokenizer.decode([t]) for t in store.tokens()[: len(x)].tolist()]
+    words = display_tokens(tokenizer, store.tokens()[: len(x)].tolist())
     per_context = store.manifest["context"] - bool(store.manifest.get("drop_first"))
     folder = Path(cfg.out or Path(cfg.run) / "browser")
     folder.mkdir(parents=True, exist_ok=True)
