@@ -183,6 +183,10 @@ class TrainConfig:
     """Seed for initialisation and shuffling."""
     device: str = "cpu"
     """Torch device, e.g. cpu or cuda."""
+    kernels: Literal["sparse", "dense"] = "sparse"
+    """Training step: sparse = selection, decoder and encoder backward touch only the selected
+    (token, feature) pairs (kernels.py; relu stays dense); dense = plain autograd through
+    [B, F] activations, the reference."""
     progress: bool = True
     """Show a progress bar."""
 

@@ -36,8 +36,9 @@ from choicesae.checkpoint import load_checkpoint, save_checkpoint
 from choicesae.config import SAEConfig, TrainConfig
 from choicesae.data import Rows, batches, check_activations, load_activations
 from choicesae.errors import ConfigError, Interrupted, NonFiniteError
+from choicesae.kernels import fast_loss_terms
 from choicesae.loggers import open_loggers
-from choicesae.losses import aux_k, fvu, l0, l1, mse, nfm, nfm_inf
+from choicesae.losses import aux_k, fvu, l1, mse, nfm, nfm_inf
 from choicesae.preprocess import normalize
 from choicesae.sae import SAE
 from choicesae.schedule import auto_lr, lr_at, phase_at
@@ -175,7 +176,7 @@ def run_loop(sae, optimizer, data, cfg: TrainConfig, state: TrainState, log, sto
         if stepped is None:  # a non-finite batch skipped (--skip-bad-batches)
             state = dataclasses.replace(state, step=state.step + 1, skipped=state.skipped + 1)
         else:
-            state = advance(state, stepped[0].acts, cfg, sae)
+            state = advance(state, fired_counts(stepped[0].acts), cfg, sae)
             accumulate(window, {"loss": stepped[0].loss, **stepped[0].terms, **stepped[1]})
         bar.update()
         if window and (state.step % cfg.log_every == 0 or state.step == cfg.total_steps):
@@ -227,7 +228,8 @@ def train_step(
     for group in optimizer.param_groups:
         group["lr"] = lr_of(cfg, state.step)
     x, _ = normalize(x, cfg.sae.normalize, sae.scale)
-    result = loss_terms(sae, x, cfg, sparsifier, state.masks(cfg.dead_tokens), state.step)
+    step_loss = fast_loss_terms if cfg.kernels == "sparse" else loss_terms
+    result = step_loss(sae, x, cfg, sparsifier, state.masks(cfg.dead_tokens), state.step)
     if not torch.isfinite(result.loss):  # a sync point, so that NaN never reaches the weights
         if cfg.skip_bad_batches:
             return None
@@ -244,13 +246,24 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     sae.unit_norm_decoder_()
     with torch.no_grad():
-        return result, {"fvu": fvu(result.x_hat, x), "l0": l0(result.acts)}
+        l0 = fired_counts(result.acts).sum() / x.shape[0]
+        return result, {"fvu": fvu(result.x_hat, x), "l0": l0}
 
 
-def advance(state: TrainState, acts: Tensor, cfg: TrainConfig, sae: SAE) -> TrainState:
-    """Count this batch's firings; at the end of a density window refresh the allocation."""
-    B = acts.shape[0]
-    fired = (acts != 0).sum(0)  # [F] tokens each latent fired on
+def fired_counts(acts: Tensor) -> Tensor:
+    """[F] tokens each latent fired on, from dense [B, F] activations or the sparse COO ones
+    of the sparse kernels (which may hold explicit zeros: selected, then cut by ReLU)."""
+    if not acts.is_sparse:
+        return (acts != 0).sum(0)
+    acts = acts.coalesce()
+    live = acts.values() != 0
+    return torch.bincount(acts.indices()[1][live], minlength=acts.shape[1])
+
+
+def advance(state: TrainState, fired: Tensor, cfg: TrainConfig, sae: SAE) -> TrainState:
+    """Count this batch's firings (fired [F]); at the end of a density window refresh the
+    allocation."""
+    B = cfg.batch_size
     since_fired = torch.where(fired > 0, 0, state.since_fired + B)
     densities = update_densities(state.densities, fired, B, cfg.density_tokens)
     state = dataclasses.replace(
