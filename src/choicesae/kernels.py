@@ -203,7 +203,8 @@ class _EncodePairs(torch.autograd.Function):
             grad_b_enc = grad.new_zeros(F).index_add_(0, feature, grad)  # [F]
             offsets, token_f, grad_f = _by(feature, F, token, grad)
             xc = (x - b_dec).float()  # [B, d]
-            grad_W_enc = _bag(token_f, xc, offsets, grad_f).t()  # [d, F]
+            # [d, F] as a transposed [F, d]: the layout SAE gives W_enc (a clone of W_decᵀ)
+            grad_W_enc = _bag(token_f, xc, offsets, grad_f).t()
             grad_b_dec = -(W_enc.float() @ grad_b_enc)  # ∂z'/∂b_dec = −W_enc, summed
             grad_x = None
             if ctx.needs_input_grad[1]:
@@ -282,6 +283,14 @@ def aux_loss(pairs: Pairs, acts: Tensor, residual: Tensor, W_dec: Tensor) -> Ten
     return (residual - e_hat).pow(2).sum() / residual.pow(2).sum().clamp_min(1e-12)
 
 
+def _split(values: Tensor, pairs: dict[str, Pairs]) -> dict[str, Tensor]:
+    """values [Σ n_i] of `concat(pairs)` back into one [n_i] per selection."""
+    if len(pairs) == 1:
+        return dict.fromkeys(pairs, values)
+    sizes = [len(p.token) for p in pairs.values()]
+    return dict(zip(pairs, values.split(sizes), strict=True))
+
+
 AUX = {"aux_k": ("aux_k_coeff", "dead"), "aux_zipf": ("aux_zipf_coeff", "dying")}
 
 
@@ -310,10 +319,7 @@ def fast_loss_terms(sae, x: Tensor, cfg, sparsifier: str, masks, step: int = 0):
     z_pre = pre_acts(sae, x, feature_major=sparsifier == "feature_choice")  # [B, F]
     pairs = selections(sae, z_pre, cfg, sparsifier, masks)
     values = encode_pairs(sae, x, z_pre, concat(list(pairs.values())))  # one sparse backward
-    sizes = [len(p.token) for p in pairs.values()]
-    acts = dict(
-        zip(pairs, values.relu().split(sizes) if len(sizes) > 1 else [values.relu()], strict=True)
-    )
+    acts = _split(values.relu(), pairs)  # [n_i] activations of each selection
     x_hat = decode_pairs(pairs["mse"], acts["mse"], sae.W_dec) + sae.b_dec
     terms = {"mse": mse(x_hat, x)}
     if "mse_4k" in pairs:
