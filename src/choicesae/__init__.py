@@ -2,6 +2,8 @@
 
 from choicesae.config import SAEConfig, TrainConfig
 from choicesae.errors import ChoiceSAEError, ConfigError, DataError
+from choicesae.evaluate import EvalConfig, evaluate
+from choicesae.harvest import HarvestConfig, OnlineActivations, harvest
 from choicesae.sae import SAE
 from choicesae.sparsifiers import (
     Sparse,
@@ -13,6 +15,7 @@ from choicesae.sparsifiers import (
     topk,
     uniform_capacities,
 )
+from choicesae.store import Store
 from choicesae.synthetic import SyntheticConfig, sparse_dictionary
 from choicesae.train import train
 
@@ -34,4 +37,10 @@ __all__ = [
     "ChoiceSAEError",
     "ConfigError",
     "DataError",
+    "HarvestConfig",
+    "harvest",
+    "OnlineActivations",
+    "Store",
+    "EvalConfig",
+    "evaluate",
 ]
