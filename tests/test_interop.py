@@ -164,6 +164,24 @@ def test_formats_that_cannot_hold_the_model_are_refused(tmp_path):
         from_saelens(path)
 
 
+def test_damaged_exports_are_named_errors(tmp_path):
+    from safetensors.torch import save_file
+
+    path = to_sparsify(make_sae("topk", "none"), tmp_path / "a")
+    cfg = json.loads((path / "cfg.json").read_text())
+    cfg["choicesae"]["input_factor"] = "two"
+    (path / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(DataError, match="choicesae entry"):
+        from_sparsify(path)
+    path = to_saelens(make_sae("topk", "none"), tmp_path / "b")
+    save_file({"density": torch.zeros(3)}, path / "choicesae.safetensors")
+    with pytest.raises(DataError, match="density has shape"):
+        from_saelens(path)
+    (path / "sae_weights.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(DataError, match="cannot read the weights"):
+        from_saelens(path)
+
+
 # ---------------------------------------------------------------- the real SAELens
 
 

@@ -135,6 +135,14 @@ def provenance(sae: SAE, g: float, normalization: str, fold: bool) -> dict:
     }
 
 
+def our_config(ours: dict) -> tuple[SAEConfig, float]:
+    """The SAEConfig and input factor g that our export left in a cfg.json."""
+    g = ours.get("input_factor") if isinstance(ours, dict) else None
+    if not isinstance(g, int | float) or not g > 0:
+        raise DataError(f"the choicesae entry of this cfg.json is damaged: {ours!r:.200}")
+    return from_dict(SAEConfig, ours.get("config")), float(g)
+
+
 def write_buffers(sae: SAE, path: Path) -> None:
     tensors = {name: getattr(sae, name).detach().cpu().contiguous() for name in BUFFER_NAMES}
     save_file(tensors, path / BUFFERS)
@@ -290,7 +298,7 @@ def from_saelens(path: str | Path) -> SAE:
         raise DataError(f"{path / SAELENS_WEIGHTS} lacks {', '.join(sorted(missing))}")
     ours = (cfg.get("metadata") or {}).get("choicesae")
     if ours:
-        sae_cfg, g = from_dict(SAEConfig, ours["config"]), ours["input_factor"]
+        sae_cfg, g = our_config(ours)
     else:
         sae_cfg, g = saelens_config(cfg, state)
         state |= foreign_weights(cfg, state)
@@ -356,7 +364,7 @@ def from_sparsify(path: str | Path) -> SAE:
     w |= {"W_dec": state["W_dec"], "b_dec": state["b_dec"]}
     ours = cfg.get("choicesae")
     if ours:
-        sae_cfg, g = from_dict(SAEConfig, ours["config"]), ours["input_factor"]
+        sae_cfg, g = our_config(ours)
     else:
         if (
             cfg.get("activation", "topk") != "topk"
@@ -410,8 +418,14 @@ def read_buffers_(sae: SAE, path: Path) -> None:
         return
     buffers = read_tensors(path / BUFFERS)
     for name in BUFFER_NAMES:
+        buffer = getattr(sae, name)
+        if name in buffers and buffers[name].shape != buffer.shape:
+            raise DataError(
+                f"{path / BUFFERS}: {name} has shape {list(buffers[name].shape)}, "
+                f"not {list(buffer.shape)}"
+            )
         if name in buffers:
-            getattr(sae, name).copy_(buffers[name])
+            buffer.copy_(buffers[name])
 
 
 def load_any(path: str | Path) -> SAE:
