@@ -407,7 +407,7 @@ def checkpoint_state(state: TrainState, sae: SAE, optimizer, cfg: TrainConfig) -
 def resume_(out: Path, cfg: TrainConfig, sae: SAE, optimizer) -> TrainState:
     """Load the checkpoint into `sae` and `optimizer`; refuse one from a different run."""
     saved = load_checkpoint(out, cfg.device)
-    ignore = {"resume", "overwrite", "progress"}
+    ignore = {"resume", "overwrite", "progress", "log", "wandb_mode", "wandb_project"}
     old = {k: v for k, v in json.loads(saved["config"]).items() if k not in ignore}
     new = {
         k: v for k, v in json.loads(json.dumps(dataclasses.asdict(cfg))).items() if k not in ignore
