@@ -3,6 +3,9 @@
 import argparse
 import sys
 
+import torch
+
+from choicesae import distributed
 from choicesae.browser import BrowseConfig, browse
 from choicesae.config import TrainConfig, add_arguments, file_defaults, from_arguments
 from choicesae.errors import ChoiceSAEError, Interrupted
@@ -18,7 +21,11 @@ from choicesae.verify import VerifyConfig, verify
 
 def _train(cfg: TrainConfig) -> None:
     train(cfg)
-    print(f"saved the SAE to {cfg.out}/sae, metrics in {cfg.out}/metrics.jsonl")
+    world = distributed.init_from_env(cfg.device)  # the group train() joined under torchrun
+    if world.size > 1:
+        torch.distributed.destroy_process_group()  # before exit, or gloo may abort
+    if world.main:
+        print(f"saved the SAE to {cfg.out}/sae, metrics in {cfg.out}/metrics.jsonl")
 
 
 def _synthetic(cfg: SyntheticConfig) -> None:

@@ -189,6 +189,10 @@ class TrainConfig:
     [B, F] activations, the reference."""
     progress: bool = True
     """Show a progress bar."""
+    distributed_selection: Literal["global", "local"] = "global"
+    """Under torchrun (several processes, each a slice of --batch-size): global = Mutual
+    Choice and Feature Choice select over the whole global batch, as one process would
+    (candidate values are exchanged); local = each process selects on its own slice."""
 
     def phases(self) -> list[tuple[str, int]]:
         """[(sparsifier, steps)] of the run: the parsed --schedule, or one phase."""

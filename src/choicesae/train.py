@@ -9,6 +9,7 @@ at a switch to Feature Choice: take the Zipf (α, β) fitted in the phase before
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import signal
@@ -22,6 +23,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from choicesae import distributed
 from choicesae.allocation import (
     Densities,
     dying_features,
@@ -35,9 +37,10 @@ from choicesae.allocation import (
 from choicesae.checkpoint import load_checkpoint, save_checkpoint
 from choicesae.config import SAEConfig, TrainConfig
 from choicesae.data import Rows, batches, check_activations, load_activations
+from choicesae.distributed import SINGLE, World
 from choicesae.errors import ConfigError, Interrupted, NonFiniteError
 from choicesae.kernels import fast_loss_terms
-from choicesae.loggers import open_loggers
+from choicesae.loggers import Loggers, open_loggers
 from choicesae.losses import aux_k, fvu, l1, mse, nfm, nfm_inf
 from choicesae.preprocess import normalize
 from choicesae.sae import SAE
@@ -59,16 +62,23 @@ class Masks(NamedTuple):
 
 
 def loss_terms(
-    sae: SAE, x: Tensor, cfg: TrainConfig, sparsifier: str, masks: Masks, step: int = 0
+    sae: SAE,
+    x: Tensor,
+    cfg: TrainConfig,
+    sparsifier: str,
+    masks: Masks,
+    step: int = 0,
+    sparsify=None,
 ) -> StepOut:
-    """The training objective (paper eq. 3) on normalized inputs x [B, d_in]."""
-    k = sae.cfg.k
+    """The training objective (paper eq. 3) on normalized inputs x [B, d_in]. `sparsify`
+    replaces sae.sparsify (distributed.dense_sparsify selects over the global batch)."""
+    k, sparsify = sae.cfg.k, sparsify or sae.sparsify
     z_pre = sae.pre_acts(x)  # [B, F] affinities
-    acts = sae.sparsify(sparsifier, z_pre, k).acts
+    acts = sparsify(sparsifier, z_pre, k).acts
     x_hat = sae.decode(acts)
     terms = {"mse": mse(x_hat, x)}
     if cfg.multi_topk:  # Gao et al. 5.3.1: L(k) + L(4k)/8
-        terms["mse_4k"] = mse(sae.decode(sae.sparsify(sparsifier, z_pre, 4 * k).acts), x) / 8
+        terms["mse_4k"] = mse(sae.decode(sparsify(sparsifier, z_pre, 4 * k).acts), x) / 8
     if sparsifier == "relu":
         terms["l1"] = cfg.l1_coeff * l1(acts, sae.W_dec)
     elif sparsifier != "feature_choice":  # section 4.4: Feature Choice trains without aux losses
@@ -132,52 +142,64 @@ def train(cfg: TrainConfig, activations: Rows | None = None) -> SAE:
         rows = check_activations(activations)
     cfg = resolve(record_source(cfg, rows), rows.shape[1])
     batches(rows, cfg.batch_size, cfg.seed, cfg.device)  # checks the batch size
-    out = prepare_run(cfg)
-    torch.manual_seed(cfg.seed)
+    world = distributed.init_from_env(cfg.device)  # under torchrun: this process's rank
+    distributed.check_batch(cfg.batch_size, world)
+    out = prepare_run(cfg) if world.main else Path(cfg.out)
+    torch.manual_seed(cfg.seed)  # every rank starts from the same weights
     sae = SAE(cfg.sae).to(cfg.device)
     optimizer = make_optimizer(sae, cfg)
-    if cfg.resume:
-        state = resume_(out, cfg, sae, optimizer)
+    if cfg.resume:  # every rank reads the checkpoint: --out must be shared by the nodes
+        state = resume_(out, cfg, sae, optimizer, trim=world.main)
     else:
         sample = batches(rows, min(rows.shape[0], 16_384), cfg.seed, cfg.device)
         sae.init_from_data_(next(sample))
         state = TrainState.fresh(cfg.sae.num_latents, cfg.device)
     data = batches(rows, cfg.batch_size, cfg.seed, cfg.device, start=state.step)
-    with stop_signals() as stop, open_loggers(cfg, out, state.step) as log:
-        record = run_loop(sae, optimizer, data, cfg, state, log, stop)
-    sae.save_pretrained(out / "sae")
-    # the last fit, dead and dying counts travel with the model
-    (out / "sae" / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    data = (distributed.shard(x, world) for x in data)  # this rank's slice of each batch
+    loggers = (
+        open_loggers(cfg, out, state.step) if world.main else contextlib.nullcontext(Loggers([]))
+    )
+    with stop_signals() as stop, loggers as log:
+        record = run_loop(sae, optimizer, data, cfg, state, log, stop, world)
+    if world.main:  # one copy, the same as one process writes: loadable at any world size
+        sae.save_pretrained(out / "sae")
+        # the last fit, dead and dying counts travel with the model
+        (out / "sae" / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     return sae
 
 
-def run_loop(sae, optimizer, data, cfg: TrainConfig, state: TrainState, log, stop: list) -> dict:
+def run_loop(
+    sae, optimizer, data, cfg: TrainConfig, state: TrainState, log, stop: list, world=SINGLE
+) -> dict:
     """Step until the end of the schedule; log every cfg.log_every steps, checkpoint every
-    cfg.checkpoint_every steps and when asked to stop. Returns the last metrics record."""
+    cfg.checkpoint_every steps and when asked to stop (rank 0 alone writes). Returns the last
+    metrics record."""
     out = Path(cfg.out)
     bar = tqdm(
         total=cfg.total_steps,
         initial=state.step,
         desc="train",
         unit="step",
-        disable=not cfg.progress,
+        disable=not (cfg.progress and world.main),
     )
     window, start, record = defaultdict(float), time.perf_counter(), {}
+    save = functools.partial(save_checkpoint, out) if world.main else lambda *args: None
     while state.step < cfg.total_steps:
-        if stop:
-            save_checkpoint(out, checkpoint_state(state, sae, optimizer, cfg), cfg.keep_checkpoints)
-            name = signal.Signals(stop[0]).name
+        if distributed.any_rank(bool(stop), world):  # a signal to one rank stops them all
+            save(checkpoint_state(state, sae, optimizer, cfg), cfg.keep_checkpoints)
+            signum = stop[0] if stop else signal.SIGTERM  # another rank's signal
             raise Interrupted(
-                f"stopped by {name} after step {state.step}; the checkpoint is "
-                f"saved, continue with --resume",
-                stop[0],
+                f"stopped by {signal.Signals(signum).name} after step {state.step}; the "
+                f"checkpoint is saved, continue with --resume",
+                signum,
             )
-        stepped = train_step(sae, optimizer, next(data), cfg, state)
+        stepped = train_step(sae, optimizer, next(data), cfg, state, world)
         if stepped is None:  # a non-finite batch skipped (--skip-bad-batches)
             state = dataclasses.replace(state, step=state.step + 1, skipped=state.skipped + 1)
         else:
-            state = advance(state, fired_counts(stepped[0].acts), cfg, sae)
-            accumulate(window, {"loss": stepped[0].loss, **stepped[0].terms, **stepped[1]})
+            result, metrics, fired = stepped
+            state = advance(state, fired, cfg, sae)
+            accumulate(window, {"loss": result.loss, **result.terms, **metrics})
         bar.update()
         if window and (state.step % cfg.log_every == 0 or state.step == cfg.total_steps):
             record = summarize(window, state, cfg)
@@ -185,7 +207,7 @@ def run_loop(sae, optimizer, data, cfg: TrainConfig, state: TrainState, log, sto
             log.log(record)
             bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "l0", "fvu", "dead_pct")})
         if state.step % cfg.checkpoint_every == 0 or state.step == cfg.total_steps:
-            save_checkpoint(out, checkpoint_state(state, sae, optimizer, cfg), cfg.keep_checkpoints)
+            save(checkpoint_state(state, sae, optimizer, cfg), cfg.keep_checkpoints)
     bar.close()
     return record
 
@@ -218,19 +240,25 @@ def lr_of(cfg: TrainConfig, step: int) -> float:
 
 
 def train_step(
-    sae: SAE, optimizer, x: Tensor, cfg: TrainConfig, state: TrainState
-) -> tuple[StepOut, dict[str, Tensor]] | None:
-    """One optimiser step on raw activations x [B, d_in]; returns the loss terms and, as
-    metrics, the FVU and L0 of the batch, or None for a skipped non-finite batch."""
+    sae: SAE, optimizer, x: Tensor, cfg: TrainConfig, state: TrainState, world: World = SINGLE
+) -> tuple[StepOut, dict[str, Tensor], Tensor] | None:
+    """One optimiser step on raw activations x [B, d_in] (under torchrun, this rank's slice of
+    the global batch); returns the loss terms, the FVU and L0 of the (global) batch as metrics
+    and the firing counts [F], or None for a skipped non-finite batch."""
     index, sparsifier, first = phase_at(state.step, cfg.phases())
     if state.step == first and index > 0 and sparsifier == "feature_choice":
         adopt_zipf_fit_(sae, state, cfg)
     for group in optimizer.param_groups:
         group["lr"] = lr_of(cfg, state.step)
     x, _ = normalize(x, cfg.sae.normalize, sae.scale)
-    step_loss = fast_loss_terms if cfg.kernels == "sparse" else loss_terms
-    result = step_loss(sae, x, cfg, sparsifier, state.masks(cfg.dead_tokens), state.step)
+    result = step_loss(cfg, world)(
+        sae, x, cfg, sparsifier, state.masks(cfg.dead_tokens), state.step
+    )
+    fired, metrics = fired_counts(result.acts), None
+    if world.size > 1:  # backward and the sums over ranks first: they give the global loss
+        result, fired, metrics = distributed.reduce_step(sae, result, x, world, fired)
     if not torch.isfinite(result.loss):  # a sync point, so that NaN never reaches the weights
+        optimizer.zero_grad(set_to_none=True)
         if cfg.skip_bad_batches:
             return None
         cause = "" if torch.isfinite(x).all() else " (the batch holds NaN or Inf activations)"
@@ -238,16 +266,31 @@ def train_step(
             f"the loss is NaN or Inf at step {state.step + 1}{cause}; stopped with the weights "
             f"of step {state.step} and the last checkpoint kept (--skip-bad-batches skips them)"
         )
-    result.loss.backward()
+    if world.size == 1:
+        result.loss.backward()
+        with torch.no_grad():
+            metrics = {"fvu": fvu(result.x_hat, x), "l0": fired.sum() / x.shape[0]}
     sae.remove_parallel_grad_()
     if cfg.grad_clip:
         torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     sae.unit_norm_decoder_()
-    with torch.no_grad():
-        l0 = fired_counts(result.acts).sum() / x.shape[0]
-        return result, {"fvu": fvu(result.x_hat, x), "l0": l0}
+    return result, metrics, fired
+
+
+def step_loss(cfg: TrainConfig, world: World):
+    """The loss function of a step: the sparse kernels or the dense reference (--kernels),
+    selecting over this process's batch or, under torchrun with --distributed-selection global,
+    over the global batch (distributed.py)."""
+    local = world.size == 1 or cfg.distributed_selection == "local"
+    if cfg.kernels == "sparse":
+        return (
+            fast_loss_terms
+            if local
+            else functools.partial(distributed.fast_loss_terms, world=world)
+        )
+    return loss_terms if local else functools.partial(distributed.dense_loss_terms, world=world)
 
 
 def fired_counts(acts: Tensor) -> Tensor:
@@ -404,7 +447,7 @@ def checkpoint_state(state: TrainState, sae: SAE, optimizer, cfg: TrainConfig) -
     }
 
 
-def resume_(out: Path, cfg: TrainConfig, sae: SAE, optimizer) -> TrainState:
+def resume_(out: Path, cfg: TrainConfig, sae: SAE, optimizer, trim: bool = True) -> TrainState:
     """Load the checkpoint into `sae` and `optimizer`; refuse one from a different run."""
     saved = load_checkpoint(out, cfg.device)
     ignore = {"resume", "overwrite", "progress", "log", "wandb_mode", "wandb_project"}
@@ -417,7 +460,8 @@ def resume_(out: Path, cfg: TrainConfig, sae: SAE, optimizer) -> TrainState:
         raise ConfigError(f"cannot resume {out}: settings differ from the run's ({changed})")
     sae.load_state_dict(saved["sae"])
     optimizer.load_state_dict(saved["optimizer"])
-    trim_metrics(out / "metrics.jsonl", saved["step"])
+    if trim:  # one writer: rank 0 under torchrun
+        trim_metrics(out / "metrics.jsonl", saved["step"])
     torch.set_rng_state(saved["rng"])
     densities = Densities(saved["counts"], saved["window_tokens"], sae.density.clone())
     return TrainState(

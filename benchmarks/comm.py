@@ -1,0 +1,83 @@
+"""Bytes each rank hands to collectives per data-parallel training step, by sparsifier,
+selection mode (--distributed-selection) and purpose, measured in a real multi-process run
+(gloo on CPU) from the sizes of the tensors passed to distributed.all_gather / all_reduce.
+
+    .venv/bin/python benchmarks/comm.py                       # 2 processes, d 384, F 6144
+    .venv/bin/python benchmarks/comm.py --nproc 2 --d 64 --expansion 8 --batch 512
+
+selection: candidate values all_gathered (each rank sends this; it receives W−1 times it).
+gradients: one flat all_reduce of every parameter's gradient (2·F·d + F + d floats).
+stats: all_reduce of loss terms, firing counts [F], FVU sums (and |e|² for the aux losses).
+control: the stop flag. The expected sizes, as formulas: docs/distributed.md.
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+
+import torch
+
+from choicesae import distributed
+from choicesae.config import SAEConfig, TrainConfig
+from choicesae.data import batches
+from choicesae.sae import SAE
+from choicesae.train import TrainState, advance, make_optimizer, resolve, train_step
+
+PURPOSES = ("selection", "gradients", "stats", "control")
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--nproc", type=int, default=2, help="processes (torchrun --nproc-per-node)")
+    p.add_argument("--d", type=int, default=384)
+    p.add_argument("--expansion", type=int, default=16)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--batch", type=int, default=1536, help="global batch")
+    p.add_argument("--steps", type=int, default=3)
+    return p.parse_args()
+
+
+def per_step(sparsifier: str, mode: str, args, world) -> dict[str, float]:
+    """Mean bytes per step and purpose over args.steps steps of `sparsifier` in `mode`."""
+    sae_cfg = SAEConfig(sparsifier=sparsifier, k=args.k, expansion=args.expansion)
+    cfg = TrainConfig(sae=sae_cfg, batch_size=args.batch, steps=args.steps, progress=False)
+    cfg = resolve(TrainConfig(**{**cfg.__dict__, "distributed_selection": mode}), args.d)
+    torch.manual_seed(0)
+    rows = torch.randn(4 * args.batch, args.d)
+    sae = SAE(cfg.sae)
+    optimizer, state = make_optimizer(sae, cfg), TrainState.fresh(cfg.sae.num_latents, "cpu")
+    distributed.COMM.clear()
+    for x in batches(rows, args.batch, 0):
+        if state.step == args.steps:
+            break
+        distributed.any_rank(False, world)  # the loop's stop check, as in run_loop
+        _, _, fired = train_step(sae, optimizer, distributed.shard(x, world), cfg, state, world)
+        state = advance(state, fired, cfg, sae)
+    return {p: distributed.COMM[p] / args.steps for p in PURPOSES}
+
+
+def main() -> None:
+    args = parse()
+    if "WORLD_SIZE" not in os.environ:  # relaunch this script under torchrun
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        cmd += ["--nproc-per-node", str(args.nproc), "--", __file__, *sys.argv[1:]]
+        sys.exit(subprocess.call(cmd))
+    world = distributed.init_from_env("cpu")
+    F = args.d * args.expansion
+    if world.main:
+        print(
+            f"W={world.size} d={args.d} F={F} k={args.k} B={args.batch} (global); bytes/step/rank"
+        )
+        print(f"{'sparsifier':<15}{'mode':<8}" + "".join(f"{p:>12}" for p in PURPOSES))
+    for sparsifier in ("topk", "mutual_choice", "feature_choice", "relu"):
+        for mode in ("global", "local"):
+            sent = per_step(sparsifier, mode, args, world)
+            if world.main:
+                row = "".join(f"{sent[p]:>12,.0f}" for p in PURPOSES)
+                print(f"{sparsifier:<15}{mode:<8}{row}")
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

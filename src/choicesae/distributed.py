@@ -1,0 +1,303 @@
+"""Data-parallel training on several processes (torchrun, torch.distributed).
+
+Every rank holds the same SAE and a contiguous slice of the global batch of B tokens (B/W
+rows each, W ranks). The step is the one-process step on the concatenated batch:
+
+- selection is global. Token Choice is per token: nothing to exchange. Mutual Choice (the
+  k·B largest affinities of the batch) and Feature Choice (feature i's m_i largest tokens)
+  exchange *candidate values*, never activations: each rank sends the values that could be
+  global winners (its own top k·B, or its top m_max per feature), every rank finds the same
+  global threshold from them and keeps its entries above it;
+- ties at a threshold go to the earliest (rank, token, feature), the row-major order of the
+  concatenated batch, so the selection is deterministic and independent of the world size;
+- the loss of the global batch is a sum over ranks of local contributions (`contributions`),
+  so summing the gradients (one all_reduce) gives the one-process gradient;
+- firing counts are summed the same way, so densities, dead and dying features are global.
+
+`--distributed-selection local` selects on each rank's own slice instead (the budget k·B/W
+per rank), with the gradients and counts still summed. `COMM` counts the bytes handed to
+each kind of collective, for benchmarks/comm.py and docs/distributed.md.
+"""
+
+import os
+from collections import Counter
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from choicesae.errors import ConfigError
+from choicesae.kernels import Pairs, select_topk
+
+COMM: Counter = Counter()  # bytes each rank put into collectives, by purpose
+
+
+class World(NamedTuple):
+    rank: int
+    size: int
+
+    @property
+    def main(self) -> bool:  # the one rank that writes logs, checkpoints and the SAE
+        return self.rank == 0
+
+
+SINGLE = World(0, 1)
+
+
+def init_from_env(device: str) -> World:
+    """Join the process group torchrun describes in the environment (RANK, WORLD_SIZE,
+    MASTER_ADDR, ...): gloo on CPU, nccl on CUDA, where each rank makes GPU LOCAL_RANK its
+    "cuda" device. One process (no WORLD_SIZE) needs no group."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 and not dist.is_initialized():
+        return SINGLE
+    if device.startswith("cuda:"):
+        raise ConfigError(
+            f"device {device!r}: under torchrun give --device cuda, each rank "
+            f"takes the GPU of its LOCAL_RANK"
+        )
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    return World(dist.get_rank(), dist.get_world_size())
+
+
+def shard(x: Tensor, world: World) -> Tensor:
+    """This rank's rows [B/W, d] of a global batch x [B, d]."""
+    n = x.shape[0] // world.size
+    return x[world.rank * n : (world.rank + 1) * n]
+
+
+def check_batch(batch_size: int, world: World) -> None:
+    if batch_size % world.size:
+        raise ConfigError(
+            f"batch_size {batch_size} must be a multiple of the {world.size} processes, "
+            f"each taking an equal slice of the global batch"
+        )
+
+
+def all_gather(t: Tensor, purpose: str) -> Tensor:
+    """[W, *t.shape]: every rank's t, in rank order."""
+    COMM[purpose] += t.numel() * t.element_size()
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t.contiguous())
+    return torch.stack(out)
+
+
+def all_reduce(t: Tensor, purpose: str) -> Tensor:
+    """The sum over ranks of t, in place."""
+    COMM[purpose] += t.numel() * t.element_size()
+    dist.all_reduce(t)
+    return t
+
+
+def any_rank(flag: bool, world: World) -> bool:
+    """True on every rank when `flag` is true on one (a stop signal must stop them all)."""
+    if world.size == 1:
+        return flag
+    return bool(all_reduce(torch.tensor([int(flag)]), "control").item())
+
+
+# ---- exact global selection ------------------------------------------------------------------
+
+
+def _ties_taken(ties: Tensor, need: Tensor, rank: int) -> Tensor:
+    """How many of its entries tied at the threshold rank `rank` keeps: the ties go in rank
+    order until `need` are taken. ties [W, ...] per-rank counts, need [...]."""
+    before = ties.cumsum(0) - ties  # [W, ...] ties held by the earlier ranks
+    return (need - before[rank]).clamp(min=0).minimum(ties[rank])
+
+
+def _first(mask: Tensor, count: Tensor, dim: int | None) -> Tensor:
+    """mask with only its first `count` true entries kept: in row-major order (dim None,
+    count []) or along dim 0 per column (count [F])."""
+    if dim is None:
+        return mask & (mask.flatten().cumsum(0) <= count).view_as(mask)
+    return mask & (mask.cumsum(0) <= count)
+
+
+def _pairs(keep: Tensor) -> Pairs:
+    token, feature = keep.nonzero().t()  # row-major: CSR order
+    return Pairs(token.contiguous(), feature.contiguous(), tuple(keep.shape))
+
+
+def select_mutual_choice(z_pre: Tensor, k: int, world: World) -> Pairs:
+    """This rank's share of the M = k·B largest affinities of the global batch; z_pre
+    [B/W, F]. Each rank's top M holds all its global winners, so the M-th largest of the
+    gathered candidates [W, M] is the global threshold t. Non-positive winners are zeros
+    after ReLU (appendix H) and are left out, as kernels.select_mutual_choice does."""
+    b, F = z_pre.shape
+    M = min(k * b * world.size, b * world.size * F)
+    z = z_pre.detach().float()
+    candidates = z.new_full((M,), float("-inf"))
+    n = min(M, b * F)
+    candidates[:n] = z.flatten().topk(n, sorted=False).values
+    every = all_gather(candidates, "selection")  # [W, M]
+    t = every.flatten().topk(M, sorted=False).values.min()
+    if t <= 0:  # fewer than M positive affinities: every positive one is selected
+        return _pairs(z > 0)
+    need = M - (every > t).sum()
+    take = _ties_taken((every == t).sum(1), need, world.rank)
+    return _pairs((z > t) | _first(z == t, take, None))
+
+
+def select_feature_choice(z_pre: Tensor, m: Tensor, world: World) -> Pairs:
+    """This rank's share of each feature's m[i] largest affinities over the global batch;
+    z_pre [B/W, F], m [F] the capacities of the global batch. Each rank's top m_max per
+    feature holds all its winners, so the gathered candidates [W, m_max, F] give every
+    feature's global threshold t [F]. Non-positive winners stay (zero activations), as in
+    kernels.select_feature_choice."""
+    b, F = z_pre.shape
+    m = m.to(z_pre.device)
+    m_max = int(m.max())
+    if m_max > b * world.size:
+        raise ConfigError(
+            f"feature_choice capacity {m_max} exceeds the batch size {b * world.size}"
+        )
+    z = z_pre.detach().float()
+    candidates = z.new_full((m_max, F), float("-inf"))
+    n = min(m_max, b)
+    candidates[:n] = z.topk(n, dim=0, sorted=False).values
+    every = all_gather(candidates, "selection")  # [W, m_max, F]
+    ranked = every.flatten(0, 1).topk(m_max, dim=0).values  # [m_max, F], sorted
+    t = ranked.gather(0, (m - 1).clamp(min=0)[None]).squeeze(0)  # [F] m_i-th largest
+    t = torch.where(m > 0, t, float("inf"))  # capacity 0: nothing is selected
+    need = m - (every > t).sum((0, 1))  # [F]
+    take = _ties_taken((every == t).sum(1), need, world.rank)  # [F]
+    return _pairs((z > t) | _first(z == t, take, 0))
+
+
+def select(name: str, z_pre: Tensor, k: int, m: Tensor | None, world: World) -> Pairs:
+    """kernels.select over the global batch; m [F] (feature_choice) for the global batch."""
+    if name == "topk":  # per token: the global selection is the local one
+        return select_topk(z_pre, k)
+    if name == "mutual_choice":
+        return select_mutual_choice(z_pre, k, world)
+    if name == "feature_choice" and m is not None:
+        return select_feature_choice(z_pre, m, world)
+    raise ConfigError(f"no global selection for sparsifier {name!r} (m given: {m is not None})")
+
+
+def dense_acts(z_pre: Tensor, pairs: Pairs) -> Tensor:
+    """[B/W, F] activations, ReLU(z') at the pairs and zero elsewhere, differentiable in z_pre:
+    the dense reference step (`--kernels dense`) with a global selection."""
+    at = (pairs.token, pairs.feature)
+    return torch.zeros_like(z_pre).index_put(at, z_pre[at].relu())
+
+
+def dense_sparsify(sae, world: World):
+    """A replacement for `sae.sparsify(name, z_pre, k)` in train.loss_terms that selects over
+    the global batch (topk and relu need nothing from the other ranks)."""
+    from choicesae.sparsifiers import Sparse
+
+    def sparsify(name: str, z_pre: Tensor, k: int) -> Sparse:
+        if name not in ("mutual_choice", "feature_choice"):
+            return sae.sparsify(name, z_pre, k)
+        fc = name == "feature_choice"
+        m = sae.capacities(z_pre.shape[0] * world.size, k) if fc else None
+        return Sparse(dense_acts(z_pre, select(name, z_pre.detach(), k, m, world)))
+
+    return sparsify
+
+
+def dense_loss_terms(sae, x: Tensor, cfg, sparsifier: str, masks, step: int, world: World):
+    """train.loss_terms (the dense reference, --kernels dense) with global selections."""
+    from choicesae.train import loss_terms  # train imports this module
+
+    return loss_terms(sae, x, cfg, sparsifier, masks, step, dense_sparsify(sae, world))
+
+
+def selections(sae, z_pre: Tensor, cfg, sparsifier: str, masks, world: World) -> dict[str, Pairs]:
+    """kernels.selections with the code ("mse", "mse_4k") selected over the global batch; the
+    aux losses' latents are each token's own (per token, nothing to exchange)."""
+    from choicesae.kernels import AUX, select_masked_topk
+
+    k, B = sae.cfg.k, z_pre.shape[0] * world.size
+    fc = sparsifier == "feature_choice"
+    pairs = {"mse": select(sparsifier, z_pre, k, sae.capacities(B, k) if fc else None, world)}
+    if cfg.multi_topk:  # Gao et al. 5.3.1: L(k) + L(4k)/8
+        m = sae.capacities(B, 4 * k) if fc else None
+        pairs["mse_4k"] = select(sparsifier, z_pre, 4 * k, m, world)
+    for name, (coeff, mask) in AUX.items():
+        if getattr(cfg, coeff) and not fc:  # section 4.4: Feature Choice trains without them
+            pairs[name] = select_masked_topk(z_pre, getattr(masks, mask), cfg.k_aux)
+    return pairs
+
+
+def fast_loss_terms(sae, x: Tensor, cfg, sparsifier: str, masks, step: int, world: World):
+    """kernels.fast_loss_terms on this rank's slice x [B/W, d] with global selections (the same
+    sparse kernels; kernels.py takes no selection argument, hence this copy of its body)."""
+    from choicesae import kernels as K
+    from choicesae.losses import mse, nfm, nfm_inf
+    from choicesae.train import StepOut, nfm_rows  # train imports this module
+
+    if sparsifier == "relu":  # no selection: every positive affinity
+        return K.fast_loss_terms(sae, x, cfg, sparsifier, masks, step)
+    z_pre = K.pre_acts(sae, x, feature_major=sparsifier == "feature_choice")  # [B/W, F]
+    pairs = selections(sae, z_pre, cfg, sparsifier, masks, world)
+    values = K.encode_pairs(sae, x, z_pre, K.concat(list(pairs.values())))
+    sizes = [len(p.token) for p in pairs.values()]
+    acts = dict(zip(pairs, values.relu().split(sizes), strict=True))  # [n_i] per selection
+    x_hat = K.decode_pairs(pairs["mse"], acts["mse"], sae.W_dec) + sae.b_dec
+    terms = {"mse": mse(x_hat, x)}
+    if "mse_4k" in pairs:
+        x_hat_4k = K.decode_pairs(pairs["mse_4k"], acts["mse_4k"], sae.W_dec) + sae.b_dec
+        terms["mse_4k"] = mse(x_hat_4k, x) / 8
+    residual = (x - x_hat).detach()
+    for name, (coeff, _) in K.AUX.items():
+        if name in pairs:
+            terms[name] = getattr(cfg, coeff) * K.aux_loss(
+                pairs[name], acts[name], residual, sae.W_dec
+            )
+    if cfg.nfm_coeff:
+        terms["nfm"] = cfg.nfm_coeff * nfm(sae.W_dec)
+    if cfg.nfm_inf_coeff:
+        terms["nfm_inf"] = cfg.nfm_inf_coeff * nfm_inf(sae.W_dec, nfm_rows(cfg, step))
+    return StepOut(sum(terms.values()), terms, K.sparse_acts(pairs["mse"], acts["mse"]), x_hat)
+
+
+# ---- the global loss, gradients and statistics -----------------------------------------------
+
+RATIOS = ("aux_k", "aux_zipf")  # |e − ê|² / |e|²: ratios of sums over the batch
+
+
+def contributions(terms: dict[str, Tensor], x: Tensor, x_hat: Tensor, world: World) -> dict:
+    """Each loss term's share held by this rank, so that the global batch's term is the sum of
+    the shares over ranks. Token means (mse, mse_4k, l1) weigh 1/W (the slices are equal); the
+    aux losses divide the local |e − ê|² by the global |e|² (e = x − x̂, detached as in the
+    step); terms of the weights alone (nfm) are counted once, 1/W on each rank."""
+    shares = {name: term / world.size for name, term in terms.items() if name not in RATIOS}
+    if any(name in RATIOS for name in terms):
+        local = (x - x_hat).detach().pow(2).sum()
+        total = all_reduce(local.clone(), "stats")
+        scale = local.clamp_min(1e-12) / total.clamp_min(1e-12)  # undo the local denominator
+        shares |= {name: terms[name] * scale for name in RATIOS if name in terms}
+    return shares
+
+
+def reduce_step(sae, result, x: Tensor, world: World, fired: Tensor):
+    """Backward through this rank's shares, then sum over ranks the gradients (one flat
+    all_reduce) and the statistics: the loss terms, firing counts fired [F] and the sums the
+    FVU needs. Returns the global StepOut, fired counts [F] and metrics."""
+    shares = contributions(result.terms, x, result.x_hat, world)
+    sum(shares.values()).backward()
+    params = list(sae.parameters())
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+    flat = all_reduce(torch.cat([g.flatten() for g in grads]), "gradients")
+    for p, g in zip(params, flat.split([p.numel() for p in params]), strict=True):
+        p.grad = g.view_as(p).clone()
+    with torch.no_grad():
+        err = (result.x_hat - x).double().pow(2).sum()
+        x64 = x.double()
+        local = [torch.stack([s.detach().double() for s in shares.values()]), fired.double()]
+        local += [torch.stack([err, x64.pow(2).sum()]), x64.sum(0)]
+        stats = all_reduce(torch.cat(local), "stats")
+    n = len(shares)
+    terms = dict(zip(shares, stats[:n].float(), strict=True))
+    fired = stats[n : n + len(fired)].round().long()
+    err, sq, total = stats[n + len(fired)], stats[n + len(fired) + 1], stats[n + len(fired) + 2 :]
+    B = x.shape[0] * world.size
+    variance = (sq - total.pow(2).sum() / B).clamp_min(1e-12)  # Σ|x − mean(x)|² of the batch
+    metrics = {"fvu": (err / variance).float(), "l0": fired.sum() / B}
+    return result._replace(loss=sum(terms.values()), terms=terms), fired, metrics

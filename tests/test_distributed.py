@@ -1,0 +1,157 @@
+"""Data parallel on 2 CPU processes (torchrun, gloo) against one process on the same global
+batches: the same selected pairs and, after 20 steps, the same weights and counters.
+
+The test launches this file under torchrun; the `__main__` part is what each rank runs."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from choicesae.config import SAEConfig, TrainConfig
+from choicesae.sae import SAE
+from choicesae.sparsifiers import feature_choice, mutual_choice, topk, uniform_capacities
+from choicesae.train import train
+
+B, F, K = 64, 32, 4  # global batch, latents, k: m = k·B/F = 8 per feature
+RUNS = [
+    (s, kernels)
+    for s in ("topk", "mutual_choice", "feature_choice", "relu")
+    for kernels in ("sparse", "dense")
+]
+
+
+def affinities(ties: bool) -> torch.Tensor:
+    """[B, F] z', continuous or on a coarse grid (many ties at every threshold)."""
+    z = torch.randn(B, F, generator=torch.Generator().manual_seed(1))
+    return (z * 2).round() / 2 if ties else z
+
+
+def config(out: Path, sparsifier: str, kernels: str, tag: str = "", **kw) -> TrainConfig:
+    return TrainConfig(
+        activations=str(out / "x.npy"),
+        out=str(out / f"{sparsifier}-{kernels}{tag}"),
+        sae=SAEConfig(sparsifier=sparsifier, k=K, num_latents=F),
+        batch_size=B,
+        steps=20,
+        lr=1e-2,
+        warmup_steps=2,
+        log_every=5,
+        checkpoint_every=20,
+        dead_tokens=2 * B,
+        density_tokens=4 * B,  # dead and dying latents within 20 steps
+        kernels=kernels,
+        progress=False,
+        **kw,
+    )
+
+
+def ranked(z: torch.Tensor, n: int) -> torch.Tensor:
+    """Boolean [len(z)] of the n largest entries, ties to the lower index (the tie rule)."""
+    order = torch.sort(-z, stable=True).indices[:n]
+    return torch.zeros(len(z), dtype=torch.bool).index_fill_(0, order, True)
+
+
+def reference(name: str, z: torch.Tensor) -> torch.Tensor:
+    """[B, F] selection of one process on the whole batch, with the stated tie rule; the
+    plain sparsifiers agree wherever there are no ties."""
+    if name == "topk":
+        return topk(z, K).acts != 0
+    if name == "mutual_choice":  # positive only: a non-positive winner is a zero activation
+        return ranked(z.flatten(), K * B).view(B, F) & (z > 0)
+    m = uniform_capacities(K, B, F)
+    return torch.stack([ranked(z[:, i], int(m[i])) for i in range(F)], 1)
+
+
+def worker(out: Path) -> None:
+    """What each torchrun rank does: global selections of both affinity sets, then every
+    training run (rank 0 writes it)."""
+    from choicesae import distributed
+
+    world = distributed.init_from_env("cpu")
+    for ties in (False, True):
+        z = distributed.shard(affinities(ties), world)
+        m = uniform_capacities(K, B, F)
+        for name in ("topk", "mutual_choice", "feature_choice"):
+            p = distributed.select(name, z, K, m, world)
+            token = p.token + world.rank * z.shape[0]  # index in the global batch
+            torch.save((token, p.feature), out / f"pairs-{name}-{ties}-{world.rank}.pt")
+    x = torch.from_numpy(np.load(out / "x.npy"))
+    for sparsifier, kernels in RUNS:
+        train(config(out, sparsifier, kernels), x)
+    train(config(out, "mutual_choice", "sparse", "-local", distributed_selection="local"), x)
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory, synthetic):
+    out = tmp_path_factory.mktemp("ddp")
+    np.save(out / "x.npy", synthetic[0][:4096].numpy())
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        __file__,
+        str(out),
+    ]
+    done = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        env={"OMP_NUM_THREADS": "1", **__import__("os").environ},
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return out
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("name", ["topk", "mutual_choice", "feature_choice"])
+def test_global_selection_equals_one_process(launched, name, ties):
+    z = affinities(ties)
+    chosen = torch.zeros(B, F, dtype=torch.bool)
+    for rank in (0, 1):
+        token, feature = torch.load(launched / f"pairs-{name}-{ties}-{rank}.pt")
+        assert not chosen[token, feature].any()  # no pair twice
+        chosen[token, feature] = True
+    expected = reference(name, z)
+    assert torch.equal(chosen, expected)
+    if not ties:  # the plain sparsifiers, on the concatenated batch
+        plain = {
+            "topk": topk(z, K),
+            "mutual_choice": mutual_choice(z, K),
+            "feature_choice": feature_choice(z, uniform_capacities(K, B, F)),
+        }[name]
+        assert torch.equal(chosen & (z > 0), plain.acts != 0)
+
+
+@pytest.mark.parametrize(("sparsifier", "kernels"), RUNS)
+def test_twenty_steps_match_one_process(launched, tmp_path, sparsifier, kernels):
+    x = torch.from_numpy(np.load(launched / "x.npy"))
+    single = train(config(tmp_path, sparsifier, kernels), x)
+    both = SAE.from_pretrained(launched / f"{sparsifier}-{kernels}" / "sae")
+    for name, tensor in single.state_dict().items():
+        torch.testing.assert_close(
+            both.state_dict()[name], tensor, rtol=1e-4, atol=1e-5, equal_nan=True, msg=name
+        )
+    # the checkpoint is the one a single process writes: global counters, any world size
+    one = torch.load(tmp_path / f"{sparsifier}-{kernels}" / "checkpoint-000000020.pt")
+    two = torch.load(launched / f"{sparsifier}-{kernels}" / "checkpoint-000000020.pt")
+    assert one.keys() == two.keys() and one["config"] != "" and one["step"] == two["step"] == 20
+    assert torch.equal(one["since_fired"], two["since_fired"])
+    assert torch.equal(one["counts"], two["counts"]) and torch.equal(one["dying"], two["dying"])
+
+
+def test_local_selection_budgets_each_slice(launched):
+    import json
+
+    log = (launched / "mutual_choice-sparse-local" / "metrics.jsonl").read_text().splitlines()
+    assert len(log) == 4 and all(json.loads(r)["l0"] <= K + 1e-6 for r in log)
+
+
+if __name__ == "__main__":
+    worker(Path(sys.argv[1]))
