@@ -19,6 +19,7 @@ per rank), with the gradients and counts still summed. `COMM` counts the bytes h
 each kind of collective, for benchmarks/comm.py and docs/distributed.md.
 """
 
+import functools
 import os
 from collections import Counter
 from typing import NamedTuple
@@ -226,35 +227,11 @@ def selections(sae, z_pre: Tensor, cfg, sparsifier: str, masks, world: World) ->
 
 
 def fast_loss_terms(sae, x: Tensor, cfg, sparsifier: str, masks, step: int, world: World):
-    """kernels.fast_loss_terms on this rank's slice x [B/W, d] with global selections (the same
-    sparse kernels; kernels.py takes no selection argument, hence this copy of its body)."""
-    from choicesae import kernels as K
-    from choicesae.losses import mse, nfm, nfm_inf
-    from choicesae.train import StepOut, nfm_rows  # train imports this module
+    """kernels.fast_loss_terms on this rank's slice x [B/W, d] with global selections."""
+    from choicesae import kernels
 
-    if sparsifier == "relu":  # no selection: every positive affinity
-        return K.fast_loss_terms(sae, x, cfg, sparsifier, masks, step)
-    z_pre = K.pre_acts(sae, x, feature_major=sparsifier == "feature_choice")  # [B/W, F]
-    pairs = selections(sae, z_pre, cfg, sparsifier, masks, world)
-    values = K.encode_pairs(sae, x, z_pre, K.concat(list(pairs.values())))
-    sizes = [len(p.token) for p in pairs.values()]
-    acts = dict(zip(pairs, values.relu().split(sizes), strict=True))  # [n_i] per selection
-    x_hat = K.decode_pairs(pairs["mse"], acts["mse"], sae.W_dec) + sae.b_dec
-    terms = {"mse": mse(x_hat, x)}
-    if "mse_4k" in pairs:
-        x_hat_4k = K.decode_pairs(pairs["mse_4k"], acts["mse_4k"], sae.W_dec) + sae.b_dec
-        terms["mse_4k"] = mse(x_hat_4k, x) / 8
-    residual = (x - x_hat).detach()
-    for name, (coeff, _) in K.AUX.items():
-        if name in pairs:
-            terms[name] = getattr(cfg, coeff) * K.aux_loss(
-                pairs[name], acts[name], residual, sae.W_dec
-            )
-    if cfg.nfm_coeff:
-        terms["nfm"] = cfg.nfm_coeff * nfm(sae.W_dec)
-    if cfg.nfm_inf_coeff:
-        terms["nfm_inf"] = cfg.nfm_inf_coeff * nfm_inf(sae.W_dec, nfm_rows(cfg, step))
-    return StepOut(sum(terms.values()), terms, K.sparse_acts(pairs["mse"], acts["mse"]), x_hat)
+    select_all = functools.partial(selections, world=world)
+    return kernels.fast_loss_terms(sae, x, cfg, sparsifier, masks, step, select_all)
 
 
 # ---- the global loss, gradients and statistics -----------------------------------------------

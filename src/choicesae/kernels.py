@@ -25,7 +25,7 @@ import torch.nn.functional as Fn
 from torch import Tensor
 
 from choicesae.errors import ConfigError
-from choicesae.losses import mse, nfm, nfm_inf
+from choicesae.losses import mse
 
 
 class Pairs(NamedTuple):
@@ -308,16 +308,19 @@ def selections(sae, z_pre: Tensor, cfg, sparsifier: str, masks) -> dict[str, Pai
     return pairs
 
 
-def fast_loss_terms(sae, x: Tensor, cfg, sparsifier: str, masks, step: int = 0):
+def fast_loss_terms(
+    sae, x: Tensor, cfg, sparsifier: str, masks, step: int = 0, select_all=selections
+):
     """train.loss_terms with the sparse step: same inputs, terms and gradients, but StepOut.acts
     is a sparse COO [B, F] tensor (`sparse_acts`). relu has no sparse form (every positive
-    affinity is active) and runs the dense train.loss_terms."""
-    from choicesae.train import StepOut, loss_terms, nfm_rows  # train imports this module
+    affinity is active) and runs the dense train.loss_terms. `select_all` replaces `selections`
+    (distributed.py selects over the global batch)."""
+    from choicesae.train import StepOut, loss_terms, nfm_terms  # train imports this module
 
     if sparsifier == "relu":
         return loss_terms(sae, x, cfg, sparsifier, masks, step)
     z_pre = pre_acts(sae, x, feature_major=sparsifier == "feature_choice")  # [B, F]
-    pairs = selections(sae, z_pre, cfg, sparsifier, masks)
+    pairs = select_all(sae, z_pre, cfg, sparsifier, masks)
     values = encode_pairs(sae, x, z_pre, concat(list(pairs.values())))  # one sparse backward
     acts = _split(values.relu(), pairs)  # [n_i] activations of each selection
     x_hat = decode_pairs(pairs["mse"], acts["mse"], sae.W_dec) + sae.b_dec
@@ -330,8 +333,5 @@ def fast_loss_terms(sae, x: Tensor, cfg, sparsifier: str, masks, step: int = 0):
         if name in pairs:
             aux = aux_loss(pairs[name], acts[name], residual, sae.W_dec)
             terms[name] = getattr(cfg, coeff) * aux
-    if cfg.nfm_coeff:
-        terms["nfm"] = cfg.nfm_coeff * nfm(sae.W_dec)
-    if cfg.nfm_inf_coeff:
-        terms["nfm_inf"] = cfg.nfm_inf_coeff * nfm_inf(sae.W_dec, nfm_rows(cfg, step))
+    terms |= nfm_terms(sae.W_dec, cfg, step)
     return StepOut(sum(terms.values()), terms, sparse_acts(pairs["mse"], acts["mse"]), x_hat)

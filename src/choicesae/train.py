@@ -90,11 +90,18 @@ def loss_terms(
         if cfg.aux_zipf_coeff:
             aux = aux_k(z_pre, masks.dying, residual, sae.W_dec, cfg.k_aux)
             terms["aux_zipf"] = cfg.aux_zipf_coeff * aux
-    if cfg.nfm_coeff:
-        terms["nfm"] = cfg.nfm_coeff * nfm(sae.W_dec)
-    if cfg.nfm_inf_coeff:
-        terms["nfm_inf"] = cfg.nfm_inf_coeff * nfm_inf(sae.W_dec, nfm_rows(cfg, step))
+    terms |= nfm_terms(sae.W_dec, cfg, step)
     return StepOut(sum(terms.values()), terms, acts, x_hat)
+
+
+def nfm_terms(W_dec: Tensor, cfg: TrainConfig, step: int) -> dict[str, Tensor]:
+    """The weighted NFM losses of appendix C that are switched on (shared by every step)."""
+    terms = {}
+    if cfg.nfm_coeff:
+        terms["nfm"] = cfg.nfm_coeff * nfm(W_dec)
+    if cfg.nfm_inf_coeff:
+        terms["nfm_inf"] = cfg.nfm_inf_coeff * nfm_inf(W_dec, nfm_rows(cfg, step))
+    return terms
 
 
 def nfm_rows(cfg: TrainConfig, step: int) -> Tensor | None:
