@@ -243,7 +243,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         "l0_std": float(batch.l0.float().std()) if len(x) > 1 else 0.0,
         "thresholds": fitted,
         "inference": inference,
-        "allocation": metrics.allocation_metrics(batch.counts, len(x)),
+        "allocation": metrics.allocation_metrics(batch.counts, len(x), float(sae.zipf[0])),
         "features_per_token": metrics.features_per_token(
             batch.l0, first_tokens(store.manifest, len(x))
         ),

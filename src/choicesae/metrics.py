@@ -76,13 +76,15 @@ def density_agreement(reference: Tensor, other: Tensor, tokens: int) -> dict:
     return {"density_corr": corr, "density_rel_error": float((a - b).abs().mean() / a.mean())}
 
 
-def allocation_metrics(counts: Tensor, tokens: int) -> dict:
+def allocation_metrics(counts: Tensor, tokens: int, alpha: float | None = None) -> dict:
     """Dead features (never fired on the held-out rows), the Zipf fits (all ranks; the middle
-    segment, figure 3) with α fitted, and dying features against the middle fit (Def. 3.1)."""
+    segment, figure 3) with α fixed to `alpha` as in training (None fits it too: on the whole
+    range, the under-used tail then drives α to implausible values), and dying features against
+    the middle fit (Def. 3.1)."""
     density = counts.double() / tokens
     ordered = density[rank_order(density)]
-    full = fit_zipf(ordered)
-    middle = fit_zipf(ordered, segment=middle_segment(len(density)))
+    full = fit_zipf(ordered, alpha)
+    middle = fit_zipf(ordered, alpha, middle_segment(len(density)))
     dying = dying_features(density, middle)
     return {
         "dead": int((counts == 0).sum()),
