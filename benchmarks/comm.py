@@ -1,13 +1,17 @@
-"""Bytes each rank hands to collectives per data-parallel training step, by sparsifier,
-selection mode (--distributed-selection) and purpose, measured in a real multi-process run
+"""Bytes each rank hands to collectives per training step, by sparsifier, mode (data parallel
+with --distributed-selection global or local; feature sharding, --parallel features) and
+purpose, measured in a real multi-process run
 (gloo on CPU) from the sizes of the tensors passed to distributed.all_gather / all_reduce.
 
     .venv/bin/python benchmarks/comm.py                       # 2 processes, d 384, F 6144
     .venv/bin/python benchmarks/comm.py --nproc 2 --d 64 --expansion 8 --batch 512
 
 selection: candidate values all_gathered (each rank sends this; it receives W−1 times it).
-gradients: one flat all_reduce of every parameter's gradient (2·F·d + F + d floats).
-stats: all_reduce of loss terms, firing counts [F], FVU sums (and |e|² for the aux losses).
+gradients: data: one flat all_reduce of every gradient (2·F·d + F + d floats); features: the
+  encoder input's gradient [B, d] (b_dec's share from each shard), once per step.
+activations: features: the decoder's partial sums [B, d], all_reduced per decode.
+stats: data: all_reduce of loss terms, firing counts [F], FVU sums (and |e|² for the aux
+  losses); features: firing counts [F/W] all_gathered and the gradient norm (clipping).
 control: the stop flag. The expected sizes, as formulas: docs/distributed.md.
 """
 
@@ -18,13 +22,14 @@ import sys
 
 import torch
 
-from choicesae import distributed
+from choicesae import distributed, sharding
 from choicesae.config import SAEConfig, TrainConfig
 from choicesae.data import batches
 from choicesae.sae import SAE
 from choicesae.train import TrainState, advance, make_optimizer, resolve, train_step
 
-PURPOSES = ("selection", "gradients", "stats", "control")
+PURPOSES = ("selection", "activations", "gradients", "stats", "control")
+MODES = ("global", "local", "features")
 
 
 def parse() -> argparse.Namespace:
@@ -42,17 +47,22 @@ def per_step(sparsifier: str, mode: str, args, world) -> dict[str, float]:
     """Mean bytes per step and purpose over args.steps steps of `sparsifier` in `mode`."""
     sae_cfg = SAEConfig(sparsifier=sparsifier, k=args.k, expansion=args.expansion)
     cfg = TrainConfig(sae=sae_cfg, batch_size=args.batch, steps=args.steps, progress=False)
-    cfg = resolve(TrainConfig(**{**cfg.__dict__, "distributed_selection": mode}), args.d)
+    features = {"parallel": "features", "kernels": "dense"} if mode == "features" else {}
+    setting = features or {"distributed_selection": mode}
+    cfg = resolve(TrainConfig(**{**cfg.__dict__, **setting}), args.d)
     torch.manual_seed(0)
     rows = torch.randn(4 * args.batch, args.d)
     sae = SAE(cfg.sae)
     optimizer, state = make_optimizer(sae, cfg), TrainState.fresh(cfg.sae.num_latents, "cpu")
+    if features:  # each rank: its latents, the whole batch
+        sae, optimizer = sharding.shard(sae, optimizer, cfg, world)
     distributed.COMM.clear()
     for x in batches(rows, args.batch, 0):
         if state.step == args.steps:
             break
         distributed.any_rank(False, world)  # the loop's stop check, as in run_loop
-        _, _, fired = train_step(sae, optimizer, distributed.shard(x, world), cfg, state, world)
+        x = x if features else distributed.shard(x, world)
+        _, _, fired = train_step(sae, optimizer, x, cfg, state, world)
         state = advance(state, fired, cfg, sae)
     return {p: distributed.COMM[p] / args.steps for p in PURPOSES}
 
@@ -69,13 +79,13 @@ def main() -> None:
         print(
             f"W={world.size} d={args.d} F={F} k={args.k} B={args.batch} (global); bytes/step/rank"
         )
-        print(f"{'sparsifier':<15}{'mode':<8}" + "".join(f"{p:>12}" for p in PURPOSES))
+        print(f"{'sparsifier':<15}{'mode':<10}" + "".join(f"{p:>12}" for p in PURPOSES))
     for sparsifier in ("topk", "mutual_choice", "feature_choice", "relu"):
-        for mode in ("global", "local"):
+        for mode in MODES:
             sent = per_step(sparsifier, mode, args, world)
             if world.main:
                 row = "".join(f"{sent[p]:>12,.0f}" for p in PURPOSES)
-                print(f"{sparsifier:<15}{mode:<8}{row}")
+                print(f"{sparsifier:<15}{mode:<10}{row}")
     torch.distributed.destroy_process_group()
 
 

@@ -1,5 +1,6 @@
-"""Data parallel on 2 CPU processes (torchrun, gloo) against one process on the same global
-batches: the same selected pairs and, after 20 steps, the same weights and counters.
+"""Data parallel and feature sharding (--parallel features) on 2 CPU processes (torchrun,
+gloo) against one process on the same global batches: the same selected pairs and, after 20
+steps, the same weights, optimizer state and counters.
 
 The test launches this file under torchrun; the `__main__` part is what each rank runs."""
 
@@ -12,8 +13,15 @@ import pytest
 import torch
 
 from choicesae.config import SAEConfig, TrainConfig
+from choicesae.errors import ConfigError
 from choicesae.sae import SAE
-from choicesae.sparsifiers import feature_choice, mutual_choice, topk, uniform_capacities
+from choicesae.sparsifiers import (
+    TRAINABLE,
+    feature_choice,
+    mutual_choice,
+    topk,
+    uniform_capacities,
+)
 from choicesae.train import train
 
 B, F, K = 64, 32, 4  # global batch, latents, k: m = k·B/F = 8 per feature
@@ -22,6 +30,7 @@ RUNS = [
     for s in ("topk", "mutual_choice", "feature_choice", "relu")
     for kernels in ("sparse", "dense")
 ]
+SPARSIFIERS = ("topk", "mutual_choice", "feature_choice")
 
 
 def affinities(ties: bool) -> torch.Tensor:
@@ -55,9 +64,12 @@ def ranked(z: torch.Tensor, n: int) -> torch.Tensor:
     return torch.zeros(len(z), dtype=torch.bool).index_fill_(0, order, True)
 
 
-def reference(name: str, z: torch.Tensor) -> torch.Tensor:
+def reference(name: str, z: torch.Tensor, sharded: bool = False) -> torch.Tensor:
     """[B, F] selection of one process on the whole batch, with the stated tie rule; the
-    plain sparsifiers agree wherever there are no ties."""
+    plain sparsifiers agree wherever there are no ties. Sharded TopK breaks ties by the rule
+    too (data parallel keeps torch.topk's choice, the same on one process)."""
+    if name == "topk" and sharded:
+        return torch.stack([ranked(row, K) for row in z])
     if name == "topk":
         return topk(z, K).acts != 0
     if name == "mutual_choice":  # positive only: a non-positive winner is a zero activation
@@ -69,19 +81,26 @@ def reference(name: str, z: torch.Tensor) -> torch.Tensor:
 def worker(out: Path) -> None:
     """What each torchrun rank does: global selections of both affinity sets, then every
     training run (rank 0 writes it)."""
-    from choicesae import distributed
+    from choicesae import distributed, sharding
 
     world = distributed.init_from_env("cpu")
     for ties in (False, True):
         z = distributed.shard(affinities(ties), world)
         m = uniform_capacities(K, B, F)
-        for name in ("topk", "mutual_choice", "feature_choice"):
+        for name in SPARSIFIERS:
             p = distributed.select(name, z, K, m, world)
             token = p.token + world.rank * z.shape[0]  # index in the global batch
             torch.save((token, p.feature), out / f"pairs-{name}-{ties}-{world.rank}.pt")
+        latents = sharding.span(F, world)
+        for name in SPARSIFIERS:  # feature sharding: every token, this rank's latents
+            p = sharding.select(name, affinities(ties)[:, latents], K, m[latents], world)
+            found = (p.token, p.feature + latents.start)
+            torch.save(found, out / f"pairs-features-{name}-{ties}-{world.rank}.pt")
     x = torch.from_numpy(np.load(out / "x.npy"))
     for sparsifier, kernels in RUNS:
         train(config(out, sparsifier, kernels), x)
+    for sparsifier in TRAINABLE:
+        train(config(out, sparsifier, "dense", "-features", parallel="features"), x)
     train(config(out, "mutual_choice", "sparse", "-local", distributed_selection="local"), x)
 
 
@@ -110,15 +129,16 @@ def launched(tmp_path_factory, synthetic):
 
 
 @pytest.mark.parametrize("ties", [False, True])
-@pytest.mark.parametrize("name", ["topk", "mutual_choice", "feature_choice"])
-def test_global_selection_equals_one_process(launched, name, ties):
+@pytest.mark.parametrize("name", SPARSIFIERS)
+@pytest.mark.parametrize("mode", ["", "features-"])
+def test_global_selection_equals_one_process(launched, name, ties, mode):
     z = affinities(ties)
     chosen = torch.zeros(B, F, dtype=torch.bool)
     for rank in (0, 1):
-        token, feature = torch.load(launched / f"pairs-{name}-{ties}-{rank}.pt")
+        token, feature = torch.load(launched / f"pairs-{mode}{name}-{ties}-{rank}.pt")
         assert not chosen[token, feature].any()  # no pair twice
         chosen[token, feature] = True
-    expected = reference(name, z)
+    expected = reference(name, z, sharded=bool(mode))
     assert torch.equal(chosen, expected)
     if not ties:  # the plain sparsifiers, on the concatenated batch
         plain = {
@@ -129,21 +149,37 @@ def test_global_selection_equals_one_process(launched, name, ties):
         assert torch.equal(chosen & (z > 0), plain.acts != 0)
 
 
-@pytest.mark.parametrize(("sparsifier", "kernels"), RUNS)
-def test_twenty_steps_match_one_process(launched, tmp_path, sparsifier, kernels):
+RUNS_ALL = [(s, kernels, "") for s, kernels in RUNS]
+RUNS_ALL += [(s, "dense", "-features") for s in TRAINABLE]
+
+
+@pytest.mark.parametrize(("sparsifier", "kernels", "tag"), RUNS_ALL)
+def test_twenty_steps_match_one_process(launched, tmp_path, sparsifier, kernels, tag):
     x = torch.from_numpy(np.load(launched / "x.npy"))
     single = train(config(tmp_path, sparsifier, kernels), x)
-    both = SAE.from_pretrained(launched / f"{sparsifier}-{kernels}" / "sae")
+    both = SAE.from_pretrained(launched / f"{sparsifier}-{kernels}{tag}" / "sae")
     for name, tensor in single.state_dict().items():
         torch.testing.assert_close(
             both.state_dict()[name], tensor, rtol=1e-4, atol=1e-5, equal_nan=True, msg=name
         )
     # the checkpoint is the one a single process writes: global counters, any world size
     one = torch.load(tmp_path / f"{sparsifier}-{kernels}" / "checkpoint-000000020.pt")
-    two = torch.load(launched / f"{sparsifier}-{kernels}" / "checkpoint-000000020.pt")
+    two = torch.load(launched / f"{sparsifier}-{kernels}{tag}" / "checkpoint-000000020.pt")
     assert one.keys() == two.keys() and one["config"] != "" and one["step"] == two["step"] == 20
     assert torch.equal(one["since_fired"], two["since_fired"])
     assert torch.equal(one["counts"], two["counts"]) and torch.equal(one["dying"], two["dying"])
+    for i, state in one["optimizer"]["state"].items():  # whole Adam moments, any world size
+        for key, t in state.items():
+            torch.testing.assert_close(two["optimizer"]["state"][i][key], t, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("kernels", "setting", "named"),
+    [("sparse", {}, "--kernels sparse"), ("dense", {"nfm_coeff": 0.1}, "nfm_coeff")],
+)
+def test_feature_sharding_refuses_what_it_lacks(tmp_path, kernels, setting, named):
+    with pytest.raises(ConfigError, match=named):
+        config(tmp_path, "topk", kernels, parallel="features", **setting)
 
 
 def test_local_selection_budgets_each_slice(launched):

@@ -193,6 +193,10 @@ class TrainConfig:
     """Under torchrun (several processes, each a slice of --batch-size): global = Mutual
     Choice and Feature Choice select over the whole global batch, as one process would
     (candidate values are exchanged); local = each process selects on its own slice."""
+    parallel: Literal["data", "features"] = "data"
+    """Under torchrun: data = each process holds the whole SAE and a slice of the batch;
+    features = each process sees the whole batch and holds a slice of the latents (encoder
+    columns, decoder rows), for SAEs too wide for one device (docs/distributed.md)."""
 
     def phases(self) -> list[tuple[str, int]]:
         """[(sparsifier, steps)] of the run: the parsed --schedule, or one phase."""
@@ -253,6 +257,21 @@ class TrainConfig:
                 f"multi_topk needs 4k <= num_latents, got k={self.sae.k} and "
                 f"num_latents={self.sae.num_latents}"
             )
+        check_feature_parallel(self)
+
+
+def check_feature_parallel(cfg: "TrainConfig") -> None:
+    """Refuse what --parallel features does not implement yet (docs/distributed.md)."""
+    if cfg.parallel != "features":
+        return
+    missing = {
+        "--kernels sparse (give --kernels dense)": cfg.kernels == "sparse",
+        "--distributed-selection local": cfg.distributed_selection == "local",
+        "nfm_coeff / nfm_inf_coeff": bool(cfg.nfm_coeff or cfg.nfm_inf_coeff),
+    }
+    refused = [name for name, used in missing.items() if used]
+    if refused:
+        raise ConfigError(f"--parallel features does not support {', '.join(refused)}")
 
 
 def check_loggers(log: str) -> None:

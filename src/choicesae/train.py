@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from choicesae import distributed
+from choicesae import distributed, sharding
 from choicesae.allocation import (
     Densities,
     dying_features,
@@ -150,7 +150,9 @@ def train(cfg: TrainConfig, activations: Rows | None = None) -> SAE:
     cfg = resolve(record_source(cfg, rows), rows.shape[1])
     batches(rows, cfg.batch_size, cfg.seed, cfg.device)  # checks the batch size
     world = distributed.init_from_env(cfg.device)  # under torchrun: this process's rank
-    distributed.check_batch(cfg.batch_size, world)
+    sharded = sharding.feature_sharded(cfg, world)
+    if not sharded:
+        distributed.check_batch(cfg.batch_size, world)
     out = prepare_run(cfg) if world.main else Path(cfg.out)
     torch.manual_seed(cfg.seed)  # every rank starts from the same weights
     sae = SAE(cfg.sae).to(cfg.device)
@@ -162,12 +164,17 @@ def train(cfg: TrainConfig, activations: Rows | None = None) -> SAE:
         sae.init_from_data_(next(sample))
         state = TrainState.fresh(cfg.sae.num_latents, cfg.device)
     data = batches(rows, cfg.batch_size, cfg.seed, cfg.device, start=state.step)
-    data = (distributed.shard(x, world) for x in data)  # this rank's slice of each batch
+    if sharded:  # every rank: the whole batch, its slice of the latents
+        sae, optimizer = sharding.shard(sae, optimizer, cfg, world)
+    else:
+        data = (distributed.shard(x, world) for x in data)  # this rank's slice of each batch
     loggers = (
         open_loggers(cfg, out, state.step) if world.main else contextlib.nullcontext(Loggers([]))
     )
     with stop_signals() as stop, loggers as log:
         record = run_loop(sae, optimizer, data, cfg, state, log, stop, world)
+    if sharded:
+        sae = sharding.unshard(sae)
     if world.main:  # one copy, the same as one process writes: loadable at any world size
         sae.save_pretrained(out / "sae")
         # the last fit, dead and dying counts travel with the model
@@ -193,7 +200,7 @@ def run_loop(
     save = functools.partial(save_checkpoint, out) if world.main else lambda *args: None
     while state.step < cfg.total_steps:
         if distributed.any_rank(bool(stop), world):  # a signal to one rank stops them all
-            save(checkpoint_state(state, sae, optimizer, cfg), cfg.keep_checkpoints)
+            save(checkpoint_state(state, sae, optimizer, cfg, world), cfg.keep_checkpoints)
             signum = stop[0] if stop else signal.SIGTERM  # another rank's signal
             raise Interrupted(
                 f"stopped by {signal.Signals(signum).name} after step {state.step}; the "
@@ -214,7 +221,7 @@ def run_loop(
             log.log(record)
             bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "l0", "fvu", "dead_pct")})
         if state.step % cfg.checkpoint_every == 0 or state.step == cfg.total_steps:
-            save(checkpoint_state(state, sae, optimizer, cfg), cfg.keep_checkpoints)
+            save(checkpoint_state(state, sae, optimizer, cfg, world), cfg.keep_checkpoints)
     bar.close()
     return record
 
@@ -262,7 +269,10 @@ def train_step(
         sae, x, cfg, sparsifier, state.masks(cfg.dead_tokens), state.step
     )
     fired, metrics = fired_counts(result.acts), None
-    if world.size > 1:  # backward and the sums over ranks first: they give the global loss
+    sharded = sharding.feature_sharded(cfg, world)
+    if sharded:  # fired [F/W] -> [F]
+        result, fired, metrics = sharding.reduce_step(result, x, world, fired)
+    elif world.size > 1:  # backward and the sums over ranks first: they give the global loss
         result, fired, metrics = distributed.reduce_step(sae, result, x, world, fired)
     if not torch.isfinite(result.loss):  # a sync point, so that NaN never reaches the weights
         optimizer.zero_grad(set_to_none=True)
@@ -278,7 +288,9 @@ def train_step(
         with torch.no_grad():
             metrics = {"fvu": fvu(result.x_hat, x), "l0": fired.sum() / x.shape[0]}
     sae.remove_parallel_grad_()
-    if cfg.grad_clip:
+    if cfg.grad_clip and sharded:
+        sharding.clip_grad_norm_(sae, cfg.grad_clip)
+    elif cfg.grad_clip:
         torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -290,6 +302,8 @@ def step_loss(cfg: TrainConfig, world: World):
     """The loss function of a step: the sparse kernels or the dense reference (--kernels),
     selecting over this process's batch or, under torchrun with --distributed-selection global,
     over the global batch (distributed.py)."""
+    if sharding.feature_sharded(cfg, world):  # --parallel features: the dense step only
+        return functools.partial(sharding.loss_terms, world=world)
     local = world.size == 1 or cfg.distributed_selection == "local"
     if cfg.kernels == "sparse":
         return (
@@ -437,8 +451,13 @@ def make_optimizer(sae: SAE, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=lr_of(cfg, 0))
 
 
-def checkpoint_state(state: TrainState, sae: SAE, optimizer, cfg: TrainConfig) -> dict:
-    """Plain tensors and numbers only, so the checkpoint loads with weights_only=True."""
+def checkpoint_state(
+    state: TrainState, sae: SAE, optimizer, cfg: TrainConfig, world: World = SINGLE
+) -> dict:
+    """Plain tensors and numbers only, so the checkpoint loads with weights_only=True. With
+    --parallel features, the whole SAE and optimizer state gathered from the shards (every rank
+    calls this): the one-process layout."""
+    sharded = sharding.feature_sharded(cfg, world)
     return {
         "config": json.dumps(dataclasses.asdict(cfg)),
         "step": state.step,
@@ -447,8 +466,10 @@ def checkpoint_state(state: TrainState, sae: SAE, optimizer, cfg: TrainConfig) -
         "window_tokens": state.densities.tokens,
         "dying": state.dying,
         "fit": state.fit,
-        "sae": sae.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "sae": sharding.full_state(sae) if sharded else sae.state_dict(),
+        "optimizer": (
+            sharding.full_optimizer_state(sae, optimizer) if sharded else optimizer.state_dict()
+        ),
         "skipped": state.skipped,
         "rng": torch.get_rng_state(),
     }
@@ -457,7 +478,7 @@ def checkpoint_state(state: TrainState, sae: SAE, optimizer, cfg: TrainConfig) -
 def resume_(out: Path, cfg: TrainConfig, sae: SAE, optimizer, trim: bool = True) -> TrainState:
     """Load the checkpoint into `sae` and `optimizer`; refuse one from a different run."""
     saved = load_checkpoint(out, cfg.device)
-    ignore = {"resume", "overwrite", "progress", "log", "wandb_mode", "wandb_project"}
+    ignore = {"resume", "overwrite", "progress", "log", "wandb_mode", "wandb_project", "parallel"}
     old = {k: v for k, v in json.loads(saved["config"]).items() if k not in ignore}
     new = {
         k: v for k, v in json.loads(json.dumps(dataclasses.asdict(cfg))).items() if k not in ignore

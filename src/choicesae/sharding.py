@@ -1,0 +1,281 @@
+"""Feature sharding (`--parallel features` under torchrun): the latents split across ranks.
+
+Every rank sees the whole batch x [B, d] and holds latents [r·F/W, (r+1)·F/W): W_enc's
+columns, b_enc and W_dec's rows; b_dec and the [F] buffers (density, ranks, Zipf) are whole on
+every rank. A step is the one-process step:
+
+- z' [B, F/W] is local. TopK and Mutual Choice find the global threshold from gathered
+  candidate values (each rank's top k per token [B, k], or its top k·B [k·B]); Feature
+  Choice is local, a feature lives on one rank (capacities from the whole [F] ranking);
+- ties at a threshold go to the earliest (token, feature) of the full z', the one-process
+  order: within a token the lower rank first;
+- x̂ = Σ_r z_r W_dec,r + b_dec: one all_reduce of [B, d] partial sums, the same x̂ and loss on
+  every rank, so the sharded parameters' gradients are the global ones; b_dec's encoder-side
+  gradient (a sum over the shards' uses) is all_reduced in the backward pass;
+- firing counts are gathered to [F], checkpoints and the SAE gathered to the one-process
+  layout, loadable at any world size.
+"""
+
+import torch
+from torch import Tensor, nn
+
+from choicesae.distributed import (
+    World,
+    _first,
+    _pairs,
+    _ties_taken,
+    all_gather,
+    all_reduce,
+    dense_acts,
+)
+from choicesae.errors import ConfigError
+from choicesae.kernels import AUX, Pairs
+from choicesae.losses import fvu, l1, mse
+
+DIMS = {"W_enc": 1, "W_dec": 0, "b_enc": 0}  # the sharded parameters: their latent dim
+
+
+def feature_sharded(cfg, world: World) -> bool:
+    return world.size > 1 and cfg.parallel == "features"
+
+
+def span(num_latents: int, world: World) -> slice:
+    """This rank's latents [lo, hi)."""
+    if num_latents % world.size:
+        raise ConfigError(
+            f"--parallel features: num_latents {num_latents} must be a multiple of the "
+            f"{world.size} processes"
+        )
+    n = num_latents // world.size
+    return slice(world.rank * n, (world.rank + 1) * n)
+
+
+class _SumShards(torch.autograd.Function):
+    """Forward: the sum over ranks of their partial sums. Backward: the identity, as every rank
+    computes the same loss from the sum."""
+
+    @staticmethod
+    def forward(ctx, partial: Tensor) -> Tensor:
+        return all_reduce(partial.clone(), "activations")
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad
+
+
+class _Replicated(torch.autograd.Function):
+    """Forward: the identity on a tensor every rank holds. Backward: the sum of the ranks'
+    gradients, each from its own shard's use."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor) -> Tensor:
+        return t.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return all_reduce(grad.clone(), "gradients")
+
+
+def pre_acts(sae, x: Tensor) -> Tensor:
+    """This rank's affinities z' [B, F/W] of x [B, d] (SAE.pre_acts on the shard)."""
+    return _Replicated.apply(x - sae.b_dec) @ sae.W_enc + sae.b_enc
+
+
+def decode(sae, acts: Tensor, bias: bool = True) -> Tensor:
+    """x̂ [B, d] of the whole SAE from this rank's activations acts [B, F/W]."""
+    x_hat = _SumShards.apply(acts @ sae.W_dec)
+    return x_hat + sae.b_dec if bias else x_hat
+
+
+# ---- exact selection over the shards ---------------------------------------------------------
+
+
+def _first_in_rows(mask: Tensor, count: Tensor) -> Tensor:
+    """mask [B, f] with only the first count[b] true entries of each row b kept."""
+    return _first(mask.t(), count, 0).t()
+
+
+def select_topk(z: Tensor, k: int, world: World) -> Pairs:
+    """Each token's k largest affinities over all F latents; z [B, F/W]. Each rank's top k per
+    token [B, k] holds its winners, so the gathered [W, B, k] give each token's threshold."""
+    B, f = z.shape
+    z = z.detach().float()
+    candidates = z.new_full((B, k), float("-inf"))
+    candidates[:, : min(k, f)] = z.topk(min(k, f), dim=1, sorted=False).values
+    every = all_gather(candidates, "selection")  # [W, B, k]
+    t = every.permute(1, 0, 2).reshape(B, -1).topk(k, dim=1).values[:, -1]  # [B]
+    need = k - (every > t[:, None]).sum((0, 2))  # [B]
+    take = _ties_taken((every == t[:, None]).sum(2), need, world.rank)  # [B]
+    return _pairs((z > t[:, None]) | _first_in_rows(z == t[:, None], take))
+
+
+def select_mutual_choice(z: Tensor, k: int, world: World) -> Pairs:
+    """The M = k·B largest affinities of the batch over all F latents; z [B, F/W]. Ties at
+    the threshold go in (token, rank) order: each rank's tie count per token is gathered.
+    Non-positive winners are left out (zeros after ReLU), as in distributed.py."""
+    B, f = z.shape
+    M = min(k * B, B * f * world.size)
+    z = z.detach().float()
+    candidates = z.new_full((M,), float("-inf"))
+    n = min(M, B * f)
+    candidates[:n] = z.flatten().topk(n, sorted=False).values
+    every = all_gather(candidates, "selection")  # [W, M]
+    t = every.flatten().topk(M, sorted=False).values.min()
+    if t <= 0:  # fewer than M positive affinities: every positive one is selected
+        return _pairs(z > 0)
+    need = M - (every > t).sum()
+    ties = all_gather((z == t).sum(1).int(), "selection")  # [W, B]
+    flat = ties.t().flatten()  # (token, rank) order
+    before = (flat.cumsum(0) - flat).view(B, -1)[:, world.rank]  # [B]
+    take = (need - before).clamp(min=0).minimum(ties[world.rank])
+    return _pairs((z > t) | _first_in_rows(z == t, take))
+
+
+def select_feature_choice(z: Tensor, m: Tensor) -> Pairs:
+    """Each of this rank's features keeps its m[i] largest tokens (ties: the earlier token);
+    z [B, F/W], m [F/W] its slice of the global capacities. Nothing to exchange."""
+    z = z.detach().float()
+    m = m.to(z.device)
+    ranked = z.topk(int(m.max()), dim=0).values  # [m_max, F/W], sorted
+    t = ranked.gather(0, (m - 1).clamp(min=0)[None]).squeeze(0)  # [F/W]
+    t = torch.where(m > 0, t, float("inf"))  # capacity 0: nothing is selected
+    return _pairs((z > t) | _first(z == t, m - (z > t).sum(0), 0))
+
+
+def select(name: str, z: Tensor, k: int, m: Tensor | None, world: World) -> Pairs:
+    """kernels.select over the whole SAE from this rank's z [B, F/W]; m [F/W] (feature_choice)."""
+    if name == "topk":
+        return select_topk(z, k, world)
+    if name == "mutual_choice":
+        return select_mutual_choice(z, k, world)
+    if name == "feature_choice" and m is not None:
+        return select_feature_choice(z, m)
+    raise ConfigError(f"no sharded selection for sparsifier {name!r} (m given: {m is not None})")
+
+
+# ---- the step ---------------------------------------------------------------------------------
+
+
+def sparse_acts(sae, name: str, z: Tensor, k: int, world: World) -> Tensor:
+    """This rank's activations [B, F/W] of sparsifier `name` over the whole SAE."""
+    if name == "relu":
+        return z.relu()
+    m = None
+    if name == "feature_choice":  # from the whole [F] ranking, then this rank's slice
+        m = sae.capacities(z.shape[0], k)[span(sae.cfg.num_latents, world)]
+    return dense_acts(z, select(name, z.detach(), k, m, world))
+
+
+def aux_loss(sae, z: Tensor, mask: Tensor, residual: Tensor, k_aux: int, world: World) -> Tensor:
+    """losses.aux_k over the shards: each token's top-k_aux latents among mask [F] (whole on
+    every rank) reconstruct the residual [B, d]; z [B, F/W]."""
+    count = int(mask.sum())
+    if count == 0:
+        return z.new_zeros(())
+    masked = z.masked_fill(~mask[span(sae.cfg.num_latents, world)], float("-inf"))
+    pairs = select_topk(masked, min(k_aux, count), world)
+    e_hat = decode(sae, dense_acts(z, pairs), bias=False)
+    return (residual - e_hat).pow(2).sum() / residual.pow(2).sum().clamp_min(1e-12)
+
+
+def loss_terms(sae, x: Tensor, cfg, sparsifier: str, masks, step: int, world: World):
+    """train.loss_terms with the latents sharded; x [B, d] the whole batch. The terms and x̂
+    are the whole SAE's (the same on every rank); acts [B, F/W] are this rank's."""
+    from choicesae.train import StepOut  # train imports this module
+
+    k = sae.cfg.k
+    z = pre_acts(sae, x)  # [B, F/W]
+    acts = sparse_acts(sae, sparsifier, z, k, world)
+    x_hat = decode(sae, acts)
+    terms = {"mse": mse(x_hat, x)}
+    if cfg.multi_topk:  # Gao et al. 5.3.1: L(k) + L(4k)/8
+        terms["mse_4k"] = mse(decode(sae, sparse_acts(sae, sparsifier, z, 4 * k, world)), x) / 8
+    if sparsifier == "relu":  # a sum over latents: the shards' sums add up
+        terms["l1"] = cfg.l1_coeff * _SumShards.apply(l1(acts, sae.W_dec))
+    elif sparsifier != "feature_choice":  # section 4.4: Feature Choice trains without them
+        residual = (x - x_hat).detach()
+        for name, (coeff, mask) in AUX.items():
+            if getattr(cfg, coeff):
+                aux = aux_loss(sae, z, getattr(masks, mask), residual, cfg.k_aux, world)
+                terms[name] = getattr(cfg, coeff) * aux
+    return StepOut(sum(terms.values()), terms, acts, x_hat)
+
+
+def reduce_step(result, x: Tensor, world: World, fired: Tensor):
+    """Backward (the loss is the global one on every rank), firing counts fired [F/W] gathered
+    to [F]; returns the StepOut, fired [F] and the batch's metrics."""
+    result.loss.backward()
+    fired = all_gather(fired, "stats").flatten()  # [F]
+    with torch.no_grad():
+        metrics = {"fvu": fvu(result.x_hat, x), "l0": fired.sum() / x.shape[0]}
+    return result, fired, metrics
+
+
+@torch.no_grad()
+def clip_grad_norm_(sae, max_norm: float) -> None:
+    """torch.nn.utils.clip_grad_norm_ with the norm of the whole SAE's gradient."""
+    sq = torch.stack([getattr(sae, name).grad.pow(2).sum() for name in DIMS]).sum()
+    sq = all_reduce(sq, "stats") + sae.b_dec.grad.pow(2).sum()
+    coef = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+    for p in sae.parameters():
+        p.grad.mul_(coef)
+
+
+# ---- sharding and gathering the state ---------------------------------------------------------
+
+
+def _names(sae, optimizer) -> list[str]:
+    """The parameter name of each index in optimizer.state_dict()."""
+    by_id = {id(p): name for name, p in sae.named_parameters()}
+    return [by_id[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def _map_state(state: dict, names: list[str], fn) -> dict:
+    """A copy of an optimizer state_dict with fn(tensor, dim) applied to the per-element
+    state (exp_avg, ...) of the sharded parameters."""
+    per_param = {
+        i: {
+            key: fn(t, DIMS[names[i]]) if names[i] in DIMS and t.dim() else t
+            for key, t in entry.items()
+        }
+        for i, entry in state["state"].items()
+    }
+    return {**state, "state": per_param}
+
+
+def shard(sae, optimizer, cfg, world: World):
+    """Keep this rank's latents of a whole SAE and its optimizer; returns (sae, optimizer)."""
+    from choicesae.train import make_optimizer  # train imports this module
+
+    s = span(sae.cfg.num_latents, world)
+    names, state = _names(sae, optimizer), optimizer.state_dict()
+    for name, dim in DIMS.items():
+        whole = getattr(sae, name).detach()
+        setattr(sae, name, nn.Parameter(whole.narrow(dim, s.start, s.stop - s.start).clone()))
+    optimizer = make_optimizer(sae, cfg)
+    sliced = _map_state(state, names, lambda t, dim: t.narrow(dim, s.start, s.stop - s.start))
+    optimizer.load_state_dict(sliced)
+    return sae, optimizer
+
+
+def gather(t: Tensor, dim: int) -> Tensor:
+    """The whole tensor from every rank's shard t, concatenated along dim."""
+    return torch.cat(list(all_gather(t.detach(), "checkpoint")), dim)
+
+
+def full_state(sae) -> dict[str, Tensor]:
+    """The whole SAE's state_dict (every rank must call it)."""
+    state = sae.state_dict()
+    return {name: gather(t, DIMS[name]) if name in DIMS else t for name, t in state.items()}
+
+
+def full_optimizer_state(sae, optimizer) -> dict:
+    """The optimizer state_dict one process would hold (every rank must call it)."""
+    return _map_state(optimizer.state_dict(), _names(sae, optimizer), gather)
+
+
+def unshard(sae):
+    """A whole SAE on every rank from the shards."""
+    whole = type(sae)(sae.cfg).to(sae.b_dec.device)
+    whole.load_state_dict(full_state(sae))
+    return whole
