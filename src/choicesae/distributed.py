@@ -123,6 +123,16 @@ def _pairs(keep: Tensor) -> Pairs:
     return Pairs(token.contiguous(), feature.contiguous(), tuple(keep.shape))
 
 
+def global_threshold(z: Tensor, M: int) -> tuple[Tensor, Tensor]:
+    """The M-th largest value of z over all ranks, found from each rank's own top M (which
+    holds every one of its winners); returns it and the gathered candidates [W, M]."""
+    candidates = z.new_full((M,), float("-inf"))
+    n = min(M, z.numel())
+    candidates[:n] = z.flatten().topk(n, sorted=False).values
+    every = all_gather(candidates, "selection")  # [W, M]
+    return every.flatten().topk(M, sorted=False).values.min(), every
+
+
 def select_mutual_choice(z_pre: Tensor, k: int, world: World) -> Pairs:
     """This rank's share of the M = k·B largest affinities of the global batch; z_pre
     [B/W, F]. Each rank's top M holds all its global winners, so the M-th largest of the
@@ -131,11 +141,7 @@ def select_mutual_choice(z_pre: Tensor, k: int, world: World) -> Pairs:
     b, F = z_pre.shape
     M = min(k * b * world.size, b * world.size * F)
     z = z_pre.detach().float()
-    candidates = z.new_full((M,), float("-inf"))
-    n = min(M, b * F)
-    candidates[:n] = z.flatten().topk(n, sorted=False).values
-    every = all_gather(candidates, "selection")  # [W, M]
-    t = every.flatten().topk(M, sorted=False).values.min()
+    t, every = global_threshold(z, M)
     if t <= 0:  # fewer than M positive affinities: every positive one is selected
         return _pairs(z > 0)
     need = M - (every > t).sum()

@@ -27,6 +27,7 @@ from choicesae.distributed import (
     all_gather,
     all_reduce,
     dense_acts,
+    global_threshold,
 )
 from choicesae.errors import ConfigError
 from choicesae.kernels import AUX, Pairs
@@ -116,11 +117,7 @@ def select_mutual_choice(z: Tensor, k: int, world: World) -> Pairs:
     B, f = z.shape
     M = min(k * B, B * f * world.size)
     z = z.detach().float()
-    candidates = z.new_full((M,), float("-inf"))
-    n = min(M, B * f)
-    candidates[:n] = z.flatten().topk(n, sorted=False).values
-    every = all_gather(candidates, "selection")  # [W, M]
-    t = every.flatten().topk(M, sorted=False).values.min()
+    t, every = global_threshold(z, M)
     if t <= 0:  # fewer than M positive affinities: every positive one is selected
         return _pairs(z > 0)
     need = M - (every > t).sum()
