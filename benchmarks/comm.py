@@ -52,10 +52,9 @@ def per_step(sparsifier: str, mode: str, args, world) -> dict[str, float]:
     cfg = resolve(TrainConfig(**{**cfg.__dict__, **setting}), args.d)
     torch.manual_seed(0)
     rows = torch.randn(4 * args.batch, args.d)
-    sae = SAE(cfg.sae)
+    latents = sharding.span(cfg.sae.num_latents, world) if features else None
+    sae = SAE(cfg.sae, latents)  # features: each rank its latents (and the whole batch)
     optimizer, state = make_optimizer(sae, cfg), TrainState.fresh(cfg.sae.num_latents, "cpu")
-    if features:  # each rank: its latents, the whole batch
-        sae, optimizer = sharding.shard(sae, optimizer, cfg, world)
     distributed.COMM.clear()
     for x in batches(rows, args.batch, 0):
         if state.step == args.steps:

@@ -4,6 +4,7 @@ steps, the same weights, optimizer state and counters.
 
 The test launches this file under torchrun; the `__main__` part is what each rank runs."""
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -49,12 +50,11 @@ def config(out: Path, sparsifier: str, kernels: str, tag: str = "", **kw) -> Tra
         lr=1e-2,
         warmup_steps=2,
         log_every=5,
-        checkpoint_every=20,
         dead_tokens=2 * B,
         density_tokens=4 * B,  # dead and dying latents within 20 steps
         kernels=kernels,
         progress=False,
-        **kw,
+        **{"checkpoint_every": 20, **kw},
     )
 
 
@@ -102,12 +102,28 @@ def worker(out: Path) -> None:
     for sparsifier in TRAINABLE:
         train(config(out, sparsifier, "dense", "-features", parallel="features"), x)
     train(config(out, "mutual_choice", "sparse", "-local", distributed_selection="local"), x)
+    # halfway checkpoints at another world size: resume one process's on two, and write one
+    train(halfway(out, "mutual_choice", "-from1", parallel="features", resume=True), x)
+    train(halfway(out, "topk", "-from2", parallel="features"), x)
+
+
+def halfway(out: Path, sparsifier: str, tag: str, **kw) -> TrainConfig:
+    """A run of 20 steps with a checkpoint at step 10, to resume from."""
+    return config(out, sparsifier, "dense", tag, checkpoint_every=10, **kw)
+
+
+def rewind(run: Path) -> None:
+    """Leave a finished run as if stopped after its checkpoint of step 10."""
+    (run / "checkpoint-000000020.pt").unlink()
+    shutil.rmtree(run / "sae")
 
 
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory, synthetic):
     out = tmp_path_factory.mktemp("ddp")
     np.save(out / "x.npy", synthetic[0][:4096].numpy())
+    train(halfway(out, "mutual_choice", "-from1"), synthetic[0][:4096])  # one process
+    rewind(out / "mutual_choice-dense-from1")  # the workers resume it
     cmd = [
         sys.executable,
         "-m",
@@ -180,6 +196,24 @@ def test_twenty_steps_match_one_process(launched, tmp_path, sparsifier, kernels,
 def test_feature_sharding_refuses_what_it_lacks(tmp_path, kernels, setting, named):
     with pytest.raises(ConfigError, match=named):
         config(tmp_path, "topk", kernels, parallel="features", **setting)
+
+
+@pytest.mark.parametrize(("sparsifier", "tag"), [("mutual_choice", "-from1"), ("topk", "-from2")])
+def test_resume_at_another_world_size(launched, tmp_path, sparsifier, tag):
+    """Stopped at step 10 of 20 on one process and resumed on two in feature mode (-from1),
+    or the other way round (-from2): the uninterrupted run's weights."""
+    x = torch.from_numpy(np.load(launched / "x.npy"))
+    run = launched / f"{sparsifier}-dense{tag}"
+    if tag == "-from2":  # two processes wrote its checkpoints: resume it on one
+        rewind(run)
+        train(halfway(launched, sparsifier, tag, resume=True), x)
+    single = train(config(tmp_path, sparsifier, "dense"), x)
+    both = SAE.from_pretrained(run / "sae")
+    for name, tensor in single.state_dict().items():
+        torch.testing.assert_close(
+            both.state_dict()[name], tensor, rtol=1e-4, atol=1e-5, equal_nan=True, msg=name
+        )
+    assert torch.load(run / "checkpoint-000000020.pt")["step"] == 20
 
 
 def test_local_selection_budgets_each_slice(launched):

@@ -6,7 +6,7 @@ import torch
 from choicesae.config import SAEConfig
 from choicesae.errors import ConfigError, DataError
 from choicesae.preprocess import denormalize, normalize
-from choicesae.sae import SAE
+from choicesae.sae import CHUNK, SAE
 
 
 def make_sae(**kw):
@@ -19,6 +19,22 @@ def test_shapes_and_tied_init():
     assert sae.W_enc.shape == (16, 64) and sae.W_dec.shape == (64, 16)
     assert torch.equal(sae.W_enc, sae.W_dec.T)
     assert torch.allclose(sae.W_dec.norm(dim=-1), torch.ones(64))
+
+
+def test_a_shard_holds_the_whole_saes_initial_latents():
+    """Feature sharding builds only its latents, drawn as the whole SAE draws them (in chunks
+    of sae.CHUNK rows, here several), and leaves the RNG where the whole SAE does."""
+    cfg = SAEConfig(k=4, num_latents=2 * CHUNK + 8).resolve(3)
+    torch.manual_seed(0)
+    whole, after = SAE(cfg), torch.randn(2)
+    for lo, hi in [(0, 8), (CHUNK - 4, 2 * CHUNK + 4), (2 * CHUNK, 2 * CHUNK + 8)]:
+        torch.manual_seed(0)
+        shard = SAE(cfg, slice(lo, hi))
+        assert torch.equal(torch.randn(2), after)
+        assert shard.W_dec.shape == (hi - lo, 3) and shard.b_enc.shape == (hi - lo,)
+        assert torch.equal(shard.W_dec, whole.W_dec[lo:hi])
+        assert torch.equal(shard.W_enc, whole.W_enc[:, lo:hi])
+        assert shard.density.shape == whole.density.shape  # the [F] buffers stay whole
 
 
 def test_unresolved_config_is_refused():

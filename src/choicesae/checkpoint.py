@@ -42,15 +42,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def read_checkpoint(path: Path, device: str = "cpu") -> dict:
-    """One checkpoint file; a DataError if it is unreadable."""
+def read_checkpoint(path: Path, device: str = "cpu", mmap: bool = False) -> dict:
+    """One checkpoint file; a DataError if it is unreadable. `mmap` (with device "cpu") maps
+    the tensors instead of reading them: a slice of one reads only its own pages."""
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        return torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except Exception as e:  # a torn or corrupt file raises pickle, zip or EOF errors alike
         raise DataError(f"checkpoint {path} is unreadable: {e}") from e
 
 
-def load_checkpoint(out: Path, device: str = "cpu") -> dict:
+def load_checkpoint(out: Path, device: str = "cpu", mmap: bool = False) -> dict:
     """The newest readable checkpoint of the run folder `out`; an unreadable newer one is
     reported and skipped."""
     paths = checkpoint_paths(out)
@@ -58,7 +59,7 @@ def load_checkpoint(out: Path, device: str = "cpu") -> dict:
         raise DataError(f"cannot resume: {out} holds no checkpoint")
     for path in reversed(paths):
         try:
-            return read_checkpoint(path, device)
+            return read_checkpoint(path, device, mmap)
         except DataError as e:
             warnings.warn(f"skipping unreadable checkpoint: {e}", stacklevel=2)
     raise DataError(f"cannot resume: no checkpoint in {out} is readable")

@@ -93,6 +93,26 @@ def all_reduce(t: Tensor, purpose: str) -> Tensor:
     return t
 
 
+def gather_to_main(t: Tensor, dim: int, world: World, purpose: str) -> Tensor | None:
+    """On rank 0, the whole tensor on the CPU from every rank's equal shard t, concatenated
+    along dim; None on the other ranks. Rank 0 receives one shard at a time, so no device
+    holds more than its shard and one buffer."""
+    t = t.detach().contiguous()
+    if not world.main:
+        COMM[purpose] += t.numel() * t.element_size()
+        dist.send(t, 0)
+        return None
+    n = t.shape[dim]
+    shape = (*t.shape[:dim], n * world.size, *t.shape[dim + 1 :])
+    whole = torch.empty(shape, dtype=t.dtype)
+    whole.narrow(dim, 0, n).copy_(t)
+    buffer = torch.empty_like(t)
+    for rank in range(1, world.size):
+        dist.recv(buffer, rank)
+        whole.narrow(dim, rank * n, n).copy_(buffer)
+    return whole
+
+
 def any_rank(flag: bool, world: World) -> bool:
     """True on every rank when `flag` is true on one (a stop signal must stop them all)."""
     if world.size == 1:

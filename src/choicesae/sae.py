@@ -23,23 +23,43 @@ WEIGHTS, CONFIG = "model.safetensors", "config.json"
 Inference = Literal["feature", "global"] | None  # JumpReLU thresholds, or None: batch inference
 
 
+CHUNK = 4096  # rows of W_dec drawn at a time
+
+
+def init_decoder(num_latents: int, d_in: int, latents: slice) -> Tensor:
+    """Rows `latents` [hi − lo, d_in] of a random W_dec [F, d_in] with unit-norm rows. The
+    rows are drawn from the global RNG CHUNK at a time, every chunk (so the RNG ends where the
+    whole draw leaves it) but only the wanted rows kept: a shard's rows are exactly the whole
+    SAE's at any world size, and memory stays O(CHUNK + hi − lo) rows."""
+    lo, hi = latents.start, latents.stop
+    W_dec = torch.empty(hi - lo, d_in)
+    for start in range(0, num_latents, CHUNK):
+        chunk = torch.randn(min(CHUNK, num_latents - start), d_in)  # rows [start, start + n)
+        a, b = max(lo, start), min(hi, start + len(chunk))
+        if a < b:
+            W_dec[a - lo : b - lo] = chunk[a - start : b - start]
+    return W_dec / W_dec.norm(dim=-1, keepdim=True)
+
+
 class SAE(nn.Module):
     """x̂ = σ_s((x − b_dec) W_enc + b_enc) W_dec + b_dec, rows of W_dec unit-norm.
 
     Shapes follow SAELens: W_enc [d_in, F], W_dec [F, d_in].
     """
 
-    def __init__(self, cfg: SAEConfig):
+    def __init__(self, cfg: SAEConfig, latents: slice | None = None):
+        """`latents` [lo, hi): hold only these latents' W_enc columns, b_enc and W_dec rows,
+        initialised as in the whole SAE (feature sharding, sharding.py); the [F] buffers stay
+        whole."""
         super().__init__()
         if not (cfg.d_in and cfg.num_latents):
             raise ConfigError("SAE needs a resolved config: call cfg.resolve(d_in) first")
         self.cfg = cfg
         F, d = cfg.num_latents, cfg.d_in
-        W_dec = torch.randn(F, d)
-        W_dec /= W_dec.norm(dim=-1, keepdim=True)
+        W_dec = init_decoder(F, d, latents or slice(0, F))
         self.W_dec = nn.Parameter(W_dec)
         self.W_enc = nn.Parameter(W_dec.T.clone())  # tied initialisation (Gao et al.)
-        self.b_enc = nn.Parameter(torch.zeros(F))
+        self.b_enc = nn.Parameter(torch.zeros(len(W_dec)))
         self.b_dec = nn.Parameter(torch.zeros(d))
         # state learnt in training and saved with the weights: the dataset-level normalisation
         # factor (normalize="dataset"), the Zipf (alpha, beta) in use, each feature's density

@@ -12,13 +12,16 @@ every rank. A step is the one-process step:
 - x̂ = Σ_r z_r W_dec,r + b_dec: one all_reduce of [B, d] partial sums, the same x̂ and loss on
   every rank, so the sharded parameters' gradients are the global ones; b_dec's encoder-side
   gradient (a sum over the shards' uses) is all_reduced in the backward pass;
-- firing counts are gathered to [F], checkpoints and the SAE gathered to the one-process
-  layout, loadable at any world size.
+- firing counts are gathered to [F]. No rank ever holds the whole SAE on its device: each
+  builds its shard (SAE(cfg, latents), the whole SAE's initial values), reads its slice of a
+  checkpoint on --resume, and sends its shard to rank 0's CPU, which writes checkpoints and
+  the SAE in the one-process layout, loadable at any world size.
 """
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from choicesae import distributed
 from choicesae.distributed import (
     World,
     _first,
@@ -32,6 +35,7 @@ from choicesae.distributed import (
 from choicesae.errors import ConfigError
 from choicesae.kernels import AUX, Pairs
 from choicesae.losses import fvu, l1, mse
+from choicesae.sae import SAE
 
 DIMS = {"W_enc": 1, "W_dec": 0, "b_enc": 0}  # the sharded parameters: their latent dim
 
@@ -218,7 +222,7 @@ def clip_grad_norm_(sae, max_norm: float) -> None:
         p.grad.mul_(coef)
 
 
-# ---- sharding and gathering the state ---------------------------------------------------------
+# ---- slicing and gathering the state ----------------------------------------------------------
 
 
 def _names(sae, optimizer) -> list[str]:
@@ -240,39 +244,50 @@ def _map_state(state: dict, names: list[str], fn) -> dict:
     return {**state, "state": per_param}
 
 
-def shard(sae, optimizer, cfg, world: World):
-    """Keep this rank's latents of a whole SAE and its optimizer; returns (sae, optimizer)."""
-    from choicesae.train import make_optimizer  # train imports this module
-
+def local_state(model: dict, moments: dict, sae, optimizer, world: World) -> tuple[dict, dict]:
+    """This rank's slices of a whole SAE's state_dict `model` and its optimizer's state_dict
+    `moments` (a checkpoint's, memory-mapped: only the slices are read), for the shards `sae`
+    and `optimizer`."""
     s = span(sae.cfg.num_latents, world)
-    names, state = _names(sae, optimizer), optimizer.state_dict()
-    for name, dim in DIMS.items():
-        whole = getattr(sae, name).detach()
-        setattr(sae, name, nn.Parameter(whole.narrow(dim, s.start, s.stop - s.start).clone()))
-    optimizer = make_optimizer(sae, cfg)
-    sliced = _map_state(state, names, lambda t, dim: t.narrow(dim, s.start, s.stop - s.start))
-    optimizer.load_state_dict(sliced)
-    return sae, optimizer
+
+    def cut(t: Tensor, dim: int) -> Tensor:
+        return t.narrow(dim, s.start, s.stop - s.start).clone()
+
+    model = {name: cut(t, DIMS[name]) if name in DIMS else t for name, t in model.items()}
+    return model, _map_state(moments, _names(sae, optimizer), cut)
 
 
-def gather(t: Tensor, dim: int) -> Tensor:
-    """The whole tensor from every rank's shard t, concatenated along dim."""
-    return torch.cat(list(all_gather(t.detach(), "checkpoint")), dim)
+def full_state(sae, world: World) -> dict[str, Tensor] | None:
+    """The whole SAE's state_dict, on rank 0's CPU (None elsewhere; every rank must call it)."""
+    state = {
+        name: (
+            distributed.gather_to_main(t, DIMS[name], world, "checkpoint")
+            if name in DIMS
+            else t.cpu()
+        )
+        for name, t in sae.state_dict().items()
+    }
+    return state if world.main else None
 
 
-def full_state(sae) -> dict[str, Tensor]:
-    """The whole SAE's state_dict (every rank must call it)."""
-    state = sae.state_dict()
-    return {name: gather(t, DIMS[name]) if name in DIMS else t for name, t in state.items()}
+def full_optimizer_state(sae, optimizer, world: World) -> dict | None:
+    """The optimizer state_dict one process would hold, on rank 0, the sharded parameters'
+    moments on its CPU (None elsewhere; every rank must call it)."""
+
+    def gather(t: Tensor, dim: int) -> Tensor | None:
+        return distributed.gather_to_main(t, dim, world, "checkpoint")
+
+    state = _map_state(optimizer.state_dict(), _names(sae, optimizer), gather)
+    return state if world.main else None
 
 
-def full_optimizer_state(sae, optimizer) -> dict:
-    """The optimizer state_dict one process would hold (every rank must call it)."""
-    return _map_state(optimizer.state_dict(), _names(sae, optimizer), gather)
-
-
-def unshard(sae):
-    """A whole SAE on every rank from the shards."""
-    whole = type(sae)(sae.cfg).to(sae.b_dec.device)
-    whole.load_state_dict(full_state(sae))
-    return whole
+def whole(sae, world: World):
+    """On rank 0 the whole SAE, on its CPU (it may not fit one device), gathered from the
+    shards; on the other ranks their shard `sae`. Every rank must call it."""
+    state = full_state(sae, world)
+    if not world.main:
+        return sae
+    with torch.device("meta"):  # no weights drawn or allocated: the gathered ones are assigned
+        out = SAE(sae.cfg)
+    out.load_state_dict(state, assign=True)
+    return out

@@ -151,30 +151,29 @@ def train(cfg: TrainConfig, activations: Rows | None = None) -> SAE:
     batches(rows, cfg.batch_size, cfg.seed, cfg.device)  # checks the batch size
     world = distributed.init_from_env(cfg.device)  # under torchrun: this process's rank
     sharded = sharding.feature_sharded(cfg, world)
+    latents = sharding.span(cfg.sae.num_latents, world) if sharded else None
     if not sharded:
         distributed.check_batch(cfg.batch_size, world)
     out = prepare_run(cfg) if world.main else Path(cfg.out)
     torch.manual_seed(cfg.seed)  # every rank starts from the same weights
-    sae = SAE(cfg.sae).to(cfg.device)
+    sae = SAE(cfg.sae, latents).to(cfg.device)  # --parallel features: this rank's latents
     optimizer = make_optimizer(sae, cfg)
     if cfg.resume:  # every rank reads the checkpoint: --out must be shared by the nodes
-        state = resume_(out, cfg, sae, optimizer, trim=world.main)
+        state = resume_(out, cfg, sae, optimizer, world)
     else:
         sample = batches(rows, min(rows.shape[0], 16_384), cfg.seed, cfg.device)
         sae.init_from_data_(next(sample))
         state = TrainState.fresh(cfg.sae.num_latents, cfg.device)
     data = batches(rows, cfg.batch_size, cfg.seed, cfg.device, start=state.step)
-    if sharded:  # every rank: the whole batch, its slice of the latents
-        sae, optimizer = sharding.shard(sae, optimizer, cfg, world)
-    else:
+    if not sharded:  # feature sharding: every rank takes the whole batch
         data = (distributed.shard(x, world) for x in data)  # this rank's slice of each batch
     loggers = (
         open_loggers(cfg, out, state.step) if world.main else contextlib.nullcontext(Loggers([]))
     )
     with stop_signals() as stop, loggers as log:
         record = run_loop(sae, optimizer, data, cfg, state, log, stop, world)
-    if sharded:
-        sae = sharding.unshard(sae)
+    if sharded:  # the whole SAE on rank 0's CPU, the shards elsewhere
+        sae = sharding.whole(sae, world)
     if world.main:  # one copy, the same as one process writes: loadable at any world size
         sae.save_pretrained(out / "sae")
         # the last fit, dead and dying counts travel with the model
@@ -455,8 +454,8 @@ def checkpoint_state(
     state: TrainState, sae: SAE, optimizer, cfg: TrainConfig, world: World = SINGLE
 ) -> dict:
     """Plain tensors and numbers only, so the checkpoint loads with weights_only=True. With
-    --parallel features, the whole SAE and optimizer state gathered from the shards (every rank
-    calls this): the one-process layout."""
+    --parallel features, the whole SAE and optimizer state gathered from the shards to rank 0
+    (None on the others; every rank calls this): the one-process layout."""
     sharded = sharding.feature_sharded(cfg, world)
     return {
         "config": json.dumps(dataclasses.asdict(cfg)),
@@ -466,18 +465,21 @@ def checkpoint_state(
         "window_tokens": state.densities.tokens,
         "dying": state.dying,
         "fit": state.fit,
-        "sae": sharding.full_state(sae) if sharded else sae.state_dict(),
+        "sae": sharding.full_state(sae, world) if sharded else sae.state_dict(),
         "optimizer": (
-            sharding.full_optimizer_state(sae, optimizer) if sharded else optimizer.state_dict()
+            sharding.full_optimizer_state(sae, optimizer, world)
+            if sharded
+            else optimizer.state_dict()
         ),
         "skipped": state.skipped,
         "rng": torch.get_rng_state(),
     }
 
 
-def resume_(out: Path, cfg: TrainConfig, sae: SAE, optimizer, trim: bool = True) -> TrainState:
-    """Load the checkpoint into `sae` and `optimizer`; refuse one from a different run."""
-    saved = load_checkpoint(out, cfg.device)
+def resume_(out: Path, cfg: TrainConfig, sae: SAE, optimizer, world: World = SINGLE) -> TrainState:
+    """Load the checkpoint into `sae` and `optimizer` (with --parallel features, this rank's
+    slice of it); refuse one from a different run."""
+    saved = load_checkpoint(out, mmap=True)  # mapped on the CPU: each tensor read when used
     ignore = {"resume", "overwrite", "progress", "log", "wandb_mode", "wandb_project", "parallel"}
     old = {k: v for k, v in json.loads(saved["config"]).items() if k not in ignore}
     new = {
@@ -486,20 +488,19 @@ def resume_(out: Path, cfg: TrainConfig, sae: SAE, optimizer, trim: bool = True)
     if old != new:
         changed = sorted(k for k in new if old.get(k) != new[k])
         raise ConfigError(f"cannot resume {out}: settings differ from the run's ({changed})")
-    sae.load_state_dict(saved["sae"])
-    optimizer.load_state_dict(saved["optimizer"])
-    if trim:  # one writer: rank 0 under torchrun
+    model, moments = saved["sae"], saved["optimizer"]
+    if sharding.feature_sharded(cfg, world):
+        model, moments = sharding.local_state(model, moments, sae, optimizer, world)
+    sae.load_state_dict(model)
+    optimizer.load_state_dict(moments)
+    if world.main:  # one writer under torchrun
         trim_metrics(out / "metrics.jsonl", saved["step"])
     torch.set_rng_state(saved["rng"])
-    densities = Densities(saved["counts"], saved["window_tokens"], sae.density.clone())
-    return TrainState(
-        saved["step"],
-        saved["since_fired"],
-        densities,
-        saved["dying"],
-        saved["fit"],
-        saved["skipped"],
-    )
+    [since_fired, counts, dying] = [
+        saved[name].to(cfg.device, copy=True) for name in ("since_fired", "counts", "dying")
+    ]
+    densities = Densities(counts, saved["window_tokens"], sae.density.clone())
+    return TrainState(saved["step"], since_fired, densities, dying, saved["fit"], saved["skipped"])
 
 
 def trim_metrics(path: Path, step: int) -> None:
