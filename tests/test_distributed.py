@@ -17,7 +17,6 @@ from choicesae.config import SAEConfig, TrainConfig
 from choicesae.errors import ConfigError
 from choicesae.sae import SAE
 from choicesae.sparsifiers import (
-    TRAINABLE,
     feature_choice,
     mutual_choice,
     topk,
@@ -99,8 +98,11 @@ def worker(out: Path) -> None:
     x = torch.from_numpy(np.load(out / "x.npy"))
     for sparsifier, kernels in RUNS:
         train(config(out, sparsifier, kernels), x)
-    for sparsifier in TRAINABLE:
-        train(config(out, sparsifier, "dense", "-features", parallel="features"), x)
+    for sparsifier, kernels in RUNS:
+        train(config(out, sparsifier, kernels, "-features", parallel="features"), x)
+    for sparsifier in SPARSIFIERS:
+        setting = SETTINGS["-features-4k"]
+        train(config(out, sparsifier, "sparse", "-features-4k", parallel="features", **setting), x)
     train(config(out, "mutual_choice", "sparse", "-local", distributed_selection="local"), x)
     # halfway checkpoints at another world size: resume one process's on two, and write one
     train(halfway(out, "mutual_choice", "-from1", parallel="features", resume=True), x)
@@ -166,13 +168,15 @@ def test_global_selection_equals_one_process(launched, name, ties, mode):
 
 
 RUNS_ALL = [(s, kernels, "") for s, kernels in RUNS]
-RUNS_ALL += [(s, "dense", "-features") for s in TRAINABLE]
+RUNS_ALL += [(s, kernels, "-features") for s, kernels in RUNS]
+RUNS_ALL += [(s, "sparse", "-features-4k") for s in SPARSIFIERS]
+SETTINGS = {"-features-4k": {"multi_topk": True}}  # besides the mode
 
 
 @pytest.mark.parametrize(("sparsifier", "kernels", "tag"), RUNS_ALL)
 def test_twenty_steps_match_one_process(launched, tmp_path, sparsifier, kernels, tag):
     x = torch.from_numpy(np.load(launched / "x.npy"))
-    single = train(config(tmp_path, sparsifier, kernels), x)
+    single = train(config(tmp_path, sparsifier, kernels, **SETTINGS.get(tag, {})), x)
     both = SAE.from_pretrained(launched / f"{sparsifier}-{kernels}{tag}" / "sae")
     for name, tensor in single.state_dict().items():
         torch.testing.assert_close(
@@ -190,12 +194,12 @@ def test_twenty_steps_match_one_process(launched, tmp_path, sparsifier, kernels,
 
 
 @pytest.mark.parametrize(
-    ("kernels", "setting", "named"),
-    [("sparse", {}, "--kernels sparse"), ("dense", {"nfm_coeff": 0.1}, "nfm_coeff")],
+    ("setting", "named"),
+    [({"nfm_coeff": 0.1}, "nfm_coeff"), ({"distributed_selection": "local"}, "local")],
 )
-def test_feature_sharding_refuses_what_it_lacks(tmp_path, kernels, setting, named):
+def test_feature_sharding_refuses_what_it_lacks(tmp_path, setting, named):
     with pytest.raises(ConfigError, match=named):
-        config(tmp_path, "topk", kernels, parallel="features", **setting)
+        config(tmp_path, "topk", "sparse", parallel="features", **setting)
 
 
 @pytest.mark.parametrize(("sparsifier", "tag"), [("mutual_choice", "-from1"), ("topk", "-from2")])

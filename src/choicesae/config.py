@@ -265,7 +265,6 @@ def check_feature_parallel(cfg: "TrainConfig") -> None:
     if cfg.parallel != "features":
         return
     missing = {
-        "--kernels sparse (give --kernels dense)": cfg.kernels == "sparse",
         "--distributed-selection local": cfg.distributed_selection == "local",
         "nfm_coeff / nfm_inf_coeff": bool(cfg.nfm_coeff or cfg.nfm_inf_coeff),
     }

@@ -254,10 +254,14 @@ def pre_acts(sae, x: Tensor, feature_major: bool = False) -> Tensor:
         return torch.mm(xc, sae.W_enc).add_(sae.b_enc)
 
 
-def encode_pairs(sae, x: Tensor, z_pre: Tensor, pairs: Pairs) -> Tensor:
+def encode_pairs(
+    sae, x: Tensor, z_pre: Tensor, pairs: Pairs, b_dec: Tensor | None = None
+) -> Tensor:
     """[n] float32 affinities z'[pairs] (z_pre from `pre_acts`), differentiable in the SAE's
-    encoder and in x through the sparse backward."""
-    return _EncodePairs.apply(z_pre, x, sae.W_enc, sae.b_enc, sae.b_dec, pairs)
+    encoder and in x through the sparse backward. `b_dec` stands for sae.b_dec (sharding.py
+    passes one whose gradient sums over the ranks' shards)."""
+    b_dec = sae.b_dec if b_dec is None else b_dec
+    return _EncodePairs.apply(z_pre, x, sae.W_enc, sae.b_enc, b_dec, pairs)
 
 
 def decode_pairs(pairs: Pairs, acts: Tensor, W_dec: Tensor) -> Tensor:
@@ -283,7 +287,7 @@ def aux_loss(pairs: Pairs, acts: Tensor, residual: Tensor, W_dec: Tensor) -> Ten
     return (residual - e_hat).pow(2).sum() / residual.pow(2).sum().clamp_min(1e-12)
 
 
-def _split(values: Tensor, pairs: dict[str, Pairs]) -> dict[str, Tensor]:
+def split(values: Tensor, pairs: dict[str, Pairs]) -> dict[str, Tensor]:
     """values [Σ n_i] of `concat(pairs)` back into one [n_i] per selection."""
     if len(pairs) == 1:
         return dict.fromkeys(pairs, values)
@@ -322,7 +326,7 @@ def fast_loss_terms(
     z_pre = pre_acts(sae, x, feature_major=sparsifier == "feature_choice")  # [B, F]
     pairs = select_all(sae, z_pre, cfg, sparsifier, masks)
     values = encode_pairs(sae, x, z_pre, concat(list(pairs.values())))  # one sparse backward
-    acts = _split(values.relu(), pairs)  # [n_i] activations of each selection
+    acts = split(values.relu(), pairs)  # [n_i] activations of each selection
     x_hat = decode_pairs(pairs["mse"], acts["mse"], sae.W_dec) + sae.b_dec
     terms = {"mse": mse(x_hat, x)}
     if "mse_4k" in pairs:

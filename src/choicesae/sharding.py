@@ -21,7 +21,7 @@ every rank. A step is the one-process step:
 import torch
 from torch import Tensor
 
-from choicesae import distributed
+from choicesae import distributed, kernels
 from choicesae.distributed import (
     World,
     _first,
@@ -157,26 +157,44 @@ def select(name: str, z: Tensor, k: int, m: Tensor | None, world: World) -> Pair
 # ---- the step ---------------------------------------------------------------------------------
 
 
+def select_code(sae, name: str, z: Tensor, k: int, world: World) -> Pairs:
+    """The code of sparsifier `name` (not relu) over the whole SAE from this rank's z [B, F/W];
+    Feature Choice's capacities come from the whole [F] ranking, then this rank's slice."""
+    m = None
+    if name == "feature_choice":
+        m = sae.capacities(z.shape[0], k)[span(sae.cfg.num_latents, world)]
+    return select(name, z.detach(), k, m, world)
+
+
+def select_masked_topk(z: Tensor, mask: Tensor, k_aux: int, world: World) -> Pairs | None:
+    """kernels.select_masked_topk over the shards: each token's top k_aux latents among mask
+    [F] (whole on every rank); z [B, F/W]. None when the mask is empty."""
+    count = int(mask.sum())
+    if count == 0:
+        return None
+    masked = z.detach().masked_fill(~mask[span(len(mask), world)], float("-inf"))
+    return select_topk(masked, min(k_aux, count), world)
+
+
+def _unexplained(residual: Tensor, e_hat: Tensor) -> Tensor:
+    """losses.aux_k's |e − ê|² / |e|² of the residual e [B, d] and its reconstruction ê."""
+    return (residual - e_hat).pow(2).sum() / residual.pow(2).sum().clamp_min(1e-12)
+
+
 def sparse_acts(sae, name: str, z: Tensor, k: int, world: World) -> Tensor:
     """This rank's activations [B, F/W] of sparsifier `name` over the whole SAE."""
     if name == "relu":
         return z.relu()
-    m = None
-    if name == "feature_choice":  # from the whole [F] ranking, then this rank's slice
-        m = sae.capacities(z.shape[0], k)[span(sae.cfg.num_latents, world)]
-    return dense_acts(z, select(name, z.detach(), k, m, world))
+    return dense_acts(z, select_code(sae, name, z, k, world))
 
 
 def aux_loss(sae, z: Tensor, mask: Tensor, residual: Tensor, k_aux: int, world: World) -> Tensor:
     """losses.aux_k over the shards: each token's top-k_aux latents among mask [F] (whole on
     every rank) reconstruct the residual [B, d]; z [B, F/W]."""
-    count = int(mask.sum())
-    if count == 0:
+    pairs = select_masked_topk(z, mask, k_aux, world)
+    if pairs is None:
         return z.new_zeros(())
-    masked = z.masked_fill(~mask[span(sae.cfg.num_latents, world)], float("-inf"))
-    pairs = select_topk(masked, min(k_aux, count), world)
-    e_hat = decode(sae, dense_acts(z, pairs), bias=False)
-    return (residual - e_hat).pow(2).sum() / residual.pow(2).sum().clamp_min(1e-12)
+    return _unexplained(residual, decode(sae, dense_acts(z, pairs), bias=False))
 
 
 def loss_terms(sae, x: Tensor, cfg, sparsifier: str, masks, step: int, world: World):
@@ -200,6 +218,52 @@ def loss_terms(sae, x: Tensor, cfg, sparsifier: str, masks, step: int, world: Wo
                 aux = aux_loss(sae, z, getattr(masks, mask), residual, cfg.k_aux, world)
                 terms[name] = getattr(cfg, coeff) * aux
     return StepOut(sum(terms.values()), terms, acts, x_hat)
+
+
+def selections(sae, z: Tensor, cfg, sparsifier: str, masks, world: World) -> dict[str, Pairs]:
+    """kernels.selections over the shards from this rank's z [B, F/W]: the code, the
+    Multi-TopK code and the latents of each aux loss whose mask is not empty."""
+    k = sae.cfg.k
+    pairs = {"mse": select_code(sae, sparsifier, z, k, world)}
+    if cfg.multi_topk:  # Gao et al. 5.3.1: L(k) + L(4k)/8
+        pairs["mse_4k"] = select_code(sae, sparsifier, z, 4 * k, world)
+    for name, (coeff, mask) in AUX.items():
+        if getattr(cfg, coeff) and sparsifier != "feature_choice":  # section 4.4
+            chosen = select_masked_topk(z, getattr(masks, mask), cfg.k_aux, world)
+            if chosen is not None:
+                pairs[name] = chosen
+    return pairs
+
+
+def fast_loss_terms(sae, x: Tensor, cfg, sparsifier: str, masks, step: int, world: World):
+    """kernels.fast_loss_terms with the latents sharded: this rank's pairs go through the
+    sparse encoder backward (b_dec's gradient summed over the shards) and the sparse decoder,
+    whose partial sums are reduced as in `decode`. relu has no sparse form: `loss_terms`."""
+    from choicesae.train import StepOut  # train imports this module
+
+    if sparsifier == "relu":
+        return loss_terms(sae, x, cfg, sparsifier, masks, step, world)
+    z = kernels.pre_acts(sae, x)  # [B, F/W], no autograd
+    pairs = selections(sae, z, cfg, sparsifier, masks, world)
+    b_dec = _Replicated.apply(sae.b_dec)  # the encoder's use of b_dec, one per shard
+    values = kernels.encode_pairs(sae, x, z, kernels.concat(list(pairs.values())), b_dec)
+    acts = kernels.split(values.relu(), pairs)  # [n_i] this rank's activations per selection
+    decoded = {  # [B, d] each: the whole SAE's product, no bias
+        name: _SumShards.apply(kernels.decode_pairs(p, acts[name], sae.W_dec))
+        for name, p in pairs.items()
+    }
+    x_hat = decoded["mse"] + sae.b_dec
+    terms = {"mse": mse(x_hat, x)}
+    if cfg.multi_topk:
+        terms["mse_4k"] = mse(decoded["mse_4k"] + sae.b_dec, x) / 8
+    residual = (x - x_hat).detach()  # the aux losses only move the latents they select
+    for name, (coeff, _) in AUX.items():
+        if getattr(cfg, coeff) and sparsifier != "feature_choice":  # empty mask: zero
+            aux = _unexplained(residual, decoded[name]) if name in decoded else x.new_zeros(())
+            terms[name] = getattr(cfg, coeff) * aux
+    return StepOut(
+        sum(terms.values()), terms, kernels.sparse_acts(pairs["mse"], acts["mse"]), x_hat
+    )
 
 
 def reduce_step(result, x: Tensor, world: World, fired: Tensor):

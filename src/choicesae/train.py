@@ -301,8 +301,9 @@ def step_loss(cfg: TrainConfig, world: World):
     """The loss function of a step: the sparse kernels or the dense reference (--kernels),
     selecting over this process's batch or, under torchrun with --distributed-selection global,
     over the global batch (distributed.py)."""
-    if sharding.feature_sharded(cfg, world):  # --parallel features: the dense step only
-        return functools.partial(sharding.loss_terms, world=world)
+    if sharding.feature_sharded(cfg, world):  # --parallel features
+        sharded = sharding.fast_loss_terms if cfg.kernels == "sparse" else sharding.loss_terms
+        return functools.partial(sharded, world=world)
     local = world.size == 1 or cfg.distributed_selection == "local"
     if cfg.kernels == "sparse":
         return (
