@@ -7,8 +7,8 @@ purpose, measured in a real multi-process run
     .venv/bin/python benchmarks/comm.py --nproc 2 --d 64 --expansion 8 --batch 512
 
 selection: candidate values all_gathered (each rank sends this; it receives W−1 times it).
-gradients: data: one flat all_reduce of every gradient (2·F·d + F + d floats); features: the
-  encoder input's gradient [B, d] (b_dec's share from each shard), once per step.
+gradients: data: one flat all_reduce of every gradient (2·F·d + F + d floats); features
+  (the sparse step): b_dec's encoder-side gradient [d], once per step.
 activations: features: the decoder's partial sums [B, d], all_reduced per decode.
 stats: data: all_reduce of loss terms, firing counts [F], FVU sums (and |e|² for the aux
   losses); features: firing counts [F/W] all_gathered and the gradient norm (clipping).
@@ -47,7 +47,7 @@ def per_step(sparsifier: str, mode: str, args, world) -> dict[str, float]:
     """Mean bytes per step and purpose over args.steps steps of `sparsifier` in `mode`."""
     sae_cfg = SAEConfig(sparsifier=sparsifier, k=args.k, expansion=args.expansion)
     cfg = TrainConfig(sae=sae_cfg, batch_size=args.batch, steps=args.steps, progress=False)
-    features = {"parallel": "features", "kernels": "dense"} if mode == "features" else {}
+    features = {"parallel": "features"} if mode == "features" else {}
     setting = features or {"distributed_selection": mode}
     cfg = resolve(TrainConfig(**{**cfg.__dict__, **setting}), args.d)
     torch.manual_seed(0)
