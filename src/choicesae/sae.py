@@ -56,7 +56,7 @@ class SAE(nn.Module):
             raise ConfigError("SAE needs a resolved config: call cfg.resolve(d_in) first")
         self.cfg = cfg
         F, d = cfg.num_latents, cfg.d_in
-        W_dec = init_decoder(F, d, latents or slice(0, F))
+        W_dec = init_decoder(F, d, slice(0, F) if latents is None else latents)
         self.W_dec = nn.Parameter(W_dec)
         self.W_enc = nn.Parameter(W_dec.T.clone())  # tied initialisation (Gao et al.)
         self.b_enc = nn.Parameter(torch.zeros(len(W_dec)))

@@ -141,7 +141,9 @@ class TrainState:
 
 def train(cfg: TrainConfig, activations: Rows | None = None) -> SAE:
     """Train an SAE on `activations` [N, d_in] (or cfg.activations / cfg.store) and save it to
-    cfg.out/sae. Every setting and the data are checked before anything is written."""
+    cfg.out/sae. Every setting and the data are checked before anything is written. Under
+    torchrun with --parallel features, rank 0 returns the whole SAE on its CPU and the other
+    ranks their shard."""
     if activations is None:
         key = cfg.activations_key
         rows = Store(cfg.store) if cfg.store else load_activations(cfg.activations, key)
