@@ -6,6 +6,7 @@ import sys
 import torch
 
 from choicesae import distributed
+from choicesae.bench import BenchConfig, bench
 from choicesae.browser import BrowseConfig, browse
 from choicesae.config import TrainConfig, add_arguments, file_defaults, from_arguments
 from choicesae.errors import ChoiceSAEError, Interrupted
@@ -26,6 +27,10 @@ def _train(cfg: TrainConfig) -> None:
         torch.distributed.destroy_process_group()  # before exit, or gloo may abort
     if world.main:
         print(f"saved the SAE to {cfg.out}/sae, metrics in {cfg.out}/metrics.jsonl")
+
+
+def _bench(cfg: BenchConfig) -> None:
+    print(f"wrote {bench(cfg)} and the plots beside it")
 
 
 def _synthetic(cfg: SyntheticConfig) -> None:
@@ -80,9 +85,16 @@ COMMANDS = {
     "eval": (EvalConfig, _eval, "Evaluate a run on a held-out store; thresholds and report."),
     "compare": (CompareConfig, _compare, "Pareto plot and table of evaluated runs."),
     "browse": (BrowseConfig, _browse, "Static HTML pages of a run's top features."),
+    "bench": (BenchConfig, _bench, "Compare every sparsifier at matched L0 (docs/results.md)."),
 }
 # commands whose main setting may also be given positionally: `choicesae hookpoints MODEL`
-POSITIONAL = {"hookpoints": "model", "verify": "path", "eval": "run", "browse": "run"}
+POSITIONAL = {
+    "bench": "data",
+    "hookpoints": "model",
+    "verify": "path",
+    "eval": "run",
+    "browse": "run",
+}
 VARIADIC = {"compare": "runs"}  # several positional values, joined with commas
 
 

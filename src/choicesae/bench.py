@@ -1,0 +1,433 @@
+"""`choicesae bench synthetic|minilm`: the paper's comparisons, end to end, on data anyone can
+regenerate (docs/results.md reports what they show).
+
+Every method trains on the same rows with the same token budget (steps x batch) and the same
+mean L0 target k, over several seeds and two or three k; each trained SAE is then measured on
+held-out rows with batch inference and with single-token JumpReLU inference (appendix B: a
+threshold per feature, and the BatchTopK post's one global threshold):
+
+  topk                 Token Choice (Gao et al.)
+  mutual_choice        Mutual Choice = BatchTopK; its global-threshold column is BatchTopK
+                       with the threshold at inference
+  feature_choice       Feature Choice, uniform capacities M/F (section 4.3)
+  feature_choice_zipf  phased: Mutual Choice, then Zipf Feature Choice (section 4.4)
+  relu                 ReLU + L1, the L1 coefficient calibrated to reach L0 = k
+  mutual_choice_no_aux_zipf   Mutual Choice with aux_k only (the aux_zipf ablation)
+
+Results accumulate in OUT/results.jsonl (a run already there is not trained again), then
+OUT/table.md, OUT/pareto.png (L0-FVU), OUT/phase_switch.png (FVU across the switch to Feature
+Choice) and OUT/features_per_token.png are written from them.
+"""
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from choicesae import metrics
+from choicesae.config import SAEConfig, TrainConfig
+from choicesae.errors import ConfigError
+from choicesae.evaluate import compare_inference, first_tokens, splice_metrics
+from choicesae.harvest import HarvestConfig, harvest
+from choicesae.preprocess import normalize
+from choicesae.sae import SAE
+from choicesae.store import Store
+from choicesae.synthetic import SyntheticConfig, max_cosines, sparse_dictionary
+from choicesae.thresholds import estimate_thresholds_
+from choicesae.train import train
+
+METHODS = (
+    "topk",
+    "mutual_choice",
+    "feature_choice",
+    "feature_choice_zipf",
+    "relu",
+    "mutual_choice_no_aux_zipf",
+)
+
+# each data set's default budget: long enough that training FVU has flattened, short enough
+# that the whole bench takes well under an hour on 2 CPU cores (docs/results.md)
+DEFAULTS = {
+    "synthetic": {"steps": 1000, "batch_size": 4096, "train_tokens": 262_144},
+    "minilm": {"steps": 1500, "batch_size": 1536, "train_tokens": 524_288},
+}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Train every sparsifier at matched L0 and token budget over seeds; table and plots."""
+
+    data: Literal["synthetic", "minilm"] = "synthetic"
+    """synthetic: the ground-truth generator (MMCS and recovery are defined); minilm: the
+    embedded all-MiniLM-L6-v2's activations over the default corpus (loss recovered is)."""
+    out: str = ""
+    """Folder of the runs, results.jsonl, table.md and the plots; empty: runs/bench-DATA."""
+    methods: str = ",".join(METHODS)
+    """Comma-separated methods (see `choicesae bench --help` and docs/results.md)."""
+    ks: str = "8,16"
+    """Comma-separated mean L0 targets k: one Pareto point per k."""
+    seeds: int = 3
+    """Seeds per (method, k): data order and initialisation (the synthetic data stays fixed)."""
+    steps: int = 0
+    """Optimiser steps of every run (the token budget is steps x batch_size); 0: 1000 on
+    synthetic, 1500 on minilm, where training FVU has flattened (docs/results.md)."""
+    batch_size: int = 0
+    """Tokens per step; 0: 4096 on synthetic, the paper's 1536 on minilm."""
+    num_latents: int = 1536
+    """Latents F of every SAE (synthetic: 1.5x the true features, so some can die)."""
+    switch: float = 0.75
+    """Share of feature_choice_zipf's steps spent in its Mutual Choice phase."""
+    train_tokens: int = 0
+    """Training rows (synthetic: generated; minilm: harvested, first tokens kept); 0: 262144
+    synthetic, 524288 minilm."""
+    eval_tokens: int = 65_536
+    """Held-out rows measured (whole batches)."""
+    d_in: int = 128
+    """Width of the synthetic data (minilm: 384, the model's)."""
+    true_features: int = 1024
+    """Size of the synthetic true dictionary (plus one first-token direction)."""
+    mean_active: float = 16.0
+    """Mean active true features per synthetic token."""
+    splice_contexts: int = 256
+    """minilm: held-out contexts for the loss recovered with the SAE spliced in (0 skips)."""
+    lr: float = 0.0
+    """Peak learning rate of every run; 0 means train's default scaling."""
+    device: str = "cpu"
+    """Torch device."""
+    progress: bool = False
+    """Show each run's progress bar."""
+
+    def __post_init__(self):
+        if self.data not in DEFAULTS:
+            raise ConfigError(f"data must be one of {', '.join(DEFAULTS)}, not {self.data!r}")
+        for name, value in DEFAULTS[self.data].items():
+            if getattr(self, name) == 0:
+                object.__setattr__(self, name, value)  # frozen: filled in once, here
+        unknown = set(self.method_list) - set(METHODS)
+        if unknown or not self.method_list:
+            raise ConfigError(f"methods must be among {', '.join(METHODS)}, got {self.methods!r}")
+        if not self.k_list or min(self.k_list) < 1 or max(self.k_list) >= self.num_latents:
+            raise ConfigError(f"ks must be integers in [1, num_latents), got {self.ks!r}")
+        for name in ("seeds", "steps", "batch_size", "train_tokens", "eval_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 < self.switch < 1 or round(self.switch * self.steps) in (0, self.steps):
+            raise ConfigError(f"switch must leave both phases steps, got {self.switch}")
+        if self.eval_tokens < self.batch_size or self.train_tokens < self.batch_size:
+            raise ConfigError("train_tokens and eval_tokens must hold at least one batch")
+
+    @property
+    def method_list(self) -> list[str]:
+        return [m.strip() for m in self.methods.split(",") if m.strip()]
+
+    @property
+    def k_list(self) -> list[int]:
+        try:
+            return sorted({int(k) for k in self.ks.split(",") if k.strip()})
+        except ValueError:
+            raise ConfigError(f"ks must be comma-separated integers, got {self.ks!r}") from None
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.out or f"runs/bench-{self.data}")
+
+
+@dataclass
+class BenchData:
+    """Training rows, held-out rows and what is known about them."""
+
+    train: Tensor  # [N, d_in]
+    test: Tensor  # [N_test, d_in], whole batches
+    first: Tensor  # [N_test] bool: the first token of a context (or its synthetic stand-in)
+    dictionary: Tensor | None = None  # [n_true, d_in] the true directions (synthetic only)
+    store: Store | None = None  # the harvest the held-out rows open (minilm only)
+
+
+def synthetic_data(cfg: BenchConfig) -> BenchData:
+    """The generator's rows: the first eval_tokens held out, the rest for training."""
+    syn = SyntheticConfig(
+        tokens=cfg.train_tokens + cfg.eval_tokens,
+        d_in=cfg.d_in,
+        num_features=cfg.true_features,
+        mean_active=cfg.mean_active,
+    )
+    x, dictionary = sparse_dictionary(syn)
+    test = x[: cfg.eval_tokens // cfg.batch_size * cfg.batch_size]
+    cos = test @ dictionary[-1] / test.norm(dim=-1).clamp_min(1e-12)
+    return BenchData(x[cfg.eval_tokens :], test, cos > 0.99, dictionary)
+
+
+def minilm_data(cfg: BenchConfig) -> BenchData:
+    """A harvest of the default model over the default corpus, first tokens kept (the paper
+    trains on every position); cached in data/bench-minilm. Its first eval_tokens rows (the
+    first contexts, which splice.py runs through the model) are held out."""
+    harvest_cfg = HarvestConfig(
+        tokens=cfg.train_tokens + cfg.eval_tokens,
+        drop_first=False,
+        out="data/bench-minilm",
+        progress=cfg.progress,
+        device=cfg.device,
+    )
+    store = Store(harvest_cfg.out) if _complete(harvest_cfg) else harvest(harvest_cfg)
+    x = store[np.arange(len(store))].float()
+    n_test = cfg.eval_tokens // cfg.batch_size * cfg.batch_size
+    first = first_tokens(store.manifest, n_test)
+    return BenchData(x[cfg.eval_tokens :], x[:n_test], first, store=store)
+
+
+def _complete(cfg: HarvestConfig) -> bool:
+    """Whether the harvest at cfg.out is finished with the settings asked for."""
+    path = Path(cfg.out) / "manifest.json"
+    if not path.is_file():
+        return False
+    manifest = json.loads(path.read_text())
+    return manifest.get("complete") and manifest.get("max_tokens") == cfg.tokens
+
+
+def run_config(cfg: BenchConfig, method: str, k: int, seed: int, l1_coeff: float) -> TrainConfig:
+    """The TrainConfig of one bench run: the shared budget plus what the method changes."""
+    sparsifier = {"feature_choice_zipf": "feature_choice"}.get(method, method)
+    sparsifier = sparsifier.removesuffix("_no_aux_zipf")
+    mc_steps = round(cfg.switch * cfg.steps)
+    zipf = method == "feature_choice_zipf"
+    return TrainConfig(
+        out=str(cfg.folder / "runs" / f"{method}-k{k}-s{seed}"),
+        overwrite=True,
+        sae=SAEConfig(
+            sparsifier=sparsifier,
+            k=k,
+            num_latents=cfg.num_latents,
+            capacities="zipf" if zipf else "uniform",
+        ),
+        batch_size=cfg.batch_size,
+        steps=cfg.steps,
+        schedule=f"mutual_choice:{mc_steps},feature_choice:{cfg.steps - mc_steps}" if zipf else "",
+        lr=cfg.lr,
+        warmup_steps=min(100, cfg.steps // 10),
+        l1_coeff=l1_coeff,
+        aux_zipf_coeff=0.0 if method.endswith("_no_aux_zipf") else 1 / 32,
+        density_tokens=min(500_000, cfg.steps * cfg.batch_size // 8),
+        checkpoint_every=cfg.steps,
+        log_every=10,
+        seed=seed,
+        device=cfg.device,
+        progress=cfg.progress,
+    )
+
+
+def measure(sae: SAE, data: BenchData, train_cfg: TrainConfig) -> dict:
+    """Held-out metrics of a trained SAE: batch and threshold inference side by side (the
+    thresholds calibrated on training rows), dead and dying, features per token, and MMCS and
+    recovery against the true dictionary when there is one."""
+    B = train_cfg.batch_size
+    gen = torch.Generator().manual_seed(train_cfg.seed)
+    calibration = data.train[torch.randperm(len(data.train), generator=gen)[: 8 * B]]
+    x_cal, _ = normalize(calibration.to(train_cfg.device), sae.cfg.normalize, sae.scale)
+    estimate_thresholds_(sae, list(x_cal.split(B)))
+    inference, batch = compare_inference(sae, data.test.to(train_cfg.device), B)
+    allocation = metrics.allocation_metrics(batch.counts, len(data.test), float(sae.zipf[0]))
+    result = {
+        "inference": {mode: {k: v[k] for k in ("l0", "fvu")} for mode, v in inference.items()},
+        "dead_pct": allocation["dead_pct"],
+        "dying_pct": 100 * allocation["dying"] / sae.cfg.num_latents,
+        "features_per_token": metrics.features_per_token(batch.l0, data.first),
+    }
+    if data.dictionary is not None:
+        cos = max_cosines(data.dictionary, sae.W_dec.detach().cpu())
+        result |= {"mmcs": float(cos.mean()), "recovered": float((cos >= 0.9).float().mean())}
+    return result
+
+
+def run_one(cfg: BenchConfig, data: BenchData, method: str, k: int, seed: int, l1: float) -> dict:
+    """Train one method and measure it; the record that goes to results.jsonl."""
+    train_cfg = run_config(cfg, method, k, seed, l1)
+    start = time.perf_counter()
+    sae = train(train_cfg, data.train)
+    seconds = time.perf_counter() - start
+    record = {"method": method, "k": k, "seed": seed, "steps": cfg.steps}
+    record |= {"train_s": seconds, "step_ms": 1000 * seconds / cfg.steps}
+    if method == "relu":
+        record["l1_coeff"] = l1
+    record |= measure(sae, data, train_cfg)
+    if data.store is not None and cfg.splice_contexts:
+        x_mean = data.test.mean(0).to(cfg.device)
+        splice = splice_metrics(sae, data.store, x_mean, cfg.splice_contexts, cfg.batch_size)
+        record["loss_recovered"] = splice["loss_recovered"]
+    return record
+
+
+def calibrate_l1(cfg: BenchConfig, data: BenchData, k: int, tries: int = 4) -> tuple[float, list]:
+    """The L1 coefficient giving ReLU SAEs a mean L0 near k: short runs (a quarter of the
+    steps, seed 0) stepped along the log-log secant of L0 against the coefficient, since L0
+    falls roughly as a power of it. Returns (coefficient, [(coefficient, L0), ...])."""
+    short = dataclasses.replace(cfg, steps=max(cfg.steps // 4, 10))
+    coeff, tried = 0.1, []
+    for _ in range(tries):
+        train_cfg = dataclasses.replace(
+            run_config(short, "relu", k, 0, coeff), out=str(cfg.folder / "runs" / f"l1-k{k}")
+        )
+        sae = train(train_cfg, data.train)
+        x, _ = normalize(data.test.to(cfg.device), sae.cfg.normalize, sae.scale)
+        l0 = float((sae.encode(x).acts > 0).sum(-1).float().mean())
+        tried.append((coeff, l0))
+        if abs(math.log(max(l0, 1e-3) / k)) < 0.05:
+            return coeff, tried
+        coeff = _next_coeff(tried, k)
+    return coeff, tried
+
+
+def _next_coeff(tried: list[tuple[float, float]], k: int) -> float:
+    """Secant step in log L0 = a + b log c towards L0 = k (slope -1 before two points), at
+    most a factor of 10 at a time."""
+    (c0, l0), (c1, l1) = (tried[-2] if len(tried) > 1 else (None, None)), tried[-1]
+    slope = -1.0
+    if c0 is not None and min(l0, l1) > 0 and l0 != l1:
+        slope = (math.log(l1) - math.log(l0)) / (math.log(c1) - math.log(c0))
+        slope = min(-0.2, max(-5.0, slope))
+    step = (math.log(k) - math.log(max(l1, 1e-3))) / slope
+    return c1 * math.exp(min(math.log(10), max(-math.log(10), step)))
+
+
+def bench(cfg: BenchConfig) -> Path:
+    """Run (or reuse from OUT/results.jsonl) every (method, k, seed), then write the table
+    and the plots; returns OUT/table.md."""
+    out = cfg.folder
+    out.mkdir(parents=True, exist_ok=True)
+    data = synthetic_data(cfg) if cfg.data == "synthetic" else minilm_data(cfg)
+    results_path = out / "results.jsonl"
+    done = {_key(r): r for r in read_results(results_path)}
+    for k in cfg.k_list:
+        l1 = _l1_for(cfg, data, k, done) if "relu" in cfg.method_list else 0.0
+        for seed in range(cfg.seeds):
+            for method in cfg.method_list:
+                if (method, k, seed, cfg.steps) in done:
+                    continue
+                print(f"bench {cfg.data}: {method} k={k} seed={seed}", flush=True)
+                record = run_one(cfg, data, method, k, seed, l1)
+                done[_key(record)] = record
+                with results_path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+    records = [r for r in done.values() if r["steps"] == cfg.steps and r["method"] != "l1"]
+    return write_outputs(cfg, records)
+
+
+def _key(record: dict) -> tuple:
+    return record["method"], record["k"], record["seed"], record["steps"]
+
+
+def _l1_for(cfg: BenchConfig, data: BenchData, k: int, done: dict) -> float:
+    """The calibrated L1 coefficient for k, calibrated once and kept in results.jsonl."""
+    key = ("l1", k, 0, cfg.steps)
+    if key not in done:
+        print(f"bench {cfg.data}: calibrating the L1 coefficient for L0 = {k}", flush=True)
+        coeff, tried = calibrate_l1(cfg, data, k)
+        done[key] = {"method": "l1", "k": k, "seed": 0, "steps": cfg.steps}
+        done[key] |= {"l1_coeff": coeff, "tried": tried}
+        with (cfg.folder / "results.jsonl").open("a") as f:
+            f.write(json.dumps(done[key]) + "\n")
+    return done[key]["l1_coeff"]
+
+
+def read_results(path: Path) -> list[dict]:
+    """The records of results.jsonl; a line cut short by a crash is dropped (rerun it)."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+BATCH_RULE = ("mutual_choice", "feature_choice", "feature_choice_zipf", "mutual_choice_no_aux_zipf")
+COLUMNS = {  # column title -> the value of a record
+    "L0": lambda r: r["inference"]["batch"]["l0"],
+    "FVU": lambda r: r["inference"]["batch"]["fvu"],
+    "FVU θ_i": lambda r: _threshold(r, "feature_threshold", "fvu"),
+    "L0 θ_i": lambda r: _threshold(r, "feature_threshold", "l0"),
+    "FVU θ": lambda r: _threshold(r, "global_threshold", "fvu"),
+    "L0 θ": lambda r: _threshold(r, "global_threshold", "l0"),
+    "loss rec. %": lambda r: 100 * r["loss_recovered"]["sae"] if "loss_recovered" in r else None,
+    "dead %": lambda r: r["dead_pct"],
+    "dying %": lambda r: r["dying_pct"],
+    "MMCS": lambda r: r.get("mmcs"),
+    "recovered %": lambda r: 100 * r["recovered"] if "recovered" in r else None,
+    "first-token L0": lambda r: r["features_per_token"]["first_token_l0"],
+    "step ms": lambda r: r["step_ms"],
+}
+
+
+def _threshold(record: dict, mode: str, key: str) -> float | None:
+    """Single-token inference numbers, for the methods trained with a batch rule only (TopK
+    and ReLU already encode each token on its own)."""
+    return record["inference"][mode][key] if record["method"] in BATCH_RULE else None
+
+
+def aggregate(records: list[dict]) -> list[dict]:
+    """One row per (method, k): every column's mean and standard deviation over seeds."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["method"], r["k"]), []).append(r)
+    rows = []
+    for (method, k), group in sorted(groups.items(), key=lambda g: (g[0][1], _order(g[0][0]))):
+        row = {"method": method, "k": k, "seeds": len(group)}
+        for title, value in COLUMNS.items():
+            values = [v for v in map(value, group) if v is not None]
+            if values:
+                row[title] = (float(np.mean(values)), float(np.std(values)))
+        rows.append(row)
+    return rows
+
+
+def _order(method: str) -> int:
+    return METHODS.index(method) if method in METHODS else len(METHODS)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The aggregated rows as a Markdown table, mean ± std over seeds."""
+    titles = [t for t in COLUMNS if any(t in row for row in rows)]
+    lines = [
+        "| method | k | seeds | " + " | ".join(titles) + " |",
+        "|---|---|---|" + "---|" * len(titles),
+    ]
+    for row in rows:
+        cells = [_cell(title, row.get(title)) for title in titles]
+        lines.append(
+            f"| {row['method']} | {row['k']} | {row['seeds']} | " + " | ".join(cells) + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _cell(title: str, value: tuple[float, float] | None) -> str:
+    if value is None:
+        return "—"
+    digits = 4 if title.startswith(("FVU", "MMCS")) else 1
+    mean, std = value
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def write_outputs(cfg: BenchConfig, records: list[dict]) -> Path:
+    """table.md and the plots, from the records of the runs."""
+    out = cfg.folder
+    rows = aggregate(records)
+    header = (
+        f"# choicesae bench {cfg.data}\n\n{cfg.steps} steps x {cfg.batch_size} tokens, "
+        f"F = {cfg.num_latents}, held-out tokens {cfg.eval_tokens}; mean ± std over seeds. "
+        "θ_i: per-feature thresholds, θ: one global threshold (single-token inference).\n\n"
+    )
+    (out / "table.md").write_text(header + markdown_table(rows))
+    from choicesae.bench_plots import features_per_token_plot, pareto_plot, phase_switch_plot
+
+    pareto_plot(rows, out / "pareto.png")
+    phase_switch_plot(cfg, out / "phase_switch.png")
+    features_per_token_plot(records, max(cfg.k_list), out / "features_per_token.png")
+    return out / "table.md"

@@ -1,0 +1,120 @@
+"""The bench (bench.py): settings, the per-method runs, the L1 calibration, the table, and a
+tiny end-to-end run that is reused when run again."""
+
+import json
+import math
+
+import pytest
+
+from choicesae.bench import (
+    METHODS,
+    BenchConfig,
+    _next_coeff,
+    aggregate,
+    bench,
+    markdown_table,
+    run_config,
+)
+from choicesae.errors import ConfigError
+
+TINY = dict(
+    steps=40,
+    batch_size=512,
+    num_latents=96,
+    train_tokens=4096,
+    eval_tokens=1024,
+    d_in=32,
+    true_features=64,
+    mean_active=4.0,
+)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"methods": "topk,bogus"},
+        {"ks": "8,2000"},
+        {"ks": "eight"},
+        {"switch": 1.0},
+        {"seeds": 0},
+        {"data": "imagenet"},
+    ],
+)
+def test_impossible_settings_are_refused(bad):
+    with pytest.raises(ConfigError):
+        BenchConfig(**bad)
+
+
+def test_defaults_depend_on_the_data():
+    assert (BenchConfig("synthetic").batch_size, BenchConfig("minilm").batch_size) == (4096, 1536)
+    assert BenchConfig("minilm", steps=7).steps == 7
+
+
+def test_every_method_gets_the_same_budget_and_its_own_sparsifier():
+    cfg = BenchConfig(steps=100, ks="8")
+    configs = {m: run_config(cfg, m, 8, 1, 0.2) for m in METHODS}
+    assert {c.total_steps * c.batch_size for c in configs.values()} == {100 * cfg.batch_size}
+    assert {c.sae.k for c in configs.values()} == {8} and {c.seed for c in configs.values()} == {1}
+    zipf = configs["feature_choice_zipf"]
+    assert zipf.phases() == [("mutual_choice", 75), ("feature_choice", 25)]
+    assert zipf.sae.capacities == "zipf" and configs["feature_choice"].sae.capacities == "uniform"
+    assert configs["mutual_choice_no_aux_zipf"].sae.sparsifier == "mutual_choice"
+    assert configs["mutual_choice_no_aux_zipf"].aux_zipf_coeff == 0
+    assert configs["mutual_choice"].aux_zipf_coeff > 0 and configs["relu"].l1_coeff == 0.2
+
+
+@pytest.mark.parametrize("exponent", [0.4, 1.0, 2.5])
+def test_l1_secant_reaches_the_target_l0_of_a_power_law(exponent):
+    l0_of = lambda c: 300.0 * c**-exponent  # noqa: E731
+    tried = [(0.1, l0_of(0.1))]
+    for _ in range(6):
+        c = _next_coeff(tried, 16)
+        tried.append((c, l0_of(c)))
+    assert abs(math.log(tried[-1][1] / 16)) < 0.02
+
+
+def _record(method, k, seed, fvu):
+    inference = {
+        m: {"l0": k, "fvu": fvu} for m in ("batch", "feature_threshold", "global_threshold")
+    }
+    fpt = {"first_token_l0": None}
+    return dict(method=method, k=k, seed=seed, steps=10, step_ms=5.0, dead_pct=0.0,
+                dying_pct=1.0, inference=inference, features_per_token=fpt)  # fmt: skip
+
+
+def test_aggregate_takes_mean_and_spread_over_seeds():
+    records = [_record("topk", 8, s, f) for s, f in enumerate((0.1, 0.3))]
+    records.append(_record("mutual_choice", 8, 0, 0.2))
+    rows = aggregate(records)
+    assert [r["method"] for r in rows] == ["topk", "mutual_choice"]
+    assert rows[0]["FVU"] == pytest.approx((0.2, 0.1)) and rows[0]["seeds"] == 2
+    assert "FVU θ_i" not in rows[0] and rows[1]["FVU θ_i"] == pytest.approx((0.2, 0.0))
+    table = markdown_table(rows)
+    assert "| topk | 8 | 2 | 8.0 ± 0.0 | 0.2000 ± 0.1000 |" in table
+
+
+def test_tiny_synthetic_bench_end_to_end_and_reused(tmp_path):
+    cfg = BenchConfig(
+        out=str(tmp_path), methods="topk,mutual_choice,feature_choice_zipf", ks="4",
+        seeds=2, **TINY,
+    )  # fmt: skip
+    table = bench(cfg)
+    records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert len(records) == 6
+    for r in records:
+        assert 0 < r["mmcs"] <= 1 and 0 <= r["recovered"] <= 1
+        assert r["inference"]["batch"]["l0"] == pytest.approx(4, rel=0.1)
+    phases = [
+        json.loads(line)["phase"]
+        for line in (tmp_path / "runs/feature_choice_zipf-k4-s0/metrics.jsonl")
+        .read_text()
+        .splitlines()
+        if line
+    ]
+    assert phases[0] == "mutual_choice" and phases[-1] == "feature_choice"
+    assert table.read_text().count("| 4 | 2 |") == 3
+    for name in ("pareto.png", "phase_switch.png", "features_per_token.png"):
+        assert (tmp_path / name).stat().st_size > 1000
+    before = (tmp_path / "results.jsonl").read_text()
+    bench(cfg)  # every run is in results.jsonl: nothing is trained again
+    assert (tmp_path / "results.jsonl").read_text() == before
