@@ -180,6 +180,24 @@ def test_fast_step_matches_autograd_through_the_dense_step(sparsifier, kw):
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-5)
 
 
+def test_sparse_relu_step_matches_the_dense_one_once_few_affinities_are_positive():
+    sae, cfg = setup("relu")
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        sae.b_enc.sub_(2.0)  # a few percent of z' positive: the sparse path
+    masks = Masks(*(torch.zeros(cfg.sae.num_latents, dtype=torch.bool),) * 2)
+    ref, ref_grads = step_grads(loss_terms, sae, x, cfg, "relu", masks)
+    share = float((ref.acts > 0).float().mean())
+    assert 0 < share < kernels.RELU_SPARSE_SHARE
+    out, grads = step_grads(kernels.fast_loss_terms, sae, x, cfg, "relu", masks)
+    assert out.acts.is_sparse and out.terms.keys() == ref.terms.keys() == {"mse", "l1"}
+    for name, value in ref.terms.items():
+        torch.testing.assert_close(out.terms[name], value)
+    assert torch.equal(out.acts.to_dense(), ref.acts.detach())
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-5)
+
+
 def test_aux_loss_matches_losses_aux_k():
     g = torch.Generator().manual_seed(2)
     z, residual, W_dec = torch.randn(10, 30, generator=g), torch.randn(10, 5), torch.randn(30, 5)

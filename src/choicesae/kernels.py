@@ -295,6 +295,7 @@ def split(values: Tensor, pairs: dict[str, Pairs]) -> dict[str, Tensor]:
     return dict(zip(pairs, values.split(sizes), strict=True))
 
 
+RELU_SPARSE_SHARE = 1 / 16  # above this share of active pairs, dense products are faster
 AUX = {"aux_k": ("aux_k_coeff", "dead"), "aux_zipf": ("aux_zipf_coeff", "dying")}
 
 
@@ -316,19 +317,27 @@ def fast_loss_terms(
     sae, x: Tensor, cfg, sparsifier: str, masks, step: int = 0, select_all=selections
 ):
     """train.loss_terms with the sparse step: same inputs, terms and gradients, but StepOut.acts
-    is a sparse COO [B, F] tensor (`sparse_acts`). relu has no sparse form (every positive
-    affinity is active) and runs the dense train.loss_terms. `select_all` replaces `selections`
+    is a sparse COO [B, F] tensor (`sparse_acts`). relu selects every positive affinity: while
+    more than RELU_SPARSE_SHARE of them are positive (early in training, before L1 has acted)
+    it runs the dense train.loss_terms instead. `select_all` replaces `selections`
     (distributed.py selects over the global batch)."""
     from choicesae.train import StepOut, loss_terms, nfm_terms  # train imports this module
 
-    if sparsifier == "relu":
-        return loss_terms(sae, x, cfg, sparsifier, masks, step)
     z_pre = pre_acts(sae, x, feature_major=sparsifier == "feature_choice")  # [B, F]
-    pairs = select_all(sae, z_pre, cfg, sparsifier, masks)
+    if sparsifier == "relu":
+        positive = z_pre > 0  # every positive affinity is active: sparse once L1 has acted
+        if positive.sum() > RELU_SPARSE_SHARE * positive.numel():  # a sync point
+            return loss_terms(sae, x, cfg, sparsifier, masks, step)
+        pairs = {"mse": Pairs(*positive.nonzero().T, z_pre.shape)}  # row-major: CSR order
+    else:
+        pairs = select_all(sae, z_pre, cfg, sparsifier, masks)
     values = encode_pairs(sae, x, z_pre, concat(list(pairs.values())))  # one sparse backward
     acts = split(values.relu(), pairs)  # [n_i] activations of each selection
     x_hat = decode_pairs(pairs["mse"], acts["mse"], sae.W_dec) + sae.b_dec
     terms = {"mse": mse(x_hat, x)}
+    if sparsifier == "relu":  # losses.l1 over the active pairs
+        norms = sae.W_dec.norm(dim=-1)[pairs["mse"].feature]
+        terms["l1"] = cfg.l1_coeff * (acts["mse"] * norms).sum() / x.shape[0]
     if "mse_4k" in pairs:
         x_hat_4k = decode_pairs(pairs["mse_4k"], acts["mse_4k"], sae.W_dec) + sae.b_dec
         terms["mse_4k"] = mse(x_hat_4k, x) / 8
