@@ -185,8 +185,8 @@ class TrainConfig:
     """Torch device, e.g. cpu or cuda."""
     kernels: Literal["sparse", "dense"] = "sparse"
     """Training step: sparse = selection, decoder and encoder backward touch only the selected
-    (token, feature) pairs (kernels.py; relu once few affinities are positive); dense = plain autograd through
-    [B, F] activations, the reference."""
+    (token, feature) pairs (kernels.py; relu once few affinities are positive); dense = plain
+    autograd through [B, F] activations, the reference."""
     progress: bool = True
     """Show a progress bar."""
     distributed_selection: Literal["global", "local"] = "global"
