@@ -56,7 +56,7 @@ METHODS = (
 # that the whole bench takes well under an hour on 2 CPU cores (docs/results.md)
 DEFAULTS = {
     "synthetic": {"steps": 1000, "batch_size": 4096, "train_tokens": 262_144},
-    "minilm": {"steps": 1500, "batch_size": 1536, "train_tokens": 524_288},
+    "minilm": {"steps": 1000, "batch_size": 1536, "train_tokens": 524_288},
 }
 
 
@@ -76,8 +76,8 @@ class BenchConfig:
     seeds: int = 3
     """Seeds per (method, k): data order and initialisation (the synthetic data stays fixed)."""
     steps: int = 0
-    """Optimiser steps of every run (the token budget is steps x batch_size); 0: 1000 on
-    synthetic, 1500 on minilm, where training FVU has flattened (docs/results.md)."""
+    """Optimiser steps of every run (the token budget is steps x batch_size); 0: 1000 (synthetic:
+    where recovery and training FVU have flattened, docs/results.md)."""
     batch_size: int = 0
     """Tokens per step; 0: 4096 on synthetic, the paper's 1536 on minilm."""
     num_latents: int = 1536
@@ -95,7 +95,7 @@ class BenchConfig:
     """Size of the synthetic true dictionary (plus one first-token direction)."""
     mean_active: float = 16.0
     """Mean active true features per synthetic token."""
-    splice_contexts: int = 256
+    splice_contexts: int = 128
     """minilm: held-out contexts for the loss recovered with the SAE spliced in (0 skips)."""
     lr: float = 0.0
     """Peak learning rate of every run; 0 means train's default scaling."""
