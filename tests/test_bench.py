@@ -52,7 +52,7 @@ def test_defaults_depend_on_the_data():
 
 def test_every_method_gets_the_same_budget_and_its_own_sparsifier():
     cfg = BenchConfig(steps=100, ks="8")
-    configs = {m: run_config(cfg, m, 8, 1, 0.2) for m in METHODS}
+    configs = {m: run_config(cfg, m, 8, 1, 0.2, 128) for m in METHODS}
     assert {c.total_steps * c.batch_size for c in configs.values()} == {100 * cfg.batch_size}
     assert {c.sae.k for c in configs.values()} == {8} and {c.seed for c in configs.values()} == {1}
     zipf = configs["feature_choice_zipf"]
@@ -61,6 +61,7 @@ def test_every_method_gets_the_same_budget_and_its_own_sparsifier():
     assert configs["mutual_choice_no_aux_zipf"].sae.sparsifier == "mutual_choice"
     assert configs["mutual_choice_no_aux_zipf"].aux_zipf_coeff == 0
     assert configs["mutual_choice"].aux_zipf_coeff > 0 and configs["relu"].l1_coeff == 0.2
+    assert {c.k_aux for c in configs.values()} == {64}
 
 
 @pytest.mark.parametrize("exponent", [0.4, 1.0, 2.5])

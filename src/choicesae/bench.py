@@ -97,6 +97,9 @@ class BenchConfig:
     """Mean active true features per synthetic token."""
     splice_contexts: int = 128
     """minilm: held-out contexts for the loss recovered with the SAE spliced in (0 skips)."""
+    k_aux: int = 0
+    """Latents per token of aux_k and aux_zipf; 0: d_in / 2, near Gao et al.'s power of two
+    close to d_model / 2 (train's default of 512 is meant for wide SAEs on large models)."""
     lr: float = 0.0
     """Peak learning rate of every run; 0 means train's default scaling."""
     device: str = "cpu"
@@ -191,7 +194,9 @@ def _complete(cfg: HarvestConfig) -> bool:
     return manifest.get("complete") and manifest.get("max_tokens") == cfg.tokens
 
 
-def run_config(cfg: BenchConfig, method: str, k: int, seed: int, l1_coeff: float) -> TrainConfig:
+def run_config(
+    cfg: BenchConfig, method: str, k: int, seed: int, l1_coeff: float, d_in: int
+) -> TrainConfig:
     """The TrainConfig of one bench run: the shared budget plus what the method changes."""
     sparsifier = {"feature_choice_zipf": "feature_choice"}.get(method, method)
     sparsifier = sparsifier.removesuffix("_no_aux_zipf")
@@ -213,6 +218,7 @@ def run_config(cfg: BenchConfig, method: str, k: int, seed: int, l1_coeff: float
         warmup_steps=min(100, cfg.steps // 10),
         l1_coeff=l1_coeff,
         aux_zipf_coeff=0.0 if method.endswith("_no_aux_zipf") else 1 / 32,
+        k_aux=cfg.k_aux or d_in // 2,
         density_tokens=min(500_000, cfg.steps * cfg.batch_size // 8),
         checkpoint_every=cfg.steps,
         log_every=10,
@@ -247,7 +253,7 @@ def measure(sae: SAE, data: BenchData, train_cfg: TrainConfig) -> dict:
 
 def run_one(cfg: BenchConfig, data: BenchData, method: str, k: int, seed: int, l1: float) -> dict:
     """Train one method and measure it; the record that goes to results.jsonl."""
-    train_cfg = run_config(cfg, method, k, seed, l1)
+    train_cfg = run_config(cfg, method, k, seed, l1, data.train.shape[1])
     start = time.perf_counter()
     sae = train(train_cfg, data.train)
     seconds = time.perf_counter() - start
@@ -271,7 +277,8 @@ def calibrate_l1(cfg: BenchConfig, data: BenchData, k: int, tries: int = 4) -> t
     coeff, tried = 0.1, []
     for _ in range(tries):
         train_cfg = dataclasses.replace(
-            run_config(short, "relu", k, 0, coeff), out=str(cfg.folder / "runs" / f"l1-k{k}")
+            run_config(short, "relu", k, 0, coeff, data.train.shape[1]),
+            out=str(cfg.folder / "runs" / f"l1-k{k}"),
         )
         sae = train(train_cfg, data.train)
         x, _ = normalize(data.test.to(cfg.device), sae.cfg.normalize, sae.scale)
