@@ -310,14 +310,15 @@ def bench(cfg: BenchConfig) -> Path:
     data = synthetic_data(cfg) if cfg.data == "synthetic" else minilm_data(cfg)
     results_path = out / "results.jsonl"
     done = {_key(r): r for r in read_results(results_path)}
-    for k in cfg.k_list:
-        l1 = _l1_for(cfg, data, k, done) if "relu" in cfg.method_list else 0.0
-        for seed in range(cfg.seeds):
+    relu = "relu" in cfg.method_list
+    l1 = {k: _l1_for(cfg, data, k, done) if relu else 0.0 for k in cfg.k_list}
+    for seed in range(cfg.seeds):  # seed by seed: a bench cut short still spans every k
+        for k in cfg.k_list:
             for method in cfg.method_list:
                 if (method, k, seed, cfg.steps) in done:
                     continue
                 print(f"bench {cfg.data}: {method} k={k} seed={seed}", flush=True)
-                record = run_one(cfg, data, method, k, seed, l1)
+                record = run_one(cfg, data, method, k, seed, l1[k])
                 done[_key(record)] = record
                 with results_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
