@@ -6,6 +6,7 @@ import torch
 from choicesae.allocation import (
     Densities,
     ZipfFit,
+    density_capacities,
     dying_features,
     feature_capacities,
     feature_ranks,
@@ -138,3 +139,11 @@ def test_nfm_losses_equal_the_direct_computation():
     assert nfm_inf(W, chunk=7) == pytest.approx(float(off.max(-1).values.mean()), rel=1e-5)
     rows = torch.tensor([3, 10, 49])
     assert nfm_inf(W, rows) == pytest.approx(float(off[rows].max(-1).values.mean()), rel=1e-5)
+
+
+def test_density_capacities_share_the_budget_as_the_features_were_used():
+    density = torch.tensor([0.5, 0.25, 0.125, 0.125, 0.0])  # sums to 1 (an L0 of 1)
+    m = density_capacities(density, k=1, batch_size=40, m_min=1, m_max=0)
+    assert m.tolist() == [20, 10, 5, 5, 1]  # floor(share * 40), the unused one raised to 1
+    assert density_capacities(density, 1, 40, m_min=0, m_max=8).tolist() == [8, 8, 5, 5, 0]
+    assert density_capacities(density * 7, 1, 40, 1, 0).tolist() == m.tolist()  # a share

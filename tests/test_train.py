@@ -10,6 +10,7 @@ from choicesae.config import SAEConfig, TrainConfig
 from choicesae.errors import ConfigError, DataError
 from choicesae.preprocess import normalize
 from choicesae.sae import SAE
+from choicesae.sparsifiers import uniform_capacities
 from choicesae.train import Masks, loss_terms, train
 
 
@@ -213,6 +214,20 @@ def test_phased_training_mutual_then_zipf_feature_choice(tmp_path, synthetic):
     assert torch.equal(loaded.zipf, sae.zipf) and torch.equal(loaded.feature_rank, sae.feature_rank)
 
 
+def test_density_capacities_follow_the_mutual_choice_phase(tmp_path, synthetic):
+    x, _ = synthetic
+    cfg = phased_config(tmp_path)
+    cfg = dataclasses.replace(cfg, sae=dataclasses.replace(cfg.sae, capacities="density"))
+    sae = train(cfg, x)
+    assert records(tmp_path)[-1]["dead"] == 0
+    m = sae.capacities(512, 4)  # from the last window's densities, in proportion
+    expected = (sae.density / sae.density.sum() * 4 * 512).floor().clamp(min=1)
+    assert torch.equal(m, expected.long()) and m.unique().numel() > 3
+    fresh = SAE(sae.cfg)  # before any window has closed: uniform
+    uniform = uniform_capacities(4, 512, sae.cfg.num_latents)
+    assert torch.equal(fresh.capacities(512, 4), uniform)
+
+
 @pytest.mark.parametrize("stop_at", [50, 130])  # before and after the phase switch at 120
 def test_resume_is_bit_exact_across_the_phase_switch(tmp_path, synthetic, monkeypatch, stop_at):
     x, _ = synthetic
@@ -266,9 +281,16 @@ def test_phased_run_on_minilm_ends_with_zero_dead_features(tmp_path):
     store = tmp_path / "store"
     harvest(HarvestConfig(tokens=16_384, out=str(store), progress=False))
     cfg = TrainConfig(
-        store=str(store), out=str(tmp_path / "run"), batch_size=512, lr=1e-3, log_every=10,
-        sae=SAEConfig(k=8, expansion=2, capacities="zipf"), progress=False,
-        schedule="mutual_choice:100,feature_choice:40", dead_tokens=5120, density_tokens=5120,
+        store=str(store),
+        out=str(tmp_path / "run"),
+        batch_size=512,
+        lr=1e-3,
+        log_every=10,
+        sae=SAEConfig(k=8, expansion=2, capacities="zipf"),
+        progress=False,
+        schedule="mutual_choice:100,feature_choice:40",
+        dead_tokens=5120,
+        density_tokens=5120,
     )
     train(cfg)
     log = records(tmp_path)

@@ -139,6 +139,18 @@ def zipf_capacities(
     return torch.clamp(torch.floor(n_approx * zipf), max=m_max).long()
 
 
+def density_capacities(
+    density: Tensor, k: int, batch_size: int, m_min: int, m_max: int
+) -> Tensor:
+    """[F] capacities in proportion to each feature's measured density (the last closed
+    window: at a switch to Feature Choice, the phase before's), so the budget k·B is shared as
+    the features were used rather than by a fitted law; floored as Algorithm 1 floors, raised to
+    m_min (at most F matches past the budget) and capped at m_max (0 means the batch size)."""
+    share = density.double() / density.sum().clamp_min(1e-12)
+    m = torch.floor(share * k * batch_size).clamp(min=m_min, max=m_max or batch_size)
+    return m.long()
+
+
 def feature_capacities(
     ranks: Tensor, k: int, batch_size: int, alpha: float, beta: float, m_min: int, m_max: int
 ) -> Tensor:

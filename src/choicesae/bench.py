@@ -13,6 +13,9 @@ threshold per feature, and the BatchTopK post's one global threshold):
   feature_choice_zipf  phased: Mutual Choice, then Zipf Feature Choice (section 4.4)
   relu                 ReLU + L1, the L1 coefficient calibrated to reach L0 = k
   mutual_choice_no_aux_zipf   Mutual Choice with aux_k only (the aux_zipf ablation)
+and, not run by default, two other ways into the Feature Choice phase (docs/results.md):
+  feature_choice_density      phased, capacities in proportion to Mutual Choice's densities
+  feature_choice_zipf_alpha   phased Zipf, with the Zipf exponent alpha fitted too
 
 Results accumulate in OUT/results.jsonl (a run already there is not trained again), then
 OUT/table.md, OUT/pareto.png (L0-FVU), OUT/phase_switch.png (FVU across the switch to Feature
@@ -51,6 +54,7 @@ METHODS = (
     "relu",
     "mutual_choice_no_aux_zipf",
 )
+SWITCHES = ("feature_choice_density", "feature_choice_zipf_alpha")
 
 # each data set's default budget: long enough that training FVU has flattened, short enough
 # that the whole bench takes well under an hour on 2 CPU cores (docs/results.md)
@@ -113,9 +117,10 @@ class BenchConfig:
         for name, value in DEFAULTS[self.data].items():
             if getattr(self, name) == 0:
                 object.__setattr__(self, name, value)  # frozen: filled in once, here
-        unknown = set(self.method_list) - set(METHODS)
+        unknown = set(self.method_list) - set(METHODS + SWITCHES)
         if unknown or not self.method_list:
-            raise ConfigError(f"methods must be among {', '.join(METHODS)}, got {self.methods!r}")
+            names = ", ".join(METHODS + SWITCHES)
+            raise ConfigError(f"methods must be among {names}, got {self.methods!r}")
         if not self.k_list or min(self.k_list) < 1 or max(self.k_list) >= self.num_latents:
             raise ConfigError(f"ks must be integers in [1, num_latents), got {self.ks!r}")
         for name in ("seeds", "steps", "batch_size", "train_tokens", "eval_tokens"):
@@ -198,10 +203,10 @@ def run_config(
     cfg: BenchConfig, method: str, k: int, seed: int, l1_coeff: float, d_in: int
 ) -> TrainConfig:
     """The TrainConfig of one bench run: the shared budget plus what the method changes."""
-    sparsifier = {"feature_choice_zipf": "feature_choice"}.get(method, method)
-    sparsifier = sparsifier.removesuffix("_no_aux_zipf")
+    phased = method.startswith("feature_choice_")  # Mutual Choice first (section 4.4)
+    sparsifier = "feature_choice" if phased else method.removesuffix("_no_aux_zipf")
+    capacities = "density" if method == "feature_choice_density" else "zipf"
     mc_steps = round(cfg.switch * cfg.steps)
-    zipf = method == "feature_choice_zipf"
     return TrainConfig(
         out=str(cfg.folder / "runs" / f"{method}-k{k}-s{seed}"),
         overwrite=True,
@@ -209,11 +214,14 @@ def run_config(
             sparsifier=sparsifier,
             k=k,
             num_latents=cfg.num_latents,
-            capacities="zipf" if zipf else "uniform",
+            capacities=capacities if phased else "uniform",
         ),
         batch_size=cfg.batch_size,
         steps=cfg.steps,
-        schedule=f"mutual_choice:{mc_steps},feature_choice:{cfg.steps - mc_steps}" if zipf else "",
+        schedule=f"mutual_choice:{mc_steps},feature_choice:{cfg.steps - mc_steps}"
+        if phased
+        else "",
+        fit_alpha=method == "feature_choice_zipf_alpha",
         lr=cfg.lr,
         warmup_steps=min(100, cfg.steps // 10),
         l1_coeff=l1_coeff,
@@ -356,7 +364,13 @@ def read_results(path: Path) -> list[dict]:
     return records
 
 
-BATCH_RULE = ("mutual_choice", "feature_choice", "feature_choice_zipf", "mutual_choice_no_aux_zipf")
+BATCH_RULE = (
+    "mutual_choice",
+    "feature_choice",
+    "feature_choice_zipf",
+    "mutual_choice_no_aux_zipf",
+    *SWITCHES,
+)
 COLUMNS = {  # column title -> the value of a record
     "L0": lambda r: r["inference"]["batch"]["l0"],
     "FVU": lambda r: r["inference"]["batch"]["fvu"],
@@ -397,7 +411,7 @@ def aggregate(records: list[dict]) -> list[dict]:
 
 
 def _order(method: str) -> int:
-    return METHODS.index(method) if method in METHODS else len(METHODS)
+    return (METHODS + SWITCHES).index(method)
 
 
 def markdown_table(rows: list[dict]) -> str:

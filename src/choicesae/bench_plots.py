@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from choicesae.bench import SWITCHES
 from choicesae.report import plt, save
 
 METHOD_STYLE = {
@@ -15,6 +16,8 @@ METHOD_STYLE = {
     "feature_choice_zipf": ("tab:red", "v"),
     "relu": ("tab:gray", "D"),
     "mutual_choice_no_aux_zipf": ("tab:purple", "x"),
+    "feature_choice_density": ("tab:brown", "<"),
+    "feature_choice_zipf_alpha": ("tab:pink", ">"),
 }
 
 
@@ -62,7 +65,7 @@ def phase_switch_plot(cfg, path: Path) -> Path:
     start = max(0, switch - cfg.steps // 4)
     for ax, k in zip(axes[0], ks, strict=True):
         shown = []
-        for method in ("mutual_choice", "feature_choice_zipf", "feature_choice"):
+        for method in ("mutual_choice", "feature_choice", "feature_choice_zipf", *SWITCHES):
             curve = _curve(cfg.folder / "runs" / f"{method}-k{k}-s0" / "metrics.jsonl")
             if curve is not None:
                 ax.plot(*curve, label=method, color=METHOD_STYLE[method][0], lw=1)

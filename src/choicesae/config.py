@@ -47,9 +47,11 @@ class SAEConfig:
     norm (the paper's, section 5); dataset = one scale factor for the whole dataset giving unit
     mean norm; none = raw activations."""
 
-    capacities: Literal["uniform", "zipf"] = "uniform"
-    """Feature Choice capacities m_i: uniform = floor(k*B/F) each (section 4.3), or zipf =
-    Algorithm 1's capacity at the feature's density rank (Zipf Feature Choice)."""
+    capacities: Literal["uniform", "zipf", "density"] = "uniform"
+    """Feature Choice capacities m_i: uniform = floor(k*B/F) each (section 4.3), zipf =
+    Algorithm 1's capacity at the feature's density rank (Zipf Feature Choice), or density =
+    k*B shared in proportion to the features' measured densities (after a switch, the phase
+    before's; uniform until a density window has closed)."""
     zipf_alpha: float = 1.0
     """Zipf exponent alpha of the capacities and of the dying-feature expectation (the paper
     fixes 1). Fitted values from training are stored with the weights and take precedence."""
@@ -79,8 +81,10 @@ class SAEConfig:
         for name in ("k", "expansion"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.capacities not in ("uniform", "zipf"):
-            raise ConfigError(f"capacities must be uniform or zipf, not {self.capacities!r}")
+        if self.capacities not in ("uniform", "zipf", "density"):
+            raise ConfigError(
+                f"capacities must be uniform, zipf or density, not {self.capacities!r}"
+            )
         if self.zipf_alpha <= 0 or self.zipf_beta < 0:
             raise ConfigError("zipf_alpha must be positive and zipf_beta not negative")
         for name in ("num_latents", "d_in", "m_min", "m_max", "context"):

@@ -13,7 +13,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from choicesae.allocation import feature_capacities
+from choicesae.allocation import density_capacities, feature_capacities
 from choicesae.config import SAEConfig, from_dict
 from choicesae.errors import ConfigError, DataError
 from choicesae.preprocess import denormalize, estimate_dataset_scale, normalize
@@ -107,13 +107,17 @@ class SAE(nn.Module):
         return sparsify(name, z_pre, k=k, m=m)
 
     def capacities(self, batch_size: int, k: int) -> Tensor:
-        """[F] Feature Choice capacities for a batch: uniform, or Zipf by density rank."""
-        F = self.cfg.num_latents
-        if self.cfg.capacities == "uniform":
-            return uniform_capacities(k, batch_size, F).to(self.feature_rank.device)
-        alpha, beta = self.zipf.tolist()
-        c = self.cfg
-        return feature_capacities(self.feature_rank, k, batch_size, alpha, beta, c.m_min, c.m_max)
+        """[F] Feature Choice capacities for a batch: uniform, Zipf by density rank, or in
+        proportion to the densities (uniform until a density window has closed)."""
+        c, device = self.cfg, self.feature_rank.device
+        if c.capacities == "zipf":
+            alpha, beta = self.zipf.tolist()
+            return feature_capacities(
+                self.feature_rank, k, batch_size, alpha, beta, c.m_min, c.m_max
+            )
+        if c.capacities == "density" and not self.density.isnan().any():
+            return density_capacities(self.density, k, batch_size, c.m_min, c.m_max).to(device)
+        return uniform_capacities(k, batch_size, c.num_latents).to(device)
 
     def decode(self, acts: Tensor) -> Tensor:
         """Reconstruction [B, d_in] (normalized space) of activations [B, F]."""

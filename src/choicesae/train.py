@@ -372,6 +372,7 @@ def adopt_zipf_fit_(sae: SAE, state: TrainState, cfg: TrainConfig) -> None:
         if state.densities.tokens == 0:
             raise ConfigError("the phase before feature_choice saw no tokens to fit Zipf on")
         density = state.densities.counts.double() / state.densities.tokens
+        sae.density.copy_(density)  # what density capacities read
         sae.feature_rank.copy_(feature_ranks(density))
     sorted_density = density[rank_order(density)]
     alpha = None if cfg.fit_alpha else float(sae.zipf[0])
@@ -428,8 +429,9 @@ def record_source(cfg: TrainConfig, rows) -> TrainConfig:
 
 def check_capacities(sae: SAEConfig, batch_size: int) -> None:
     """Feature Choice needs a batch large enough to give every feature a token (footnote 8):
-    uniform capacities must be at least 1, Zipf capacities (raised to m_min) within k·B."""
-    if sae.capacities == "uniform":
+    uniform capacities (density ones start uniform) must be at least 1, Zipf capacities
+    (raised to m_min) within k·B."""
+    if sae.capacities != "zipf":
         uniform_capacities(sae.k, batch_size, sae.num_latents)
         return
     ranks = torch.arange(1, sae.num_latents + 1)
