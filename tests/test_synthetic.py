@@ -2,7 +2,9 @@ import numpy as np
 import pytest
 import torch
 
+from choicesae.config import SAEConfig
 from choicesae.errors import ConfigError
+from choicesae.sae import SAE
 from choicesae.synthetic import (
     SyntheticConfig,
     feature_probabilities,
@@ -76,3 +78,11 @@ def test_same_seed_same_data_and_files(tmp_path):
 def test_bad_settings(kw):
     with pytest.raises(ConfigError):
         SyntheticConfig(**kw)
+
+
+def test_an_sae_seeded_like_the_data_does_not_start_at_the_true_dictionary():
+    cfg = SyntheticConfig(tokens=16, d_in=32, num_features=64)
+    _, dictionary = sparse_dictionary(cfg)
+    torch.manual_seed(cfg.seed)
+    sae = SAE(SAEConfig(k=4, num_latents=128).resolve(32))
+    assert mmcs(dictionary, sae.W_dec.detach()) < 0.8

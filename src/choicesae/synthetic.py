@@ -13,6 +13,8 @@ from torch import Tensor
 
 from choicesae.errors import ConfigError
 
+DATA_STREAM = 0x5E1EC7ED_0000  # offset of the generator's seeds from training seeds
+
 
 @dataclass(frozen=True)
 class SyntheticConfig:
@@ -88,7 +90,10 @@ def write_synthetic(cfg: SyntheticConfig) -> tuple[Path, Path]:
 
 def _fill(cfg: SyntheticConfig, x: Tensor, chunk: int) -> Tensor:
     """Fill x [tokens, d_in] chunk by chunk; returns the dictionary [num_features + 1, d_in]."""
-    gen = torch.Generator().manual_seed(cfg.seed)
+    # a stream of its own: seeded with cfg.seed alone, the dictionary would be the very
+    # numbers an SAE built after torch.manual_seed(cfg.seed) draws for W_dec, so a training
+    # seed equal to the data seed would start at the true dictionary
+    gen = torch.Generator().manual_seed(DATA_STREAM + cfg.seed)
     dictionary = torch.randn(cfg.num_features + 1, cfg.d_in, generator=gen)
     dictionary /= dictionary.norm(dim=-1, keepdim=True)
     p = feature_probabilities(cfg)
