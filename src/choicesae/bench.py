@@ -59,8 +59,14 @@ SWITCHES = ("feature_choice_density", "feature_choice_zipf_alpha")
 # each data set's default budget: long enough that training FVU has flattened, short enough
 # that the whole bench takes well under an hour on 2 CPU cores (docs/results.md)
 DEFAULTS = {
-    "synthetic": {"steps": 1000, "batch_size": 4096, "train_tokens": 262_144},
-    "minilm": {"steps": 1000, "batch_size": 1536, "train_tokens": 524_288},
+    "synthetic": {
+        "steps": 1000,
+        "batch_size": 4096,
+        "num_latents": 768,
+        "train_tokens": 262_144,
+        "lr": 3e-3,
+    },
+    "minilm": {"steps": 1000, "batch_size": 1536, "num_latents": 1536, "train_tokens": 524_288},
 }
 
 
@@ -84,8 +90,9 @@ class BenchConfig:
     where recovery and training FVU have flattened, docs/results.md)."""
     batch_size: int = 0
     """Tokens per step; 0: 4096 on synthetic, the paper's 1536 on minilm."""
-    num_latents: int = 1536
-    """Latents F of every SAE (synthetic: 1.5x the true features, so some can die)."""
+    num_latents: int = 0
+    """Latents F of every SAE; 0: 768 on synthetic (1.5x the true features, so some can
+    die), 1536 on minilm (4x its width)."""
     switch: float = 0.75
     """Share of feature_choice_zipf's steps spent in its Mutual Choice phase."""
     train_tokens: int = 0
@@ -95,7 +102,7 @@ class BenchConfig:
     """Held-out rows measured (whole batches)."""
     d_in: int = 128
     """Width of the synthetic data (minilm: 384, the model's)."""
-    true_features: int = 1024
+    true_features: int = 512
     """Size of the synthetic true dictionary (plus one first-token direction)."""
     mean_active: float = 16.0
     """Mean active true features per synthetic token."""
@@ -105,7 +112,8 @@ class BenchConfig:
     """Latents per token of aux_k and aux_zipf; 0: d_in / 2, near Gao et al.'s power of two
     close to d_model / 2 (train's default of 512 is meant for wide SAEs on large models)."""
     lr: float = 0.0
-    """Peak learning rate of every run; 0 means train's default scaling."""
+    """Peak learning rate of every run; 0: 3e-3 on synthetic (recovery flattens within the
+    default steps, docs/results.md), train's default scaling on minilm."""
     device: str = "cpu"
     """Torch device."""
     progress: bool = False
