@@ -127,6 +127,7 @@ def test_train_reads_a_store(tmp_path, synthetic):
         out=str(tmp_path / "run"),
         steps=150,
         batch_size=256,
+        lr=3e-3,
         sae=SAEConfig(sparsifier="mutual_choice", k=5, expansion=4),
         progress=False,
     )
