@@ -128,9 +128,10 @@ def test_train_reads_a_store(tmp_path, synthetic):
         steps=150,
         batch_size=256,
         lr=3e-3,
+        log_every=10,
         sae=SAEConfig(sparsifier="mutual_choice", k=5, expansion=4),
         progress=False,
     )
     train(cfg)
     log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
-    assert log[-1]["fvu"] < 0.5 * log[0]["fvu"]
+    assert log[-1]["fvu"] < 0.6 * log[0]["fvu"]  # it learns from the store
