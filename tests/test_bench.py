@@ -68,14 +68,20 @@ def test_every_method_gets_the_same_budget_and_its_own_sparsifier():
     assert alpha.fit_alpha and not zipf.fit_alpha and alpha.sae.capacities == "zipf"
 
 
-@pytest.mark.parametrize("exponent", [0.4, 1.0, 2.5])
-def test_l1_secant_reaches_the_target_l0_of_a_power_law(exponent):
-    l0_of = lambda c: 300.0 * c**-exponent  # noqa: E731
+@pytest.mark.parametrize(
+    "l0_of",
+    [
+        lambda c: 300.0 * c**-0.4,
+        lambda c: 300.0 * c**-2.5,
+        lambda c: 90.0 / (1 + (c / 0.3) ** 8),  # steep, like a real ReLU SAE's L0
+    ],
+)
+def test_l1_steps_reach_the_target_l0(l0_of):
     tried = [(0.1, l0_of(0.1))]
-    for _ in range(6):
+    for _ in range(8):
         c = _next_coeff(tried, 16)
         tried.append((c, l0_of(c)))
-    assert abs(math.log(tried[-1][1] / 16)) < 0.02
+    assert abs(math.log(tried[-1][1] / 16)) < 0.05
 
 
 def _record(method, k, seed, fvu):

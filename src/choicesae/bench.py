@@ -285,11 +285,11 @@ def run_one(cfg: BenchConfig, data: BenchData, method: str, k: int, seed: int, l
     return record
 
 
-def calibrate_l1(cfg: BenchConfig, data: BenchData, k: int, tries: int = 4) -> tuple[float, list]:
-    """The L1 coefficient giving ReLU SAEs a mean L0 near k: short runs (a quarter of the
-    steps, seed 0) stepped along the log-log secant of L0 against the coefficient, since L0
-    falls roughly as a power of it. Returns (coefficient, [(coefficient, L0), ...])."""
-    short = dataclasses.replace(cfg, steps=max(cfg.steps // 4, 10))
+def calibrate_l1(cfg: BenchConfig, data: BenchData, k: int, tries: int = 6) -> tuple[float, list]:
+    """The L1 coefficient giving ReLU SAEs a mean held-out L0 near k: short runs (half the
+    steps, seed 0) stepped in log-log space, where L0 falls roughly as a power of the
+    coefficient (`_next_coeff`). Returns (coefficient, [(coefficient, L0), ...])."""
+    short = dataclasses.replace(cfg, steps=max(cfg.steps // 2, 10))
     coeff, tried = 0.1, []
     for _ in range(tries):
         train_cfg = dataclasses.replace(
@@ -307,14 +307,22 @@ def calibrate_l1(cfg: BenchConfig, data: BenchData, k: int, tries: int = 4) -> t
 
 
 def _next_coeff(tried: list[tuple[float, float]], k: int) -> float:
-    """Secant step in log L0 = a + b log c towards L0 = k (slope -1 before two points), at
-    most a factor of 10 at a time."""
-    (c0, l0), (c1, l1) = (tried[-2] if len(tried) > 1 else (None, None)), tried[-1]
-    slope = -1.0
-    if c0 is not None and min(l0, l1) > 0 and l0 != l1:
-        slope = (math.log(l1) - math.log(l0)) / (math.log(c1) - math.log(c0))
-        slope = min(-0.2, max(-5.0, slope))
-    step = (math.log(k) - math.log(max(l1, 1e-3))) / slope
+    """The next coefficient towards L0 = k: once the tries bracket k, log-log interpolation
+    between the closest try above and the closest below (regula falsi: it stays inside the
+    bracket); before, a step along the slope of the last two tries (-1 at first), at most a
+    factor of 10."""
+    log = lambda v: math.log(max(v, 1e-3))  # noqa: E731
+    above = [t for t in tried if t[1] > k]
+    below = [t for t in tried if t[1] <= k]
+    if above and below:
+        (c0, l0), (c1, l1) = max(above), min(below)  # the tightest bracket
+        w = (log(l0) - log(k)) / (log(l0) - log(l1))
+        return math.exp(log(c0) + w * (log(c1) - log(c0)))
+    (c1, l1), slope = tried[-1], -1.0
+    if len(tried) > 1 and tried[-2][1] != l1:
+        c0, l0 = tried[-2]
+        slope = min(-0.2, max(-5.0, (log(l1) - log(l0)) / (log(c1) - log(c0))))
+    step = (log(k) - log(l1)) / slope
     return c1 * math.exp(min(math.log(10), max(-math.log(10), step)))
 
 
