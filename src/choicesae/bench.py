@@ -183,7 +183,8 @@ def synthetic_data(cfg: BenchConfig) -> BenchData:
 def minilm_data(cfg: BenchConfig) -> BenchData:
     """A harvest of the default model over the default corpus, first tokens kept (the paper
     trains on every position); cached in data/bench-minilm. Its first eval_tokens rows (the
-    first contexts, which splice.py runs through the model) are held out."""
+    first contexts, which splice.py runs through the model) are held out, shuffled once, so
+    that batch rules meet batches mixed as in training rather than runs of one document."""
     harvest_cfg = HarvestConfig(
         tokens=cfg.train_tokens + cfg.eval_tokens,
         drop_first=False,
@@ -195,7 +196,8 @@ def minilm_data(cfg: BenchConfig) -> BenchData:
     x = store[np.arange(len(store))].float()
     n_test = cfg.eval_tokens // cfg.batch_size * cfg.batch_size
     first = first_tokens(store.manifest, n_test)
-    return BenchData(x[cfg.eval_tokens :], x[:n_test], first, store=store)
+    order = torch.randperm(n_test, generator=torch.Generator().manual_seed(0))
+    return BenchData(x[cfg.eval_tokens :], x[:n_test][order], first[order], store=store)
 
 
 def _complete(cfg: HarvestConfig) -> bool:
