@@ -1,12 +1,12 @@
 """The bench's figures (bench.py): the L0-FVU Pareto plot, FVU across the switch from Mutual
 to Feature Choice, and the features-per-token histograms (appendix D)."""
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from choicesae.bench import SWITCHES
+from choicesae.evaluate import training_curves
 from choicesae.report import plt, save
 
 METHOD_STYLE = {
@@ -66,10 +66,11 @@ def phase_switch_plot(cfg, path: Path) -> Path:
     for ax, k in zip(axes[0], ks, strict=True):
         shown = []
         for method in ("mutual_choice", "feature_choice", "feature_choice_zipf", *SWITCHES):
-            curve = _curve(cfg.folder / "runs" / f"{method}-k{k}-s0" / "metrics.jsonl")
-            if curve is not None:
-                ax.plot(*curve, label=method, color=METHOD_STYLE[method][0], lw=1)
-                shown.append(curve[1][curve[0] >= start])
+            logged = training_curves(cfg.folder / "runs" / f"{method}-k{k}-s0")
+            step, fvu = np.array(logged["step"]), np.array(logged["fvu"])
+            if len(step):
+                ax.plot(step, fvu, label=method, color=METHOD_STYLE[method][0], lw=1)
+                shown.append(fvu[step >= start])
         ax.axvline(switch, color="k", ls="--", lw=0.8)
         ax.set(xlim=(start, cfg.steps), xlabel="step", ylabel="training FVU", title=f"k = {k}")
         if shown:
@@ -77,14 +78,6 @@ def phase_switch_plot(cfg, path: Path) -> Path:
             ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
         ax.legend(fontsize=8)
     return save(fig, path)
-
-
-def _curve(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
-    """(steps, training FVU) of a run's metrics.jsonl."""
-    if not path.is_file():
-        return None
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return np.array([r["step"] for r in records]), np.array([r["fvu"] for r in records])
 
 
 def features_per_token_plot(records: list[dict], k: int, path: Path) -> Path:
