@@ -51,6 +51,7 @@ def config(out: Path, sparsifier: str, kernels: str, tag: str = "", **kw) -> Tra
         log_every=5,
         dead_tokens=2 * B,
         density_tokens=4 * B,  # dead and dying latents within 20 steps
+        k_aux=4 * K,  # the aux losses read every 4th token (losses.aux_rows), on every rank
         kernels=kernels,
         progress=False,
         **{"checkpoint_every": 20, **kw},

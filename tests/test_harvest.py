@@ -17,10 +17,10 @@ import choicesae.store as store_module
 from choicesae.__main__ import main, parser
 from choicesae.config import SAEConfig, TrainConfig, _field_docs
 from choicesae.errors import ConfigError, DataError
-from choicesae.harvest import HarvestConfig, OnlineActivations, harvest
+from choicesae.harvest import HarvestConfig, Harvester, OnlineActivations, harvest
 from choicesae.hooks import load_model
 from choicesae.store import Store
-from choicesae.text import contexts, documents
+from choicesae.text import PARAGRAPHS_PER_CALL, contexts, documents, token_stream
 from choicesae.train import train
 
 TOPICS = pydoc_data.topics.topics
@@ -99,6 +99,47 @@ def test_text_files_jsonl_and_datasets_give_the_same_store(tiny, corpus, tmp_pat
     from_dataset = harvest(config(folder, hookpoint, f"hf:{dataset}", tmp_path / "d"))
     assert np.array_equal(from_jsonl.tokens(), reference)
     assert np.array_equal(from_dataset.tokens(), reference)
+
+
+class CountingTokenizer:
+    """A tokenizer that counts the texts it is asked to tokenise."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.texts = tokenizer, 0
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+    def __call__(self, text, **kw):
+        self.texts += len(text) if isinstance(text, list) else 1
+        return self.tokenizer(text, **kw)
+
+
+def test_the_token_stream_is_lazy_and_tokenises_paragraph_by_paragraph(tiny):
+    _, tokenizer = load_model(str(tiny[0]))
+    book = "\n\n".join(f"paragraph {i} of a long book." for i in range(1000))
+    docs = ["", " \n\n ", TOPICS["try"], "a\n\n\n\nb  c", book]
+    sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    expected: list[int] = []  # one tokenizer call per paragraph, documents joined by sep
+    for doc in docs:
+        paragraphs = [p for p in doc.split("\n\n") if p.strip()]
+        ids = [t for p in paragraphs for t in tokenizer(p, add_special_tokens=False)["input_ids"]]
+        expected += ([sep] if expected and ids else []) + ids
+    assert list(token_stream(iter(docs), tokenizer)) == expected
+    counting = CountingTokenizer(tokenizer)
+    next(contexts(iter([book]), counting, 16))  # tokenises a few paragraphs, not the book
+    assert counting.texts <= PARAGRAPHS_PER_CALL + 2  # + 2: special_tokens' probes
+
+
+def test_a_loaded_harvester_is_reused_for_its_own_config_only(tiny, corpus, tmp_path):
+    folder, hookpoint = tiny
+    cfg = config(folder, hookpoint, corpus / "a.txt", tmp_path / "reused")
+    harvester = Harvester(cfg)
+    harvest(cfg, harvester)
+    harvest(config(folder, hookpoint, corpus / "a.txt", tmp_path / "fresh"))
+    assert files(tmp_path / "reused") == files(tmp_path / "fresh")
+    with pytest.raises(ConfigError, match="another config"):
+        harvest(dataclasses.replace(cfg, context=32), harvester)
 
 
 class Killed(BaseException):

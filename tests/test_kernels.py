@@ -204,7 +204,7 @@ def test_aux_loss_matches_losses_aux_k():
     mask = torch.rand(30, generator=g) < 0.5
     pairs = kernels.select_masked_topk(z, mask, 6)
     acts = z[pairs.token, pairs.feature].relu()
-    ours = kernels.aux_loss(pairs, acts, residual, W_dec)
+    ours = kernels.aux_loss(pairs, acts, residual, W_dec, slice(None))
     torch.testing.assert_close(ours, aux_k(z, mask, residual, W_dec, 6))
 
 

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from test_store import write_store  # noqa: E402
 
 from choicesae.__main__ import main, parser
-from choicesae.checkpoint import checkpoint_paths, load_checkpoint
+from choicesae.checkpoint import checkpoint_paths, load_checkpoint, read_checkpoint
 from choicesae.config import SAEConfig, TrainConfig, from_arguments
 from choicesae.data import load_activations
 from choicesae.errors import ChoiceSAEError, ConfigError, NonFiniteError
@@ -53,6 +53,63 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_one_before(tmp_path, synt
         (checkpoint_paths(tmp_path / "b" / "run")[-1]).write_bytes(b"junk")
         resumed = train(small(tmp_path / "b", steps=40, checkpoint_every=10, resume=True), x)
     assert torch.equal(resumed.W_enc, straight.W_enc)
+
+
+def assert_same_weights(a, b):
+    for name, tensor in a.state_dict().items():
+        torch.testing.assert_close(
+            b.state_dict()[name], tensor, rtol=0, atol=0, equal_nan=True, msg=name
+        )  # equal, NaN for NaN (densities before a window has closed)
+
+
+def test_a_finished_run_extends_bit_exactly(tmp_path, synthetic):
+    """--resume with a larger --steps goes on from the last checkpoint: the same weights as a
+    run asked for the larger number of steps from the start (the lr does not depend on it)."""
+    x = synthetic[0]
+    straight = train(small(tmp_path / "a", steps=40, checkpoint_every=10), x)
+    train(small(tmp_path / "b", steps=20, checkpoint_every=10), x)
+    extended = train(small(tmp_path / "b", steps=40, checkpoint_every=10, resume=True), x)
+    assert_same_weights(straight, extended)
+    saved = json.loads((tmp_path / "b" / "run" / "config.json").read_text())
+    assert saved["steps"] == 40
+    assert [json.loads(ln)["step"] for ln in open(tmp_path / "b" / "run" / "metrics.jsonl")] == [
+        5,
+        10,
+        15,
+        20,
+        25,
+        30,
+        35,
+        40,
+    ]
+    with pytest.raises(ConfigError, match="checkpoint is at step 40"):
+        train(small(tmp_path / "b", steps=30, resume=True), x)
+
+
+def test_a_moved_run_resumes_bit_exactly(tmp_path, synthetic):
+    x = synthetic[0]
+    straight = train(small(tmp_path / "a", steps=40, checkpoint_every=10), x)
+    train(small(tmp_path / "b", steps=20, checkpoint_every=10), x)
+    shutil.move(tmp_path / "b", tmp_path / "elsewhere")
+    moved = train(small(tmp_path / "elsewhere", steps=40, checkpoint_every=10, resume=True), x)
+    assert_same_weights(straight, moved)
+
+
+def test_resume_refuses_a_schedule_that_rewrites_the_past(tmp_path, synthetic):
+    x = synthetic[0]
+    phased = "mutual_choice:10,topk:10"
+    train(small(tmp_path, schedule=phased, checkpoint_every=10), x)
+    longer = train(small(tmp_path, schedule="mutual_choice:10,topk:20", resume=True), x)
+    assert longer.cfg.sparsifier == "topk"
+    with pytest.raises(ConfigError, match="changes the phases"):
+        train(small(tmp_path, schedule="mutual_choice:5,topk:30", resume=True), x)
+
+
+def test_overwrite_removes_the_old_runs_checkpoints(tmp_path, synthetic):
+    x = synthetic[0]
+    train(small(tmp_path, steps=20, checkpoint_every=10), x)
+    train(small(tmp_path, steps=5, checkpoint_every=5, overwrite=True), x)
+    assert [read_checkpoint(p)["step"] for p in checkpoint_paths(tmp_path / "run")] == [5]
 
 
 def nan_at(step_with_nan):

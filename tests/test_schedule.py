@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from choicesae.schedule import auto_lr, lr_at
+from choicesae.schedule import RECIPES, Recipe, lr_at, recipe_lr
 
 
 def test_warmup_constant_decay():
@@ -17,7 +17,15 @@ def test_no_warmup_no_decay():
     assert lr_at(0, 10, 3e-4, warmup_steps=0, decay_fraction=0.0) == 3e-4
 
 
-def test_auto_lr_scales_with_inverse_sqrt_width():
-    assert auto_lr(2**14) == pytest.approx(2e-4)
-    assert auto_lr(4 * 2**14) == pytest.approx(1e-4)
-    assert math.isclose(auto_lr(6144), 2e-4 / math.sqrt(6144 / 16384))
+def test_recipe_lr_scales_with_inverse_sqrt_width():
+    paper = RECIPES["paper"]
+    assert recipe_lr(paper, 2**14) == pytest.approx(2e-4)
+    assert recipe_lr(paper, 4 * 2**14) == pytest.approx(1e-4)
+    assert math.isclose(recipe_lr(paper, 6144), 2e-4 / math.sqrt(6144 / 16384))
+
+
+def test_recipes_are_pinned():
+    """The defaults users get: changing one is a decision to measure (benchmarks/recipe.py,
+    docs/training.md), not a drift."""
+    assert RECIPES["fast"] == Recipe("schedule_free", 2e-3, 50, 0.0)
+    assert RECIPES["paper"] == Recipe("adamw", 2e-4, 100, 0.2)  # the paper's section 5

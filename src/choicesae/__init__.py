@@ -1,5 +1,9 @@
 """choicesae: sparse autoencoders with Token, Mutual and Feature Choice sparsifiers."""
 
+from choicesae.threads import passive_openmp
+
+passive_openmp()  # before torch is imported: OpenMP reads its wait policy when it loads
+
 from choicesae.config import SAEConfig, TrainConfig
 from choicesae.errors import ChoiceSAEError, ConfigError, DataError
 from choicesae.evaluate import EvalConfig, evaluate

@@ -139,9 +139,7 @@ def zipf_capacities(
     return torch.clamp(torch.floor(n_approx * zipf), max=m_max).long()
 
 
-def density_capacities(
-    density: Tensor, k: int, batch_size: int, m_min: int, m_max: int
-) -> Tensor:
+def density_capacities(density: Tensor, k: int, batch_size: int, m_min: int, m_max: int) -> Tensor:
     """[F] capacities in proportion to each feature's measured density (the last closed
     window: at a switch to Feature Choice, the phase before's), so the budget k·B is shared as
     the features were used rather than by a fitted law; floored as Algorithm 1 floors, raised to

@@ -64,7 +64,6 @@ DEFAULTS = {
         "batch_size": 4096,
         "num_latents": 768,
         "train_tokens": 262_144,
-        "lr": 3e-3,
     },
     "minilm": {"steps": 1000, "batch_size": 1536, "num_latents": 1536, "train_tokens": 524_288},
 }
@@ -112,8 +111,7 @@ class BenchConfig:
     """Latents per token of aux_k and aux_zipf; 0: d_in / 2, near Gao et al.'s power of two
     close to d_model / 2 (train's default of 512 is meant for wide SAEs on large models)."""
     lr: float = 0.0
-    """Peak learning rate of every run; 0: 3e-3 on synthetic (recovery flattens within the
-    default steps, docs/results.md), train's default scaling on minilm."""
+    """Peak learning rate of every run; 0: train's default recipe (schedule.RECIPES)."""
     device: str = "cpu"
     """Torch device."""
     progress: bool = False
@@ -224,7 +222,6 @@ def run_config(
         else "",
         fit_alpha=method == "feature_choice_zipf_alpha",
         lr=cfg.lr,
-        warmup_steps=min(100, cfg.steps // 10),
         l1_coeff=l1_coeff,
         aux_zipf_coeff=0.0 if method.endswith("_no_aux_zipf") else 1 / 32,
         k_aux=cfg.k_aux or d_in // 2,

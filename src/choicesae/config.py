@@ -19,6 +19,7 @@ import yaml
 
 from choicesae.errors import ConfigError
 from choicesae.loggers import LOGGERS, PACKAGES, chosen
+from choicesae.schedule import RECIPES
 from choicesae.sparsifiers import TRAINABLE
 
 Normalize = Literal["token", "dataset", "none"]
@@ -130,12 +131,20 @@ class TrainConfig:
     mutual_choice:8000,feature_choice:2000. Aux losses act outside feature_choice phases; on
     entering feature_choice the Zipf beta (and alpha with --fit-alpha) is fitted to the feature
     densities of the phase before. Empty: --sparsifier for --steps."""
+    recipe: Literal["fast", "paper"] = "fast"
+    """Optimisation recipe for the settings below left at their 'recipe' value: fast =
+    schedule-free AdamW at 2e-3 / sqrt(F / 2^14), 50 warm-up steps, no decay (the default,
+    chosen by benchmarks/recipe.py: docs/training.md); paper = AdamW at 2e-4 / sqrt(F / 2^14),
+    100 warm-up steps, linear decay over the last 20% (section 5, Gao et al.'s scaling)."""
+    optimizer: Literal["recipe", "schedule_free", "adamw"] = "recipe"
+    """schedule_free = AdamW with Defazio et al.'s schedule-free averaging (the saved SAE holds
+    the averaged weights); adamw = plain AdamW; recipe = the recipe's."""
     lr: float = 0.0
-    """Peak learning rate; 0 means 2e-4 / sqrt(F / 2^14), the scaling of Gao et al."""
-    warmup_steps: int = 100
-    """Linear learning-rate warm-up from 0 over this many steps."""
-    decay_fraction: float = 0.2
-    """Linear decay to 0 over this last fraction of the steps."""
+    """Peak learning rate; 0 means the recipe's, scaled by 1 / sqrt(F / 2^14) (Gao et al.)."""
+    warmup_steps: int = -1
+    """Linear learning-rate warm-up from 0 over this many steps; -1 means the recipe's."""
+    decay_fraction: float = -1.0
+    """Linear decay to 0 over this last fraction of the steps; -1 means the recipe's."""
     weight_decay: float = 1e-5
     """AdamW weight decay on W_enc and W_dec."""
     grad_clip: float = 1.0
@@ -237,7 +246,6 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         nonnegative = (
             "lr",
-            "warmup_steps",
             "weight_decay",
             "grad_clip",
             "l1_coeff",
@@ -251,8 +259,21 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
         check_loggers(self.log)
-        if not 0 <= self.decay_fraction <= 1:
-            raise ConfigError(f"decay_fraction must lie in [0, 1], got {self.decay_fraction}")
+        if self.recipe not in RECIPES:
+            raise ConfigError(f"recipe must be one of {', '.join(RECIPES)}, not {self.recipe!r}")
+        if self.optimizer not in ("recipe", "schedule_free", "adamw"):
+            raise ConfigError(
+                f"optimizer must be recipe, schedule_free or adamw, not {self.optimizer!r}"
+            )
+        if not (0 <= self.decay_fraction <= 1 or self.decay_fraction == -1):
+            raise ConfigError(
+                f"decay_fraction must lie in [0, 1] (or be -1: the recipe's), got "
+                f"{self.decay_fraction}"
+            )
+        if self.warmup_steps < -1:
+            raise ConfigError(
+                f"warmup_steps must be at least 0 (or -1: the recipe's), got {self.warmup_steps}"
+            )
         phases = self.phases()
         if self.multi_topk and any(name == "relu" for name, _ in phases):
             raise ConfigError("multi_topk needs a k-based sparsifier, not relu")

@@ -239,6 +239,7 @@ def selections(sae, z_pre: Tensor, cfg, sparsifier: str, masks, world: World) ->
     """kernels.selections with the code ("mse", "mse_4k") selected over the global batch; the
     aux losses' latents are each token's own (per token, nothing to exchange)."""
     from choicesae.kernels import AUX, select_masked_topk
+    from choicesae.losses import aux_rows
 
     k, B = sae.cfg.k, z_pre.shape[0] * world.size
     fc = sparsifier == "feature_choice"
@@ -248,7 +249,8 @@ def selections(sae, z_pre: Tensor, cfg, sparsifier: str, masks, world: World) ->
         pairs["mse_4k"] = select(sparsifier, z_pre, 4 * k, m, world)
     for name, (coeff, mask) in AUX.items():
         if getattr(cfg, coeff) and not fc:  # section 4.4: Feature Choice trains without them
-            pairs[name] = select_masked_topk(z_pre, getattr(masks, mask), cfg.k_aux)
+            mask = getattr(masks, mask)
+            pairs[name] = select_masked_topk(z_pre, mask, cfg.k_aux, aux_rows(k, cfg.k_aux))
     return pairs
 
 
@@ -265,25 +267,29 @@ def fast_loss_terms(sae, x: Tensor, cfg, sparsifier: str, masks, step: int, worl
 RATIOS = ("aux_k", "aux_zipf")  # |e − ê|² / |e|²: ratios of sums over the batch
 
 
-def contributions(terms: dict[str, Tensor], x: Tensor, x_hat: Tensor, world: World) -> dict:
+def contributions(
+    terms: dict[str, Tensor], x: Tensor, x_hat: Tensor, world: World, rows: slice
+) -> dict:
     """Each loss term's share held by this rank, so that the global batch's term is the sum of
     the shares over ranks. Token means (mse, mse_4k, l1) weigh 1/W (the slices are equal); the
-    aux losses divide the local |e − ê|² by the global |e|² (e = x − x̂, detached as in the
-    step); terms of the weights alone (nfm) are counted once, 1/W on each rank."""
+    aux losses divide the local |e − ê|² by the global |e|² (e = x − x̂ at the aux losses'
+    `rows`, detached as in the step); terms of the weights alone (nfm) are counted once, 1/W
+    on each rank."""
     shares = {name: term / world.size for name, term in terms.items() if name not in RATIOS}
     if any(name in RATIOS for name in terms):
-        local = (x - x_hat).detach().pow(2).sum()
+        local = (x - x_hat).detach()[rows].pow(2).sum()
         total = all_reduce(local.clone(), "stats")
         scale = local.clamp_min(1e-12) / total.clamp_min(1e-12)  # undo the local denominator
         shares |= {name: terms[name] * scale for name in RATIOS if name in terms}
     return shares
 
 
-def reduce_step(sae, result, x: Tensor, world: World, fired: Tensor):
+def reduce_step(sae, result, x: Tensor, world: World, fired: Tensor, rows: slice):
     """Backward through this rank's shares, then sum over ranks the gradients (one flat
     all_reduce) and the statistics: the loss terms, firing counts fired [F] and the sums the
-    FVU needs. Returns the global StepOut, fired counts [F] and metrics."""
-    shares = contributions(result.terms, x, result.x_hat, world)
+    FVU needs (`rows`: the tokens the aux losses read). Returns the global StepOut, fired
+    counts [F] and metrics."""
+    shares = contributions(result.terms, x, result.x_hat, world, rows)
     sum(shares.values()).backward()
     params = list(sae.parameters())
     grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]

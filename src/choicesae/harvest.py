@@ -138,10 +138,16 @@ def _pad(batch: list[list[int]], context: int, pad_id: int) -> tuple[Tensor, Ten
     return ids, mask
 
 
-def harvest(cfg: HarvestConfig) -> Store:
+def harvest(cfg: HarvestConfig, harvester: Harvester | None = None) -> Store:
     """Write the activations of cfg.hookpoint over cfg.text to the store cfg.out, resuming an
-    interrupted harvest there; returns the store opened for reading."""
-    harvester = Harvester(cfg)
+    interrupted harvest there; returns the store opened for reading. `harvester`: one already
+    loaded for cfg, to reuse (benchmarks time the harvest without the model load)."""
+    if harvester is not None and harvester.cfg != cfg:
+        raise ConfigError(
+            "the harvester passed to harvest() was loaded for another config; pass "
+            "Harvester(cfg) of this config, or none"
+        )
+    harvester = harvester or Harvester(cfg)
     stream = harvester.contexts()  # checks that the text is not empty before writing
     writer = StoreWriter(cfg.out, store_meta(cfg, harvester.d_model), cfg.overwrite)
     if writer.manifest["complete"]:

@@ -25,7 +25,7 @@ import torch.nn.functional as Fn
 from torch import Tensor
 
 from choicesae.errors import ConfigError
-from choicesae.losses import mse
+from choicesae.losses import aux_rows, mse
 
 
 class Pairs(NamedTuple):
@@ -132,16 +132,24 @@ def select_feature_choice(z_pre: Tensor, m: Tensor) -> Pairs:
     return _csr_order(torch.cat(token), torch.cat(feature), (B, F))
 
 
-def select_masked_topk(z_pre: Tensor, mask: Tensor, k: int) -> Pairs:
-    """Each token's min(k, |mask|) largest affinities among the features in mask [F]: the
-    latents of aux_k_loss (mask = dead) or aux_zipf_loss (mask = dying), as in losses.aux_k."""
+def select_masked_topk(z_pre: Tensor, mask: Tensor, k: int, rows: slice = slice(None)) -> Pairs:
+    """Each token's min(k, |mask|) largest affinities among the features in mask [F], for the
+    tokens `rows` of the batch (losses.aux_rows): the latents of aux_k_loss (mask = dead) or
+    aux_zipf_loss (mask = dying), as in losses.aux_k."""
     B, F = z_pre.shape
     cols = mask.nonzero()[:, 0]  # [D]
     if len(cols) == 0:
         empty = cols.new_zeros(0)
         return Pairs(empty, empty, (B, F))
-    idx = z_pre[:, cols].topk(min(k, len(cols)), dim=1, sorted=False).indices  # [B, k']
-    return _from_rows(cols[idx], F)
+    idx = z_pre[rows][:, cols].topk(min(k, len(cols)), dim=1, sorted=False).indices  # [B', k']
+    return at_rows(_from_rows(cols[idx], F), rows, B)
+
+
+def at_rows(pairs: Pairs, rows: slice, B: int) -> Pairs:
+    """Pairs chosen among the tokens `rows` of a batch of B, numbered in the batch (CSR order
+    kept)."""
+    start, _, step = rows.indices(B)
+    return Pairs(pairs.token * step + start, pairs.feature, (B, pairs.shape[1]))
 
 
 def select(name: str, z_pre: Tensor, k: int, m: Tensor | None = None) -> Pairs:
@@ -278,13 +286,15 @@ def sparse_acts(pairs: Pairs, acts: Tensor) -> Tensor:
     )
 
 
-def aux_loss(pairs: Pairs, acts: Tensor, residual: Tensor, W_dec: Tensor) -> Tensor:
-    """losses.aux_k from the pairs of `select_masked_topk`: |e − ê|² / |e|², ê = z_mask W_dec;
-    residual [B, d] detached. Zero when the mask was empty."""
+def aux_loss(pairs: Pairs, acts: Tensor, residual: Tensor, W_dec: Tensor, rows: slice) -> Tensor:
+    """losses.aux_k from the pairs of `select_masked_topk` on the tokens `rows`: |e − ê|² / |e|²
+    over those tokens, ê = z_mask W_dec; residual [B, d] detached. Zero when the mask was
+    empty."""
     if len(acts) == 0:
         return residual.new_zeros(())
-    e_hat = decode_pairs(pairs, acts, W_dec)
-    return (residual - e_hat).pow(2).sum() / residual.pow(2).sum().clamp_min(1e-12)
+    e = residual[rows]
+    e_hat = decode_pairs(pairs, acts, W_dec)[rows]
+    return (e - e_hat).pow(2).sum() / e.pow(2).sum().clamp_min(1e-12)
 
 
 def split(values: Tensor, pairs: dict[str, Pairs]) -> dict[str, Tensor]:
@@ -309,7 +319,8 @@ def selections(sae, z_pre: Tensor, cfg, sparsifier: str, masks) -> dict[str, Pai
         pairs["mse_4k"] = select(sparsifier, z_pre, 4 * k, sae.capacities(B, 4 * k) if fc else None)
     for name, (coeff, mask) in AUX.items():
         if getattr(cfg, coeff) and not fc:  # section 4.4: Feature Choice trains without them
-            pairs[name] = select_masked_topk(z_pre, getattr(masks, mask), cfg.k_aux)
+            mask = getattr(masks, mask)
+            pairs[name] = select_masked_topk(z_pre, mask, cfg.k_aux, aux_rows(k, cfg.k_aux))
     return pairs
 
 
@@ -344,7 +355,8 @@ def fast_loss_terms(
     residual = (x - x_hat).detach()  # the aux losses only move the latents they select
     for name, (coeff, _) in AUX.items():
         if name in pairs:
-            aux = aux_loss(pairs[name], acts[name], residual, sae.W_dec)
+            rows = aux_rows(sae.cfg.k, cfg.k_aux)
+            aux = aux_loss(pairs[name], acts[name], residual, sae.W_dec, rows)
             terms[name] = getattr(cfg, coeff) * aux
     terms |= nfm_terms(sae.W_dec, cfg, step)
     return StepOut(sum(terms.values()), terms, sparse_acts(pairs["mse"], acts["mse"]), x_hat)

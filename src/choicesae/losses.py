@@ -4,6 +4,8 @@ Reconstruction error is the squared L2 error summed over d_in and averaged over 
 paper's eq. 3 term |x − x̂|²); with unit-norm inputs it is on the scale of the FVU.
 """
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -23,6 +25,18 @@ def fvu(x_hat: Tensor, x: Tensor) -> Tensor:
 def l1(acts: Tensor, W_dec: Tensor) -> Tensor:
     """Mean over tokens of Σ_i |z_i|·|W_dec,i| (the norms are 1 here, kept for clarity)."""
     return (acts.abs() * W_dec.norm(dim=-1)).sum(-1).mean()
+
+
+AUX_SHARE = 1 / 4  # each aux loss selects at most this share of the code's k·B pairs
+
+
+def aux_rows(k: int, k_aux: int) -> slice:
+    """The tokens of a batch the aux losses read: every s-th, s the smallest power of two with
+    k_aux·B/s <= AUX_SHARE·k·B, so that each aux loss costs a bounded share of the step
+    whatever the number of dead or dying latents (k_aux = 512 on every token made the step
+    2.5-5x slower). The loss is a ratio of sums over these tokens, an estimate of the batch's.
+    Under data parallel the ranks' rows are those of one process when s divides the slice."""
+    return slice(None, None, 1 << max(0, math.ceil(math.log2(k_aux / (AUX_SHARE * k)))))
 
 
 def aux_k(z_pre: Tensor, mask: Tensor, residual: Tensor, W_dec: Tensor, k_aux: int) -> Tensor:

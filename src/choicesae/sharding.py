@@ -34,7 +34,7 @@ from choicesae.distributed import (
 )
 from choicesae.errors import ConfigError
 from choicesae.kernels import AUX, Pairs
-from choicesae.losses import fvu, l1, mse
+from choicesae.losses import aux_rows, fvu, l1, mse
 from choicesae.sae import SAE
 
 DIMS = {"W_enc": 1, "W_dec": 0, "b_enc": 0}  # the sharded parameters: their latent dim
@@ -166,19 +166,24 @@ def select_code(sae, name: str, z: Tensor, k: int, world: World) -> Pairs:
     return select(name, z.detach(), k, m, world)
 
 
-def select_masked_topk(z: Tensor, mask: Tensor, k_aux: int, world: World) -> Pairs | None:
+def select_masked_topk(
+    z: Tensor, mask: Tensor, k_aux: int, rows: slice, world: World
+) -> Pairs | None:
     """kernels.select_masked_topk over the shards: each token's top k_aux latents among mask
-    [F] (whole on every rank); z [B, F/W]. None when the mask is empty."""
+    [F] (whole on every rank), for the tokens `rows`; z [B, F/W]. None when the mask is
+    empty."""
     count = int(mask.sum())
     if count == 0:
         return None
-    masked = z.detach().masked_fill(~mask[span(len(mask), world)], float("-inf"))
-    return select_topk(masked, min(k_aux, count), world)
+    masked = z.detach()[rows].masked_fill(~mask[span(len(mask), world)], float("-inf"))
+    return kernels.at_rows(select_topk(masked, min(k_aux, count), world), rows, len(z))
 
 
-def _unexplained(residual: Tensor, e_hat: Tensor) -> Tensor:
-    """losses.aux_k's |e − ê|² / |e|² of the residual e [B, d] and its reconstruction ê."""
-    return (residual - e_hat).pow(2).sum() / residual.pow(2).sum().clamp_min(1e-12)
+def _unexplained(residual: Tensor, e_hat: Tensor, rows: slice) -> Tensor:
+    """losses.aux_k's |e − ê|² / |e|² over the tokens `rows` of the residual e [B, d] and its
+    reconstruction ê."""
+    e, e_hat = residual[rows], e_hat[rows]
+    return (e - e_hat).pow(2).sum() / e.pow(2).sum().clamp_min(1e-12)
 
 
 def sparse_acts(sae, name: str, z: Tensor, k: int, world: World) -> Tensor:
@@ -190,11 +195,12 @@ def sparse_acts(sae, name: str, z: Tensor, k: int, world: World) -> Tensor:
 
 def aux_loss(sae, z: Tensor, mask: Tensor, residual: Tensor, k_aux: int, world: World) -> Tensor:
     """losses.aux_k over the shards: each token's top-k_aux latents among mask [F] (whole on
-    every rank) reconstruct the residual [B, d]; z [B, F/W]."""
-    pairs = select_masked_topk(z, mask, k_aux, world)
+    every rank) reconstruct the residual [B, d] at the tokens losses.aux_rows; z [B, F/W]."""
+    rows = aux_rows(sae.cfg.k, k_aux)
+    pairs = select_masked_topk(z, mask, k_aux, rows, world)
     if pairs is None:
         return z.new_zeros(())
-    return _unexplained(residual, decode(sae, dense_acts(z, pairs), bias=False))
+    return _unexplained(residual, decode(sae, dense_acts(z, pairs), bias=False), rows)
 
 
 def loss_terms(sae, x: Tensor, cfg, sparsifier: str, masks, step: int, world: World):
@@ -229,7 +235,8 @@ def selections(sae, z: Tensor, cfg, sparsifier: str, masks, world: World) -> dic
         pairs["mse_4k"] = select_code(sae, sparsifier, z, 4 * k, world)
     for name, (coeff, mask) in AUX.items():
         if getattr(cfg, coeff) and sparsifier != "feature_choice":  # section 4.4
-            chosen = select_masked_topk(z, getattr(masks, mask), cfg.k_aux, world)
+            rows = aux_rows(k, cfg.k_aux)
+            chosen = select_masked_topk(z, getattr(masks, mask), cfg.k_aux, rows, world)
             if chosen is not None:
                 pairs[name] = chosen
     return pairs
@@ -259,7 +266,9 @@ def fast_loss_terms(sae, x: Tensor, cfg, sparsifier: str, masks, step: int, worl
     residual = (x - x_hat).detach()  # the aux losses only move the latents they select
     for name, (coeff, _) in AUX.items():
         if getattr(cfg, coeff) and sparsifier != "feature_choice":  # empty mask: zero
-            aux = _unexplained(residual, decoded[name]) if name in decoded else x.new_zeros(())
+            aux = x.new_zeros(())
+            if name in decoded:
+                aux = _unexplained(residual, decoded[name], aux_rows(sae.cfg.k, cfg.k_aux))
             terms[name] = getattr(cfg, coeff) * aux
     return StepOut(
         sum(terms.values()), terms, kernels.sparse_acts(pairs["mse"], acts["mse"]), x_hat

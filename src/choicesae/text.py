@@ -7,6 +7,7 @@ separator into one stream and cut into contexts, so no context is padded except 
 """
 
 import gzip
+import itertools
 import json
 import pydoc_data.topics
 import sys
@@ -144,20 +145,31 @@ def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
 
 
 def token_stream(docs: Iterator[str], tokenizer) -> Iterator[int]:
-    """Token ids of every document, documents separated by the tokenizer's EOS (or SEP)."""
+    """Token ids of every document, documents separated by the tokenizer's EOS (or SEP).
+    Lazy: a harvest of a few contexts tokenises only their text, not a book-length file."""
     sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
     started = False
     for doc in docs:
-        ids = [
-            token  # paragraph by paragraph: bounded tokenizer calls on book-length files
-            for paragraph in doc.split("\n\n")
-            if paragraph.strip()  # blank text is no text, even to byte-level tokenizers
-            for token in tokenizer(paragraph, add_special_tokens=False, verbose=False)["input_ids"]
-        ]
-        if ids and started and sep is not None:
-            yield sep
-        started = started or bool(ids)
-        yield from ids
+        new_doc = True
+        for ids in _paragraph_ids(doc, tokenizer):
+            if new_doc and started and sep is not None:
+                yield sep
+            new_doc, started = False, True
+            yield from ids
+
+
+PARAGRAPHS_PER_CALL = 64
+
+
+def _paragraph_ids(doc: str, tokenizer) -> Iterator[list[int]]:
+    """Token ids of each paragraph of `doc` that has any: bounded tokenizer calls on
+    book-length files, PARAGRAPHS_PER_CALL at a time (one call per paragraph costs more in
+    Python than the tokenising itself)."""
+    # blank text is no text, even to byte-level tokenizers
+    paragraphs = (p for p in doc.split("\n\n") if p.strip())
+    while chunk := list(itertools.islice(paragraphs, PARAGRAPHS_PER_CALL)):
+        encoded = tokenizer(chunk, add_special_tokens=False, verbose=False)["input_ids"]
+        yield from (ids for ids in encoded if ids)
 
 
 def contexts(docs: Iterator[str], tokenizer, context: int) -> Iterator[list[int]]:

@@ -19,6 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import NamedTuple
 
+import schedulefree
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -34,17 +35,17 @@ from choicesae.allocation import (
     rank_order,
     update_densities,
 )
-from choicesae.checkpoint import load_checkpoint, save_checkpoint
+from choicesae.checkpoint import checkpoint_paths, load_checkpoint, save_checkpoint
 from choicesae.config import SAEConfig, TrainConfig
 from choicesae.data import Rows, batches, check_activations, load_activations
 from choicesae.distributed import SINGLE, World
 from choicesae.errors import ConfigError, Interrupted, NonFiniteError
 from choicesae.kernels import fast_loss_terms
 from choicesae.loggers import Loggers, open_loggers
-from choicesae.losses import aux_k, fvu, l1, mse, nfm, nfm_inf
+from choicesae.losses import aux_k, aux_rows, fvu, l1, mse, nfm, nfm_inf
 from choicesae.preprocess import normalize
 from choicesae.sae import SAE
-from choicesae.schedule import auto_lr, lr_at, phase_at
+from choicesae.schedule import RECIPES, lr_at, phase_at, recipe_lr
 from choicesae.sparsifiers import uniform_capacities
 from choicesae.store import Store
 
@@ -82,13 +83,14 @@ def loss_terms(
     if sparsifier == "relu":
         terms["l1"] = cfg.l1_coeff * l1(acts, sae.W_dec)
     elif sparsifier != "feature_choice":  # section 4.4: Feature Choice trains without aux losses
-        residual = (x - x_hat).detach()  # the aux losses only move the latents they select
+        rows = aux_rows(k, cfg.k_aux)  # the aux losses read a bounded sample of tokens
+        residual = (x - x_hat).detach()[rows]  # they only move the latents they select
         if cfg.aux_k_coeff:
             terms["aux_k"] = cfg.aux_k_coeff * aux_k(
-                z_pre, masks.dead, residual, sae.W_dec, cfg.k_aux
+                z_pre[rows], masks.dead, residual, sae.W_dec, cfg.k_aux
             )
         if cfg.aux_zipf_coeff:
-            aux = aux_k(z_pre, masks.dying, residual, sae.W_dec, cfg.k_aux)
+            aux = aux_k(z_pre[rows], masks.dying, residual, sae.W_dec, cfg.k_aux)
             terms["aux_zipf"] = cfg.aux_zipf_coeff * aux
     terms |= nfm_terms(sae.W_dec, cfg, step)
     return StepOut(sum(terms.values()), terms, acts, x_hat)
@@ -174,6 +176,7 @@ def train(cfg: TrainConfig, activations: Rows | None = None) -> SAE:
     )
     with stop_signals() as stop, loggers as log:
         record = run_loop(sae, optimizer, data, cfg, state, log, stop, world)
+    final_weights_(sae, optimizer)
     if sharded:  # the whole SAE on rank 0's CPU, the shards elsewhere
         sae = sharding.whole(sae, world)
     if world.main:  # one copy, the same as one process writes: loadable at any world size
@@ -250,8 +253,8 @@ def stop_signals():
 
 
 def lr_of(cfg: TrainConfig, step: int) -> float:
-    peak = cfg.lr or auto_lr(cfg.sae.num_latents)
-    return lr_at(step, cfg.total_steps, peak, cfg.warmup_steps, cfg.decay_fraction)
+    """The learning rate of `step` in a resolved config (`resolve`)."""
+    return lr_at(step, cfg.total_steps, cfg.lr, cfg.warmup_steps, cfg.decay_fraction)
 
 
 def train_step(
@@ -274,7 +277,8 @@ def train_step(
     if sharded:  # fired [F/W] -> [F]
         result, fired, metrics = sharding.reduce_step(result, x, world, fired)
     elif world.size > 1:  # backward and the sums over ranks first: they give the global loss
-        result, fired, metrics = distributed.reduce_step(sae, result, x, world, fired)
+        rows = aux_rows(sae.cfg.k, cfg.k_aux)
+        result, fired, metrics = distributed.reduce_step(sae, result, x, world, fired, rows)
     if not torch.isfinite(result.loss):  # a sync point, so that NaN never reaches the weights
         optimizer.zero_grad(set_to_none=True)
         if cfg.skip_bad_batches:
@@ -295,8 +299,27 @@ def train_step(
         torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    sae.unit_norm_decoder_()
+    unit_norm_decoder_(sae, optimizer)
     return result, metrics, fired
+
+
+@torch.no_grad()
+def unit_norm_decoder_(sae: SAE, optimizer) -> None:
+    """Project the decoder rows onto the unit sphere after a step; under schedule-free also the
+    base sequence z (the parameters hold y, an interpolation of z and the average x), so that
+    the averaged decoder stays unit-norm as well."""
+    sae.unit_norm_decoder_()
+    z = optimizer.state.get(sae.W_dec, {}).get("z")
+    if z is not None:
+        z /= z.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+
+
+@torch.no_grad()
+def final_weights_(sae: SAE, optimizer) -> None:
+    """Leave in `sae` the weights to keep: under schedule-free, the average x (eval mode)."""
+    if isinstance(optimizer, schedulefree.AdamWScheduleFree):
+        optimizer.eval()
+        sae.unit_norm_decoder_()
 
 
 def step_loss(cfg: TrainConfig, world: World):
@@ -403,10 +426,19 @@ def summarize(window: dict, state: TrainState, cfg: TrainConfig) -> dict:
 
 
 def resolve(cfg: TrainConfig, d_in: int) -> TrainConfig:
-    """Fill in the SAE's width; with a schedule, the model's sparsifier is the last phase's.
-    Refuses a Feature Choice batch too small to give every feature a token (footnote 8)."""
+    """Fill in the SAE's width and the recipe's settings; with a schedule, the model's
+    sparsifier is the last phase's. Refuses a Feature Choice batch too small to give every
+    feature a token (footnote 8)."""
     sae = dataclasses.replace(cfg.sae.resolve(d_in), sparsifier=cfg.phases()[-1][0])
-    cfg = dataclasses.replace(cfg, sae=sae)  # re-validates with the width known
+    recipe = RECIPES[cfg.recipe]
+    cfg = dataclasses.replace(  # re-validates with the width known
+        cfg,
+        sae=sae,
+        optimizer=recipe.optimizer if cfg.optimizer == "recipe" else cfg.optimizer,
+        lr=cfg.lr or recipe_lr(recipe, sae.num_latents),
+        warmup_steps=recipe.warmup_steps if cfg.warmup_steps == -1 else cfg.warmup_steps,
+        decay_fraction=recipe.decay_fraction if cfg.decay_fraction == -1 else cfg.decay_fraction,
+    )
     if any(name == "feature_choice" for name, _ in cfg.phases()):
         check_capacities(sae, cfg.batch_size)
     return cfg
@@ -446,13 +478,19 @@ def check_capacities(sae: SAEConfig, batch_size: int) -> None:
         )
 
 
-def make_optimizer(sae: SAE, cfg: TrainConfig) -> torch.optim.AdamW:
+def make_optimizer(sae: SAE, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW, or schedule-free AdamW in train mode (gradients are taken at y), with weight
+    decay on the weight matrices only."""
     decay, no_decay = [sae.W_enc, sae.W_dec], [sae.b_enc, sae.b_dec]
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=lr_of(cfg, 0))
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=lr_of(cfg, 0))
+    optimizer = schedulefree.AdamWScheduleFree(groups, lr=lr_of(cfg, 0))
+    optimizer.train()
+    return optimizer
 
 
 def checkpoint_state(
@@ -485,14 +523,7 @@ def resume_(out: Path, cfg: TrainConfig, sae: SAE, optimizer, world: World = SIN
     """Load the checkpoint into `sae` and `optimizer` (with --parallel features, this rank's
     slice of it); refuse one from a different run."""
     saved = load_checkpoint(out, mmap=True)  # mapped on the CPU: each tensor read when used
-    ignore = {"resume", "overwrite", "progress", "log", "wandb_mode", "wandb_project", "parallel"}
-    old = {k: v for k, v in json.loads(saved["config"]).items() if k not in ignore}
-    new = {
-        k: v for k, v in json.loads(json.dumps(dataclasses.asdict(cfg))).items() if k not in ignore
-    }
-    if old != new:
-        changed = sorted(k for k in new if old.get(k) != new[k])
-        raise ConfigError(f"cannot resume {out}: settings differ from the run's ({changed})")
+    check_resumable(json.loads(saved["config"]), cfg, saved["step"])
     model, moments = saved["sae"], saved["optimizer"]
     if sharding.feature_sharded(cfg, world):
         model, moments = sharding.local_state(model, moments, sae, optimizer, world)
@@ -500,12 +531,45 @@ def resume_(out: Path, cfg: TrainConfig, sae: SAE, optimizer, world: World = SIN
     optimizer.load_state_dict(moments)
     if world.main:  # one writer under torchrun
         trim_metrics(out / "metrics.jsonl", saved["step"])
+        write_config(out, cfg)  # the run as resumed: its length or folder may have changed
     torch.set_rng_state(saved["rng"])
     [since_fired, counts, dying] = [
         saved[name].to(cfg.device, copy=True) for name in ("since_fired", "counts", "dying")
     ]
     densities = Densities(counts, saved["window_tokens"], sae.density.clone())
     return TrainState(saved["step"], since_fired, densities, dying, saved["fit"], saved["skipped"])
+
+
+RESUME_MAY_CHANGE = (  # how a run is watched, where it lives, and how long it goes on
+    {"resume", "overwrite", "progress", "log", "log_every", "wandb_mode", "wandb_project"}
+    | {"parallel", "checkpoint_every", "keep_checkpoints", "out", "steps", "schedule"}
+)
+
+
+def check_resumable(saved: dict, cfg: TrainConfig, step: int) -> None:
+    """Refuse to resume with settings that differ from the checkpoint's `saved` config, but for
+    those in RESUME_MAY_CHANGE: a moved run folder resumes, and a run (finished or not) may
+    be extended or cut to any length past `step` whose phases agree with it so far. The
+    learning rate does not depend on the length under the fast recipe, so an extended run is
+    bit-exact with one trained at that length from the start (with --decay-fraction > 0 the
+    decay moves with the end)."""
+    new = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    changed = sorted(k for k in new if k not in RESUME_MAY_CHANGE and saved.get(k) != new[k])
+    if changed:
+        raise ConfigError(f"cannot resume {cfg.out}: settings differ from the run's ({changed})")
+    if cfg.total_steps < step:
+        raise ConfigError(
+            f"cannot resume {cfg.out} for {cfg.total_steps} steps: its checkpoint is at step "
+            f"{step}; ask for at least {step}"
+        )
+    old = TrainConfig(steps=saved["steps"], schedule=saved["schedule"], sae=cfg.sae)
+    if [phase_at(s, old.phases())[1] for s in range(step)] != [
+        phase_at(s, cfg.phases())[1] for s in range(step)
+    ]:
+        raise ConfigError(
+            f"cannot resume {cfg.out}: --schedule {cfg.schedule!r} changes the phases of the "
+            f"{step} steps already trained ({saved['schedule']!r})"
+        )
 
 
 def trim_metrics(path: Path, step: int) -> None:
@@ -524,8 +588,14 @@ def prepare_run(cfg: TrainConfig) -> Path:
         raise ConfigError(f"{out} already holds a run; pick another --out, --resume or --overwrite")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        for stale in checkpoint_paths(out):  # --overwrite: a later --resume must not find them
+            stale.unlink()
+        write_config(out, cfg)
         (out / "metrics.jsonl").write_text("")
     except OSError as e:
         raise ConfigError(f"cannot write to the output folder {out}: {e}") from e
     return out
+
+
+def write_config(out: Path, cfg: TrainConfig) -> None:
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")

@@ -1,0 +1,330 @@
+"""sparsify's TopK against choicesae's sparsifiers, each library with its own defaults, trained
+on the same batches of an activation store: tokens/s, held-out FVU at equal tokens, and the
+training time each needs to reach sparsify's final FVU, in one run and one table.
+
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/peers.py     # MiniLM: 1.2M tokens
+    .venv/bin/python benchmarks/peers.py --steps 20 --eval-every 10 --num-latents 768 \\
+        --batch-size 1024 --heldout 5000                                # a quick look
+
+The last --heldout rows of the store are held out; training takes the first steps x batch-size
+rows of the others (all of them when fewer, reused pass after pass). Every library draws its
+batches with choicesae.data.batches(rows, batch_size, seed), and the run checks that all of them
+trained on the same batches in the same order. One CPU thread each (--threads).
+
+  sparsify_topk   EleutherAI sparsify's default training (sparsify/trainer.py) replayed on the
+                  stored activations: SparseCoder TopK, b_dec at the first batch's mean, the FVU
+                  as the loss, schedule-free SignSGD at 5e-3 / sqrt(F / 2^14), momentum 0.95;
+                  measured at the schedule-free average, the weights its checkpoints save
+  topk, mutual_choice, feature_choice, relu
+                  choicesae.train with every setting at its default but sparsifier, k, F,
+                  batch size, steps and seed, trained in segments of --eval-every steps, each
+                  extending the last with resume=True (which continues a finished run exactly)
+
+After every --eval-every steps each model is measured, untimed, on the held-out rows, encoded in
+batches of about --batch-size rows (the batch rules see batches as in training): FVU in the
+raw activation space, Σ|x − x̂|² / Σ|x − mean(x)|² over all held-out rows, L0 and the latents
+that fire on none. Training time counts the steps alone, drawing the batches included:
+choicesae's from its metrics.jsonl (elapsed_s), sparsify's timed around its steps. The time to
+reach sparsify's final FVU interpolates linearly between the measured points. OUT/table.md
+holds the table, OUT/curves.json the held-out curves.
+"""
+
+import os
+
+os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # before torch loads OpenMP: idle threads sleep
+
+import argparse
+import contextlib
+import importlib.metadata
+import json
+import math
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from schedulefree import ScheduleFreeWrapper
+from sparsify import SparseCoder, SparseCoderConfig
+from sparsify.sign_sgd import SignSGD
+from torch import Tensor
+
+from choicesae import SAE, SAEConfig, Store, TrainConfig, train
+from choicesae.data import batches, check_activations
+from choicesae.preprocess import denormalize, normalize
+from choicesae.sparsifiers import TRAINABLE
+
+REFERENCE = "sparsify_topk"
+METHODS = (REFERENCE, *TRAINABLE)
+
+Coder = Callable[[Tensor], tuple[Tensor, Tensor]]  # raw x [B, d] -> (raw x̂ [B, d], acts [B, F])
+Point = tuple[int, float, Coder]  # (steps done, training seconds so far, the model then)
+
+
+class Heldout(NamedTuple):
+    fvu: float
+    l0: float  # mean active latents per token
+    dead_pct: float  # % of latents active on no held-out row
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--store", default="data/minilm", help="activation store (choicesae harvest)")
+    p.add_argument("--num-latents", type=int, default=3072, help="F")
+    p.add_argument("--k", type=int, default=32, help="active latents per token")
+    p.add_argument("--batch-size", type=int, default=4096, help="tokens per step")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--eval-every", type=int, default=25, help="steps between held-out points")
+    p.add_argument("--heldout", type=int, default=100_000, help="held-out rows (the last ones)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated, of: %(default)s")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("runs/peers"), help="work folder")
+    args = p.parse_args()
+    args.methods = args.methods.split(",")
+    unknown = sorted(set(args.methods) - set(METHODS))
+    if unknown:
+        p.error(f"unknown --methods {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    if REFERENCE not in args.methods:
+        p.error(f"--methods must include {REFERENCE}: the ratios are taken against it")
+    if min(args.steps, args.eval_every, args.batch_size, args.heldout, args.threads) < 1:
+        p.error("--steps, --eval-every, --batch-size, --heldout and --threads must be positive")
+    return args
+
+
+class SameBatches:
+    """Training rows x [N, d] as a choicesae RowSource that notes a fingerprint of every batch
+    it serves, by batch size and step: choicesae.train draws its batches itself, so this is
+    how the run checks that every library trained on the same batches in the same order."""
+
+    def __init__(self, x: Tensor):
+        self.x, self.shape = x, tuple(x.shape)
+        self.served: dict[tuple[int, int], float] = {}
+
+    def batches(
+        self, batch_size: int, seed: int, device: str = "cpu", start: int = 0
+    ) -> Iterator[Tensor]:
+        for step, x in enumerate(batches(self.x, batch_size, seed, device, start), start):
+            self.served[batch_size, step] = float(x.sum())
+            yield x
+
+    def take(self, batch_size: int) -> dict[int, float]:
+        """Fingerprints of the batches of `batch_size` rows served since the last call."""
+        taken = {step: fp for (size, step), fp in self.served.items() if size == batch_size}
+        self.served.clear()
+        return taken
+
+
+def load_rows(args: argparse.Namespace) -> tuple[Tensor, Tensor, int]:
+    """(training rows [n, d], held-out rows [heldout, d], rows in the store), float32."""
+    store = Store(args.store)
+    rest = len(store) - args.heldout
+    if rest < args.batch_size:
+        raise SystemExit(
+            f"{args.store} has {len(store)} rows: too few for {args.heldout} held out and a "
+            f"batch of {args.batch_size}"
+        )
+    x_train = store[: min(args.steps * args.batch_size, rest)]
+    return check_activations(x_train, args.store), store[rest:], len(store)
+
+
+def ends(args: argparse.Namespace) -> list[int]:
+    """The steps after which the models are measured: every --eval-every, and the last."""
+    return [*range(args.eval_every, args.steps, args.eval_every), args.steps]
+
+
+def sparsify_topk(rows: SameBatches, args: argparse.Namespace) -> Iterator[Point]:
+    """sparsify's Trainer.fit with its defaults (loss fvu, optimizer signum, no AuxK), one
+    step per batch of stored activations instead of a forward hook on the model."""
+    torch.manual_seed(args.seed)
+    cfg = SparseCoderConfig(num_latents=args.num_latents, k=args.k)
+    coder = SparseCoder(rows.shape[1], cfg, dtype=torch.float32)
+    lr = 5e-3 / (args.num_latents / 2**14) ** 0.5  # its default for signum
+    opt = ScheduleFreeWrapper(SignSGD([{"params": coder.parameters(), "lr": lr}]), momentum=0.95)
+    opt.train()
+    data, done, seconds = rows.batches(args.batch_size, args.seed), 0, 0.0
+    for end in ends(args):
+        start = time.perf_counter()
+        for step in range(done, end):
+            x = next(data)  # [B, d]
+            if step == 0:  # centre the pre-activations at initialisation, as its trainer does
+                coder.b_dec.data = x.mean(0)
+            coder.set_decoder_norm_to_unit_norm()
+            coder(x).fvu.backward()
+            coder.remove_gradient_parallel_to_decoder_directions()
+            opt.step()
+            opt.zero_grad()
+        seconds += time.perf_counter() - start
+        done = end
+        with schedule_free_average(coder, opt):
+            yield end, seconds, sparsify_coder(coder)
+
+
+@contextlib.contextmanager
+def schedule_free_average(coder: SparseCoder, opt: ScheduleFreeWrapper) -> Iterator[None]:
+    """The schedule-free average x in the coder's weights (opt.eval(), as sparsify's
+    checkpoints save them); afterwards the training point y exactly as it was, which
+    opt.train() alone restores only up to rounding."""
+    y = [p.detach().clone() for p in coder.parameters()]
+    opt.eval()
+    try:
+        yield
+    finally:
+        opt.train()
+        with torch.no_grad():
+            for p, saved in zip(coder.parameters(), y, strict=True):
+                p.copy_(saved)
+
+
+def sparsify_coder(coder: SparseCoder) -> Coder:
+    def code(x: Tensor) -> tuple[Tensor, Tensor]:
+        top_acts, top_indices, _ = coder.encode(x)  # [B, k] each
+        acts = torch.zeros(len(x), coder.num_latents).scatter_(1, top_indices, top_acts)
+        return coder.decode(top_acts, top_indices), acts
+
+    return code
+
+
+def choicesae_run(name: str, rows: SameBatches, args: argparse.Namespace) -> Iterator[Point]:
+    """choicesae.train at its defaults, one segment of --eval-every steps at a time."""
+    out, seconds = args.out / "runs" / name, 0.0
+    shutil.rmtree(out, ignore_errors=True)  # overwrite=True would keep an old run's checkpoints
+    for end in ends(args):
+        cfg = TrainConfig(
+            out=str(out),
+            resume=end > args.eval_every,
+            sae=SAEConfig(sparsifier=name, k=args.k, num_latents=args.num_latents),
+            batch_size=args.batch_size,
+            steps=end,
+            seed=args.seed,
+            progress=False,
+            log_every=args.eval_every,
+        )
+        sae = train(cfg, rows)
+        last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+        seconds += last["elapsed_s"]  # this segment's loop: no setup, no checkpoint
+        yield end, seconds, choicesae_coder(sae)
+
+
+def choicesae_coder(sae: SAE) -> Coder:
+    def code(x: Tensor) -> tuple[Tensor, Tensor]:  # SAE.reconstruct, keeping the activations
+        x_n, stats = normalize(x, sae.cfg.normalize, sae.scale)
+        acts = sae.encode(x_n).acts  # [B, F]
+        return denormalize(sae.decode(acts), stats), acts
+
+    return code
+
+
+@torch.no_grad()
+def measure(code: Coder, x: Tensor, batch_size: int) -> Heldout:
+    """Held-out metrics over raw rows x [N, d], encoded about batch_size rows at a time: the
+    same FVU, Σ|x − x̂|² / Σ|x − mean(x)|² over all N rows, for every method."""
+    sse, active, fired = 0.0, 0, torch.zeros((), dtype=torch.bool)
+    for rows in x.tensor_split(math.ceil(len(x) / batch_size)):
+        x_hat, acts = code(rows)
+        sse += float((rows - x_hat).double().pow(2).sum())
+        active += int((acts != 0).sum())
+        fired = fired | (acts != 0).any(0)  # [F]
+    variance = float((x.double() - x.double().mean(0)).pow(2).sum())
+    return Heldout(sse / variance, active / len(x), 100 * float((~fired).double().mean()))
+
+
+def run(method: str, rows: SameBatches, x_test: Tensor, args: argparse.Namespace) -> list[dict]:
+    """Train one method and measure it after every segment: its held-out curve."""
+    if method == REFERENCE:
+        points = sparsify_topk(rows, args)
+    else:
+        points = choicesae_run(method, rows, args)
+    curve = []
+    for step, seconds, code in points:
+        heldout = measure(code, x_test, args.batch_size)
+        curve.append({"step": step, "seconds": seconds, **heldout._asdict()})
+        print(
+            f"{method:>15} step {step:>5}  {seconds:8.1f} s  FVU {heldout.fvu:.4f}  "
+            f"L0 {heldout.l0:.1f}  dead {heldout.dead_pct:.1f}%",
+            file=sys.stderr,
+            flush=True,
+        )
+    return curve
+
+
+def seconds_to_reach(curve: list[dict], fvu: float) -> float | None:
+    """Training seconds at which the held-out FVU first reaches `fvu`, interpolated linearly
+    between the measured points; None if it never does."""
+    before = None
+    for point in curve:
+        if point["fvu"] <= fvu:
+            if before is None:
+                return point["seconds"]
+            share = (before["fvu"] - fvu) / (before["fvu"] - point["fvu"])
+            return before["seconds"] + share * (point["seconds"] - before["seconds"])
+        before = point
+    return None
+
+
+def table(curves: dict[str, list[dict]], tokens: int) -> str:
+    ref = curves[REFERENCE][-1]
+    ref_speed = tokens / ref["seconds"]
+    lines = [
+        "| method | tokens/s | L0 | FVU | dead % | s to sparsify's FVU | tokens/s ÷ sparsify "
+        "| FVU ÷ sparsify |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for method, curve in curves.items():
+        end, speed = curve[-1], tokens / curve[-1]["seconds"]
+        reach = seconds_to_reach(curve, ref["fvu"])
+        lines.append(
+            f"| {method} | {speed:,.0f} | {end['l0']:.1f} | {end['fvu']:.4f} | "
+            f"{end['dead_pct']:.1f} | {'—' if reach is None else f'{reach:.1f}'} | "
+            f"{speed / ref_speed:.2f} | {end['fvu'] / ref['fvu']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def commit() -> str:
+    """The checkout's commit, marked when src/ differs from it."""
+    root = Path(__file__).resolve().parent.parent
+    git = ["git", "-C", str(root)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run([*git, "diff", "--quiet", "HEAD", "--", "src"]).returncode
+    return head.stdout.strip() + (" (src/ modified)" if dirty else "")
+
+
+def header(args: argparse.Namespace, x_train: Tensor, store_rows: int) -> str:
+    versions = {name: importlib.metadata.version(name) for name in ("torch", "eai-sparsify")}
+    tokens = args.steps * args.batch_size
+    return (
+        f"choicesae {commit()}, torch {versions['torch']}, sparsify "
+        f"{versions['eai-sparsify']}; {args.threads} thread(s)\n"
+        f"store {args.store}: {store_rows:,} rows of d = {x_train.shape[1]}; training on the "
+        f"first {len(x_train):,}, FVU on the last {args.heldout:,} (raw activations)\n"
+        f"F = {args.num_latents}, k = {args.k}, batch {args.batch_size}, {args.steps} steps = "
+        f"{tokens:,} tokens, seed {args.seed}, measured every {args.eval_every} steps"
+    )
+
+
+def main() -> None:
+    args = parse()
+    torch.set_num_threads(args.threads)
+    x_train, x_test, store_rows = load_rows(args)
+    rows = SameBatches(x_train)
+    curves, trained = {}, {}
+    for method in args.methods:
+        curves[method] = run(method, rows, x_test, args)
+        trained[method] = rows.take(args.batch_size)
+        if trained[method] != trained[args.methods[0]]:
+            raise SystemExit(f"{method} trained on other batches than {args.methods[0]}")
+    if sorted(trained[REFERENCE]) != list(range(args.steps)):
+        raise SystemExit(f"{REFERENCE} did not train on steps 0 to {args.steps - 1} once each")
+    text = header(args, x_train, store_rows) + "\n\n" + table(curves, args.steps * args.batch_size)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "table.md").write_text(text + "\n")
+    (args.out / "curves.json").write_text(json.dumps(curves, indent=1) + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
