@@ -1,6 +1,6 @@
 import torch
 
-from choicesae.losses import aux_k, fired, fvu, l0, l1, mse
+from choicesae.losses import AUX_SHARE, aux_k, aux_rows, fired, fvu, l0, l1, mse
 
 
 def test_mse_and_fvu_closed_forms():
@@ -60,3 +60,16 @@ def test_aux_k_uses_all_dead_when_fewer_than_k_aux():
     W_dec = torch.eye(3)
     residual = torch.tensor([[3.0, 0.0, 2.0]])  # exactly the two dead latents
     assert aux_k(z, dead, residual, W_dec, 512) == 0
+
+
+def test_aux_rows_bound_the_aux_pairs_with_the_fewest_tokens_dropped():
+    """Each aux loss selects at most AUX_SHARE of the code's k·B pairs, reading every s-th
+    token with s the smallest power of two that does it."""
+    B = 4096
+    for k, k_aux in [(32, 512), (8, 512), (32, 8), (16, 192), (4, 16)]:
+        rows = aux_rows(k, k_aux)
+        s = rows.step
+        assert s & (s - 1) == 0 and rows.start is None
+        assert len(range(B)[rows]) * k_aux <= AUX_SHARE * k * B
+        assert s == 1 or len(range(B)[:: s // 2]) * k_aux > AUX_SHARE * k * B
+    assert aux_rows(32, 512).step == 64  # the defaults: every 64th token

@@ -48,6 +48,7 @@ from choicesae.sae import SAE
 from choicesae.schedule import RECIPES, lr_at, phase_at, recipe_lr
 from choicesae.sparsifiers import uniform_capacities
 from choicesae.store import Store
+from choicesae.threads import warn_if_spinning
 
 
 class StepOut(NamedTuple):
@@ -152,6 +153,7 @@ def train(cfg: TrainConfig, activations: Rows | None = None) -> SAE:
     else:
         rows = check_activations(activations)
     cfg = resolve(record_source(cfg, rows), rows.shape[1])
+    warn_if_spinning(cfg.device)
     batches(rows, cfg.batch_size, cfg.seed, cfg.device)  # checks the batch size
     world = distributed.init_from_env(cfg.device)  # under torchrun: this process's rank
     sharded = sharding.feature_sharded(cfg, world)
