@@ -6,12 +6,14 @@ import numpy as np
 import pytest
 import torch
 
+from choicesae.checkpoint import checkpoint_paths, read_checkpoint
 from choicesae.config import SAEConfig, TrainConfig
 from choicesae.errors import ConfigError, DataError
 from choicesae.preprocess import normalize
 from choicesae.sae import SAE
+from choicesae.schedule import RECIPES
 from choicesae.sparsifiers import uniform_capacities
-from choicesae.train import Masks, loss_terms, train
+from choicesae.train import Masks, loss_terms, resolve, train
 
 
 def config(tmp_path, sparsifier="topk", steps=300, **kw):
@@ -299,3 +301,33 @@ def test_phased_run_on_minilm_ends_with_zero_dead_features(tmp_path):
     assert any(r["aux_zipf_features"] > 0 and r["aux_zipf"] > 0 for r in mc)  # ... and acted
     assert log[-1]["phase"] == "feature_choice" and log[-1]["dead"] == 0
     assert log[-1]["fvu"] < mc[0]["fvu"]
+
+
+def test_recipes_fill_what_is_left_to_them():
+    fast = resolve(TrainConfig(sae=SAEConfig(num_latents=4096)), 64)
+    assert (fast.optimizer, fast.warmup_steps, fast.decay_fraction) == ("schedule_free", 50, 0.0)
+    assert fast.lr == pytest.approx(RECIPES["fast"].lr_2_14 * 2)  # sqrt(2^14 / 4096) = 2
+    paper = resolve(TrainConfig(recipe="paper", sae=SAEConfig(num_latents=4096)), 64)
+    assert (paper.optimizer, paper.warmup_steps, paper.decay_fraction) == ("adamw", 100, 0.2)
+    assert paper.lr == pytest.approx(4e-4)
+    mine = TrainConfig(recipe="paper", optimizer="schedule_free", lr=1e-3, warmup_steps=0)
+    mine = resolve(dataclasses.replace(mine, decay_fraction=0.5), 64)
+    assert (mine.optimizer, mine.lr, mine.warmup_steps, mine.decay_fraction) == (
+        "schedule_free",
+        1e-3,
+        0,
+        0.5,
+    )
+    with pytest.raises(ConfigError, match="recipe must be one of fast, paper"):
+        TrainConfig(recipe="slow")
+
+
+def test_schedule_free_saves_the_averaged_weights_with_unit_decoder_rows(tmp_path, synthetic):
+    """The SAE written at the end is the schedule-free average x (eval mode), not the point y
+    where gradients were taken, and its decoder rows have unit norm."""
+    x, _ = synthetic
+    sae = train(config(tmp_path, steps=30), x)
+    saved = read_checkpoint(checkpoint_paths(tmp_path / "run")[-1])
+    y = saved["sae"]["W_enc"]  # the checkpoint holds the training point, to resume from
+    assert not torch.equal(sae.W_enc, y)
+    torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(sae.cfg.num_latents))
