@@ -111,12 +111,6 @@ class SameBatches:
             self.served[batch_size, step] = float(x.sum())
             yield x
 
-    def take(self, batch_size: int) -> dict[int, float]:
-        """Fingerprints of the batches of `batch_size` rows served since the last call."""
-        taken = {step: fp for (size, step), fp in self.served.items() if size == batch_size}
-        self.served.clear()
-        return taken
-
 
 def load_rows(args: argparse.Namespace) -> tuple[Tensor, Tensor, int]:
     """(training rows [n, d], held-out rows [heldout, d], rows in the store), float32."""
@@ -232,23 +226,23 @@ def measure(code: Coder, x: Tensor, batch_size: int) -> Heldout:
     return Heldout(sse / variance, active / len(x), 100 * float((~fired).double().mean()))
 
 
-def run(method: str, rows: SameBatches, x_test: Tensor, args: argparse.Namespace) -> list[dict]:
-    """Train one method and measure it after every segment: its held-out curve."""
+def trained(method: str, rows: SameBatches, args: argparse.Namespace) -> Iterator[Point]:
+    """The method's models after each segment of training."""
     if method == REFERENCE:
-        points = sparsify_topk(rows, args)
-    else:
-        points = choicesae_run(method, rows, args)
-    curve = []
-    for step, seconds, code in points:
-        heldout = measure(code, x_test, args.batch_size)
-        curve.append({"step": step, "seconds": seconds, **heldout._asdict()})
-        print(
-            f"{method:>15} step {step:>5}  {seconds:8.1f} s  FVU {heldout.fvu:.4f}  "
-            f"L0 {heldout.l0:.1f}  dead {heldout.dead_pct:.1f}%",
-            file=sys.stderr,
-            flush=True,
-        )
-    return curve
+        return sparsify_topk(rows, args)
+    return choicesae_run(method, rows, args)
+
+
+def measured(method: str, point: Point, x_test: Tensor, args: argparse.Namespace) -> dict:
+    step, seconds, code = point
+    heldout = measure(code, x_test, args.batch_size)
+    print(
+        f"{method:>15} step {step:>5}  {seconds:8.1f} s  FVU {heldout.fvu:.4f}  "
+        f"L0 {heldout.l0:.1f}  dead {heldout.dead_pct:.1f}%",
+        file=sys.stderr,
+        flush=True,
+    )
+    return {"step": step, "seconds": seconds, **heldout._asdict()}
 
 
 def seconds_to_reach(curve: list[dict], fvu: float) -> float | None:
@@ -310,14 +304,20 @@ def main() -> None:
     args = parse()
     torch.set_num_threads(args.threads)
     x_train, x_test, store_rows = load_rows(args)
-    rows = SameBatches(x_train)
-    curves, trained = {}, {}
+    rows = {method: SameBatches(x_train) for method in args.methods}
+    runs = {method: trained(method, rows[method], args) for method in args.methods}
+    curves = {method: [] for method in args.methods}
+    for _ in ends(args):  # round robin: a slow spell of the shared machine hits them all alike
+        for method, points in runs.items():
+            curves[method].append(measured(method, next(points), x_test, args))
+    steps = {  # choicesae also draws one larger batch to initialise b_dec and W
+        m: {step: fp for (size, step), fp in r.served.items() if size == args.batch_size}
+        for m, r in rows.items()
+    }
     for method in args.methods:
-        curves[method] = run(method, rows, x_test, args)
-        trained[method] = rows.take(args.batch_size)
-        if trained[method] != trained[args.methods[0]]:
-            raise SystemExit(f"{method} trained on other batches than {args.methods[0]}")
-    if sorted(trained[REFERENCE]) != list(range(args.steps)):
+        if steps[method] != steps[REFERENCE]:
+            raise SystemExit(f"{method} trained on other batches than {REFERENCE}")
+    if sorted(steps[REFERENCE]) != list(range(args.steps)):
         raise SystemExit(f"{REFERENCE} did not train on steps 0 to {args.steps - 1} once each")
     text = header(args, x_train, store_rows) + "\n\n" + table(curves, args.steps * args.batch_size)
     args.out.mkdir(parents=True, exist_ok=True)
