@@ -5,52 +5,50 @@
 Times one short training run (synthetic data, d 128, F 2048, batch 2048) in a fresh process,
 with and without a neighbour that keeps one core busy, for each way of starting it:
   cli           `choicesae train` from the shell
+  cli, before   the same with CHOICESAE_OMP_DEFAULTS=0: OpenMP's own wait policy, what every
+                run got before choicesae set OMP_WAIT_POLICY=PASSIVE
   import        `import choicesae` first in a Python program
-  torch first   `import torch` before choicesae, the case choicesae cannot set OpenMP up for
-  bare torch    torch imported first and OpenMP's own default wait policy (what every run
-                got before choicesae set OMP_WAIT_POLICY=PASSIVE)
+  torch first   `import torch` before choicesae: OpenMP was loaded with its own policy, too
+                early for choicesae to set it (training warns)
 and prints the seconds and the slowdown the neighbour causes. The OMP_WAIT_POLICY of this
 shell is removed from the runs.
 """
 
 import argparse
+import json
 import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 SNIPPET = """
-import sys, time
+import sys
 {first}
 import choicesae as cs
 x, _ = cs.sparse_dictionary(cs.SyntheticConfig(tokens=65536, d_in=128, num_features=1024))
 cfg = cs.TrainConfig(out=sys.argv[1], overwrite=True, steps={steps}, batch_size=2048,
                      sae=cs.SAEConfig(num_latents=2048), progress=False)
-start = time.perf_counter()
 cs.train(cfg, x)
-print(time.perf_counter() - start)
 """
 
 
 def timed(way: str, steps: int, out: str, data: str) -> float:
+    """Seconds in the training loop of one run started `way` (metrics.jsonl's elapsed_s at
+    the end: the start-up of the process is left out)."""
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    if way == "cli":
+    if way.startswith("cli"):
+        if way == "cli, before":
+            env["CHOICESAE_OMP_DEFAULTS"] = "0"
         cli = Path(sys.executable).with_name("choicesae")
         cmd = [str(cli), "train", "--activations", data, "--out", out, "--overwrite"]
         cmd += ["--steps", str(steps), "--batch-size", "2048", "--num-latents", "2048"]
-        start = time.perf_counter()
-        subprocess.run([*cmd, "--no-progress"], env=env, check=True, capture_output=True)
-        return time.perf_counter() - start
-    if way == "bare torch":  # choicesae's default switched off: OpenMP's own wait policy
-        env["CHOICESAE_OMP_DEFAULTS"] = "0"
-    first = "" if way == "import" else "import torch"
-    code = SNIPPET.format(first=first, steps=steps)
-    done = subprocess.run(
-        [sys.executable, "-c", code, out], env=env, check=True, text=True, capture_output=True
-    )
-    return float(done.stdout.split()[-1])
+        cmd += ["--no-progress"]
+    else:
+        first = "" if way == "import" else "import torch"
+        cmd = [sys.executable, "-c", SNIPPET.format(first=first, steps=steps), out]
+    subprocess.run(cmd, env=env, check=True, capture_output=True)
+    return json.loads((Path(out) / "metrics.jsonl").read_text().splitlines()[-1])["elapsed_s"]
 
 
 def main() -> None:
@@ -65,7 +63,7 @@ def main() -> None:
         x, _ = sparse_dictionary(SyntheticConfig(tokens=65536, d_in=128, num_features=1024))
         np.save(f"{tmp}/x.npy", x.numpy())
         print(f"{'start':<12} {'alone s':>8} {'neighbour s':>12} {'slowdown':>9}")
-        for way in ("cli", "import", "torch first", "bare torch"):
+        for way in ("cli", "cli, before", "import", "torch first"):
             alone = timed(way, args.steps, f"{tmp}/run", f"{tmp}/x.npy")
             busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
             try:
