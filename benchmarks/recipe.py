@@ -36,7 +36,7 @@ PAPER = ("adamw", 2e-4, 100, 0.2)
 GRIDS = {
     "lr": [("minilm", 8, 4096, 300, r) for r in [*SCHEDULE_FREE, *ADAMW, PAPER]],
     "width": [("minilm", e, 1536, 300, r) for e in (4, 32) for r in [*SCHEDULE_FREE[2:4], PAPER]],
-    "long": [("minilm", 8, 1536, 5000, r) for r in (SCHEDULE_FREE[2], PAPER, SCHEDULE_FREE[3])],
+    "long": [("minilm", 8, 1536, 5000, r) for r in (SCHEDULE_FREE[1], SCHEDULE_FREE[2], PAPER)],
     "synthetic": [("synthetic", 8, 1536, 1000, r) for r in [*SCHEDULE_FREE[1:4], PAPER]],
 }
 
@@ -69,7 +69,7 @@ def run(job: tuple, out: Path) -> dict:
         warmup_steps=warmup,
         decay_fraction=decay,
         progress=False,
-        log_every=steps,
+        log_every=min(steps, 500),
         checkpoint_every=steps,
     )
     sae = train(cfg, x)

@@ -27,5 +27,5 @@ def test_recipe_lr_scales_with_inverse_sqrt_width():
 def test_recipes_are_pinned():
     """The defaults users get: changing one is a decision to measure (benchmarks/recipe.py,
     docs/training.md), not a drift."""
-    assert RECIPES["fast"] == Recipe("schedule_free", 4e-3, 50, 0.0)
+    assert RECIPES["fast"] == Recipe("schedule_free", 2e-3, 50, 0.0)
     assert RECIPES["paper"] == Recipe("adamw", 2e-4, 100, 0.2)  # the paper's section 5

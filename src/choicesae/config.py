@@ -133,7 +133,7 @@ class TrainConfig:
     densities of the phase before. Empty: --sparsifier for --steps."""
     recipe: Literal["fast", "paper"] = "fast"
     """Optimisation recipe for the settings below left at their 'recipe' value: fast =
-    schedule-free AdamW at 4e-3 / sqrt(F / 2^14), 50 warm-up steps, no decay (the default,
+    schedule-free AdamW at 2e-3 / sqrt(F / 2^14), 50 warm-up steps, no decay (the default,
     chosen by benchmarks/recipe.py: docs/training.md); paper = AdamW at 2e-4 / sqrt(F / 2^14),
     100 warm-up steps, linear decay over the last 20% (section 5, Gao et al.'s scaling)."""
     optimizer: Literal["recipe", "schedule_free", "adamw"] = "recipe"

@@ -16,7 +16,7 @@ class Recipe(NamedTuple):
 RECIPES = {
     # the default, chosen by benchmarks/recipe.py (docs/training.md): no decay, so the lr does
     # not depend on the run's length and a finished run can be extended exactly
-    "fast": Recipe("schedule_free", 4e-3, 50, 0.0),
+    "fast": Recipe("schedule_free", 2e-3, 50, 0.0),
     # the paper's section 5: AdamW at Gao et al.'s lr, warm-up, linear decay over the last 20%
     "paper": Recipe("adamw", 2e-4, 100, 0.2),
 }
