@@ -3,11 +3,13 @@ with candidate recipes across widths, budgets and data, on the same batches.
 
     .venv/bin/python benchmarks/recipe.py --grid lr,width,long,synthetic [--jobs 2]
 
-Grids (F = latents, B = batch, all at k = 32 on the harvested MiniLM store unless said):
-  lr         F = 8d, B = 4096, 300 steps: each optimiser over its learning rates
+Grids (F = latents, B = batch, TopK at k = 32 on the harvested MiniLM store unless said):
+  lr         F = 8d, B = 4096, 300 steps: schedule-free and AdamW with a decay over their
+             learning rates, and the paper's recipe
   width      F = 4d and 32d, B = 1536 (the default batch), 300 steps
-  long       F = 8d, B = 1536, 5000 steps: the candidate against the paper's recipe
+  long       F = 8d, B = 1536, 5000 steps (7.7M tokens)
   synthetic  choicesae synthetic data (d = 128, 1024 true features), F = 8d, B = 1536, 1000 steps
+Learning rates are given at F = 2^14 and scaled by 1/sqrt(F / 2^14), as every recipe does.
 Every run is one thread; finished runs are kept in OUT/results.jsonl and not run again, so an
 interrupted sweep continues. FVU, L0 and dead % are measured on held-out rows in the raw space.
 """
@@ -35,7 +37,7 @@ ADAMW = [("adamw", lr, 50, 0.2) for lr in (1e-3, 2e-3, 4e-3)]
 PAPER = ("adamw", 2e-4, 100, 0.2)
 GRIDS = {
     "lr": [("minilm", 8, 4096, 300, r) for r in [*SCHEDULE_FREE, *ADAMW, PAPER]],
-    "width": [("minilm", e, 1536, 300, r) for e in (4, 32) for r in [*SCHEDULE_FREE[2:4], PAPER]],
+    "width": [("minilm", e, 1536, 300, r) for e in (4, 32) for r in [*SCHEDULE_FREE[1:4], PAPER]],
     "long": [("minilm", 8, 1536, 5000, r) for r in (SCHEDULE_FREE[1], SCHEDULE_FREE[2], PAPER)],
     "synthetic": [("synthetic", 8, 1536, 1000, r) for r in [*SCHEDULE_FREE[1:4], PAPER]],
 }

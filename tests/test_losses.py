@@ -72,4 +72,4 @@ def test_aux_rows_bound_the_aux_pairs_with_the_fewest_tokens_dropped():
         assert s & (s - 1) == 0 and rows.start is None
         assert len(range(B)[rows]) * k_aux <= AUX_SHARE * k * B
         assert s == 1 or len(range(B)[:: s // 2]) * k_aux > AUX_SHARE * k * B
-    assert aux_rows(32, 512).step == 32  # the defaults: every 32nd token
+    assert aux_rows(32, 512).step == 64  # the defaults: every 64th token

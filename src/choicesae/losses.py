@@ -27,7 +27,7 @@ def l1(acts: Tensor, W_dec: Tensor) -> Tensor:
     return (acts.abs() * W_dec.norm(dim=-1)).sum(-1).mean()
 
 
-AUX_SHARE = 1 / 2  # each aux loss selects at most this share of the code's k·B pairs
+AUX_SHARE = 1 / 4  # each aux loss selects at most this share of the code's k·B pairs
 
 
 def aux_rows(k: int, k_aux: int) -> slice:
