@@ -11,8 +11,12 @@ the fastest kept (the machine is shared). Then it reads shuffled batches of 1536
 store and trains the default SAE on it for a few steps, printing loader rows/s ÷ trainer rows/s.
 """
 
-import argparse
-import copy
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
+
+import argparse  # noqa: E402
+import copy  # noqa: E402
 import dataclasses
 import itertools
 import json
@@ -24,7 +28,7 @@ import torch
 from torch import nn
 
 from choicesae.config import SAEConfig, TrainConfig
-from choicesae.harvest import HarvestConfig, Harvester, _batched, _pad, harvest
+from choicesae.harvest import HarvestConfig, Harvester, batched, harvest, pad
 from choicesae.hooks import capture
 from choicesae.train import train
 
@@ -63,8 +67,8 @@ def time_harvest(cfg: HarvestConfig, harvester: Harvester) -> float:
 def harvest_ratio(cfg: HarvestConfig, repeats: int) -> None:
     harvester = Harvester(cfg)  # the one-off model load, timed in neither
     cut = cut_at(harvester.model, cfg.hookpoint)
-    pad = harvester.tokenizer.pad_token_id or 0
-    batches = [_pad(b, cfg.context, pad) for b in _batched(harvester.contexts(), cfg.batch_size)]
+    pad_id = harvester.tokenizer.pad_token_id or 0
+    batches = [pad(b, cfg.context, pad_id) for b in batched(harvester.contexts(), cfg.batch_size)]
     with torch.inference_mode():  # the cut model is the harvest's model: check it, and warm up
         bare = cut(input_ids=batches[0][0], attention_mask=batches[0][1]).last_hidden_state
     harvested = capture(harvester.model, harvester.module, *batches[0])

@@ -107,8 +107,8 @@ class Harvester:
         """(activations [rows, d_model] float32, token ids [rows]) of contexts `group`, batch
         by batch; padding and (with drop_first) each context's first token are left out."""
         acts, ids = [], []
-        for batch in _batched(group, self.cfg.batch_size):
-            input_ids, mask = _pad(batch, self.cfg.context, self.tokenizer.pad_token_id or 0)
+        for batch in batched(group, self.cfg.batch_size):
+            input_ids, mask = pad(batch, self.cfg.context, self.tokenizer.pad_token_id or 0)
             inputs = input_ids.to(self.cfg.device), mask.to(self.cfg.device)
             out = capture(self.model, self.module, *inputs)  # [B, T, d]
             keep = mask.bool()
@@ -121,13 +121,13 @@ class Harvester:
         return acts_all, torch.cat(ids)
 
 
-def _batched(items: Iterable, n: int) -> Iterator[list]:
+def batched(items: Iterable, n: int) -> Iterator[list]:
     it = iter(items)
     while chunk := list(itertools.islice(it, n)):
         yield chunk
 
 
-def _pad(batch: list[list[int]], context: int, pad_id: int) -> tuple[Tensor, Tensor]:
+def pad(batch: list[list[int]], context: int, pad_id: int) -> tuple[Tensor, Tensor]:
     """(input_ids, attention_mask) [B, context]: right-padded, so causal models see the real
     tokens exactly as unpadded; the mask keeps padding out of attention and out of the store."""
     ids = torch.full((len(batch), context), pad_id, dtype=torch.long)
@@ -160,7 +160,7 @@ def harvest(cfg: HarvestConfig, harvester: Harvester | None = None) -> Store:
         disable=not cfg.progress,
         smoothing=0.1,
     )
-    for index, group in enumerate(_batched(stream, cfg.contexts_per_shard)):
+    for index, group in enumerate(batched(stream, cfg.contexts_per_shard)):
         if index < writer.done:  # resumed: this shard is on disk already
             continue
         acts, ids = harvester.rows(group)
@@ -199,7 +199,7 @@ class OnlineActivations:
     def blocks(self) -> Iterator[Tensor]:
         """Endless activations [rows, d_model], one batch of contexts at a time."""
         while True:
-            for group in _batched(self.harvester.contexts(), self.cfg.batch_size):
+            for group in batched(self.harvester.contexts(), self.cfg.batch_size):
                 yield self.harvester.rows(group)[0]
 
     def batches(
