@@ -19,6 +19,9 @@ trained on the same batches in the same order. One CPU thread each (--threads).
                   choicesae.train with every setting at its default but sparsifier, k, F,
                   batch size, steps and seed, trained in segments of --eval-every steps, each
                   extending the last with resume=True (which continues a finished run exactly)
+  mutual_choice +θ, feature_choice +θ
+                  the same two SAEs with single-token JumpReLU inference (appendix B): one
+                  threshold per feature, estimated on the last --calibration training rows
 
 After every --eval-every steps each model is measured, untimed, on the held-out rows, encoded in
 batches of about --batch-size rows (the batch rules see batches as in training): FVU in the
@@ -55,13 +58,17 @@ from torch import Tensor
 from choicesae import SAE, SAEConfig, Store, TrainConfig, train
 from choicesae.data import batches, check_activations
 from choicesae.preprocess import denormalize, normalize
+from choicesae.sae import Inference
 from choicesae.sparsifiers import TRAINABLE
+from choicesae.thresholds import estimate_thresholds_
 
 REFERENCE = "sparsify_topk"
 METHODS = (REFERENCE, *TRAINABLE)
 
 Coder = Callable[[Tensor], tuple[Tensor, Tensor]]  # raw x [B, d] -> (raw x̂ [B, d], acts [B, F])
-Point = tuple[int, float, Coder]  # (steps done, training seconds so far, the model then)
+Point = tuple[int, float, dict[str, Coder]]  # (steps done, training seconds so far, the
+# model then, under each inference that is a row of the table)
+THRESHOLDED = ("mutual_choice", "feature_choice")  # batch rules, measured with θ too
 
 
 class Heldout(NamedTuple):
@@ -80,6 +87,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=25, help="steps between held-out points")
     p.add_argument("--heldout", type=int, default=100_000, help="held-out rows (the last ones)")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument(
+        "--calibration", type=int, default=65_536, help="training rows the thresholds fit on"
+    )
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated, of: %(default)s")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("runs/peers"), help="work folder")
@@ -92,6 +102,8 @@ def parse() -> argparse.Namespace:
         p.error(f"--methods must include {REFERENCE}: the ratios are taken against it")
     if min(args.steps, args.eval_every, args.batch_size, args.heldout, args.threads) < 1:
         p.error("--steps, --eval-every, --batch-size, --heldout and --threads must be positive")
+    if args.calibration < args.batch_size:
+        p.error("--calibration must hold at least one batch (--batch-size rows)")
     return args
 
 
@@ -154,7 +166,7 @@ def sparsify_topk(rows: SameBatches, args: argparse.Namespace) -> Iterator[Point
         seconds += time.perf_counter() - start
         done = end
         with schedule_free_average(coder, opt):
-            yield end, seconds, sparsify_coder(coder)
+            yield end, seconds, {REFERENCE: sparsify_coder(coder)}
 
 
 @contextlib.contextmanager
@@ -200,13 +212,24 @@ def choicesae_run(name: str, rows: SameBatches, args: argparse.Namespace) -> Ite
         sae = train(cfg, rows)
         last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
         seconds += last["elapsed_s"]  # this segment's loop: no setup, no checkpoint
-        yield end, seconds, choicesae_coder(sae)
+        coders = {name: choicesae_coder(sae)}
+        if name in THRESHOLDED:
+            calibrate_(sae, rows.x[-args.calibration :], args.batch_size)
+            coders[f"{name} +θ"] = choicesae_coder(sae, threshold="feature")
+        yield end, seconds, coders
 
 
-def choicesae_coder(sae: SAE) -> Coder:
+def calibrate_(sae: SAE, x: Tensor, batch_size: int) -> None:
+    """The per-feature thresholds, fitted to batch inference on whole batches of the raw
+    training rows x (untimed, as `choicesae eval` does after training)."""
+    x_n, _ = normalize(x[: len(x) // batch_size * batch_size], sae.cfg.normalize, sae.scale)
+    estimate_thresholds_(sae, list(x_n.split(batch_size)))
+
+
+def choicesae_coder(sae: SAE, threshold: Inference = None) -> Coder:
     def code(x: Tensor) -> tuple[Tensor, Tensor]:  # SAE.reconstruct, keeping the activations
         x_n, stats = normalize(x, sae.cfg.normalize, sae.scale)
-        acts = sae.encode(x_n).acts  # [B, F]
+        acts = sae.encode(x_n, threshold=threshold).acts  # [B, F]
         return denormalize(sae.decode(acts), stats), acts
 
     return code
@@ -233,11 +256,10 @@ def trained(method: str, rows: SameBatches, args: argparse.Namespace) -> Iterato
     return choicesae_run(method, rows, args)
 
 
-def measured(method: str, point: Point, x_test: Tensor, args: argparse.Namespace) -> dict:
-    step, seconds, code = point
-    heldout = measure(code, x_test, args.batch_size)
+def measured(row: str, step: int, seconds: float, code: Coder, x_test: Tensor, B: int) -> dict:
+    heldout = measure(code, x_test, B)
     print(
-        f"{method:>15} step {step:>5}  {seconds:8.1f} s  FVU {heldout.fvu:.4f}  "
+        f"{row:>18} step {step:>5}  {seconds:8.1f} s  FVU {heldout.fvu:.4f}  "
         f"L0 {heldout.l0:.1f}  dead {heldout.dead_pct:.1f}%",
         file=sys.stderr,
         flush=True,
@@ -260,6 +282,7 @@ def seconds_to_reach(curve: list[dict], fvu: float) -> float | None:
 
 
 def table(curves: dict[str, list[dict]], tokens: int) -> str:
+    """One row per inference of each method; ratios to sparsify's last point."""
     ref = curves[REFERENCE][-1]
     ref_speed = tokens / ref["seconds"]
     lines = [
@@ -306,10 +329,13 @@ def main() -> None:
     x_train, x_test, store_rows = load_rows(args)
     rows = {method: SameBatches(x_train) for method in args.methods}
     runs = {method: trained(method, rows[method], args) for method in args.methods}
-    curves = {method: [] for method in args.methods}
+    curves: dict[str, list[dict]] = {}  # by row of the table
     for _ in ends(args):  # round robin: a slow spell of the shared machine hits them all alike
-        for method, points in runs.items():
-            curves[method].append(measured(method, next(points), x_test, args))
+        for points in runs.values():
+            step, seconds, coders = next(points)
+            for row, code in coders.items():
+                point = measured(row, step, seconds, code, x_test, args.batch_size)
+                curves.setdefault(row, []).append(point)
     steps = {  # choicesae also draws one larger batch to initialise b_dec and W
         m: {step: fp for (size, step), fp in r.served.items() if size == args.batch_size}
         for m, r in rows.items()

@@ -22,6 +22,7 @@ def test_peers_table(tmp_path):
     writer.finish()
     out = tmp_path / "peers"
     toy = "--num-latents 64 --k 4 --batch-size 256 --steps 4 --eval-every 2 --heldout 512"
+    toy += " --calibration 1024"
     done = subprocess.run(
         [sys.executable, "benchmarks/peers.py", "--store", str(tmp_path / "store")]
         + [*toy.split(), "--out", str(out)],
@@ -32,8 +33,14 @@ def test_peers_table(tmp_path):
     assert done.returncode == 0, done.stderr
     table = (out / "table.md").read_text()
     assert table.strip() in done.stdout
-    methods = ("sparsify_topk", "topk", "mutual_choice", "feature_choice", "relu")
-    assert [line.split("|")[1].strip() for line in table.splitlines()[-5:]] == list(methods)
+    rows = [
+        *("sparsify_topk", "topk", "mutual_choice", "mutual_choice +θ"),
+        *("feature_choice", "feature_choice +θ", "relu"),
+    ]
+    assert [line.split("|")[1].strip() for line in table.splitlines()[-7:]] == rows
     curves = json.loads((out / "curves.json").read_text())
-    assert [[point["step"] for point in curves[m]] for m in methods] == [[2, 4]] * 5
+    assert [[point["step"] for point in curves[row]] for row in rows] == [[2, 4]] * 7
     assert curves["topk"][-1]["l0"] == pytest.approx(4)
+    thresholded = curves["feature_choice +θ"][-1]  # a real JumpReLU row, not batch inference
+    assert thresholded["seconds"] == curves["feature_choice"][-1]["seconds"]
+    assert thresholded["fvu"] != curves["feature_choice"][-1]["fvu"]
