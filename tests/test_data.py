@@ -3,7 +3,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from choicesae.data import batch_indices, batches, check_activations, load_activations
+from choicesae.data import (
+    _ROUNDS,
+    _feistel,
+    batch_indices,
+    batches,
+    check_activations,
+    load_activations,
+    shuffled_rows,
+)
 from choicesae.errors import DataError
 
 
@@ -60,20 +68,91 @@ def test_non_finite_values_name_the_row(bad):
         check_activations(x)
 
 
-def test_batch_indices_are_per_epoch_permutations():
-    N, B = 100, 30  # 3 batches per epoch, 10 rows left out each epoch
-    epoch0 = np.concatenate([batch_indices(s, N, B, seed=1) for s in range(3)])
-    assert len(set(epoch0.tolist())) == 90
-    assert not np.array_equal(batch_indices(0, N, B, 1), batch_indices(3, N, B, 1))
-    assert np.array_equal(batch_indices(4, N, B, 1), batch_indices(4, N, B, 1))
+CASES = [(100, 30, 1), (97, 8, 0), (64, 64, 3), (1000, 1, 5), (4096, 100, 12345)]  # (N, B, seed)
 
 
-def test_batches_resume_at_any_step_and_reject_large_batches():
-    x = torch.arange(50.0).reshape(25, 2)
-    stream = batches(x, 4, seed=0)
-    first = [next(stream) for _ in range(8)]
-    resumed = batches(x, 4, seed=0, start=5)
-    assert torch.equal(next(resumed), first[5])
-    assert first[0].dtype == torch.float32 and first[0].shape == (4, 2)
+@pytest.mark.parametrize("N,B,seed", CASES)
+def test_every_pass_is_a_fresh_permutation(N, B, seed):
+    """Each pass shows per_epoch·B distinct rows in sorted batches; passes and seeds differ."""
+    per_epoch = N // B
+
+    def one_pass(epoch: int, seed: int) -> list[np.ndarray]:
+        return [batch_indices(epoch * per_epoch + i, N, B, seed) for i in range(per_epoch)]
+
+    passes = [one_pass(epoch, seed) for epoch in range(3)]
+    for epoch in passes:
+        rows = np.concatenate(epoch)
+        assert len(np.unique(rows)) == per_epoch * B and 0 <= rows.min() and rows.max() < N
+        assert all(np.array_equal(b, np.sort(b)) and b.dtype == np.int64 for b in epoch)
+    assert all(np.array_equal(a, b) for a, b in zip(one_pass(1, seed), passes[1], strict=True))
+    if N == B:  # one batch of all the rows, sorted: the same every pass, whatever the seed
+        assert all(np.array_equal(b, np.arange(N)) for epoch in passes for b in epoch)
+        return
+    for other in (passes[1], one_pass(0, seed + 1)):
+        assert not all(np.array_equal(a, b) for a, b in zip(passes[0], other, strict=True))
+
+
+@pytest.mark.parametrize("N", [1, 2, 3, 5, 16, 17, 100, 1023, 1025])
+def test_shuffled_rows_matches_brute_force_cycle_walking(N):
+    """The vectorised walk against a plain one over the whole table of the Feistel network."""
+    half = max(1, ((N - 1).bit_length() + 1) // 2)
+    keys = np.random.SeedSequence([7, 2]).generate_state(_ROUNDS, np.uint64)
+    table = _feistel(np.arange(4**half, dtype=np.uint64), half, keys)
+    assert np.array_equal(np.sort(table), np.arange(4**half))  # a bijection on 2·half bits
+
+    def walk(p: int) -> int:
+        p = int(table[p])
+        while p >= N:
+            p = int(table[p])
+        return p
+
+    rows = shuffled_rows(np.arange(N, dtype=np.uint64), N, seed=7, epoch=2)
+    assert rows.tolist() == [walk(p) for p in range(N)]
+    assert np.array_equal(np.sort(rows), np.arange(N))
+
+
+def test_shuffle_looks_random():
+    """No order of the rows survives the shuffle: positions and rows are uncorrelated, and
+    about one row in N stays in place (deterministic seeds, so this cannot flake)."""
+    N = 100_000
+    for epoch in range(3):
+        rows = shuffled_rows(np.arange(N, dtype=np.uint64), N, seed=0, epoch=epoch)
+        assert abs(np.corrcoef(np.arange(N), rows)[0, 1]) < 0.01
+        assert (rows == np.arange(N)).sum() < 10
+
+
+def test_batch_indices_never_build_the_permutation():
+    """10^12 rows: an O(N) permutation would need 8 TB; the batch needs only its own rows."""
+    N, B = 10**12, 4096
+    for step in [0, 1, N // B - 1, 3 * (N // B) + 5]:
+        idx = batch_indices(step, N, B, seed=0)
+        assert len(np.unique(idx)) == B and idx.min() >= 0 and idx.max() < N
+        assert np.array_equal(idx, np.sort(idx))
+    assert idx.max() > N // 2  # the rows spread over all of [0, N)
+
+
+@pytest.mark.parametrize("N,B", [(25, 4), (24, 4), (8, 8)])
+def test_batches_resume_at_any_step(N, B):
+    x = torch.arange(2.0 * N).reshape(N, 2)  # row r is (2r, 2r + 1)
+    stream = batches(x, B, seed=3)
+    first = [next(stream) for _ in range(3 * (N // B) + 2)]
+    for start in range(len(first)):
+        resumed = batches(x, B, seed=3, start=start)
+        assert all(torch.equal(next(resumed), want) for want in first[start:])
+    assert first[0].dtype == torch.float32 and first[0].shape == (B, 2)
+    assert torch.equal(first[1][:, 0] / 2, torch.from_numpy(batch_indices(1, N, B, 3)).float())
+
+
+def test_batches_reject_large_batches():
     with pytest.raises(DataError, match="batch_size 26 exceeds"):
-        batches(x, 26, seed=0)
+        batches(torch.zeros(25, 2), 26, seed=0)
+
+
+def test_memory_mapped_batches_equal_in_memory_ones(tmp_path):
+    x = np.random.default_rng(0).standard_normal((50, 3)).astype(np.float32)
+    np.save(tmp_path / "a.npy", x)
+    mapped, held = (
+        batches(load_activations(tmp_path / "a.npy"), 7, 1),
+        batches(torch.from_numpy(x), 7, 1),
+    )
+    assert all(torch.equal(next(mapped), next(held)) for _ in range(10))

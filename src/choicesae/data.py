@@ -98,13 +98,54 @@ def _tensor(rows: Rows) -> Tensor:
 
 
 def batch_indices(step: int, num_rows: int, batch_size: int, seed: int) -> np.ndarray:
-    """Row indices of batch `step`: a fresh permutation per pass over the data, a pure
-    function of (step, seed) so that a run can be resumed at any step. Sorted, because the
-    order inside a batch does not matter and sorted reads are faster on a memory map."""
-    per_epoch = num_rows // batch_size
+    """Row indices [batch_size] of batch `step`: positions i·B .. (i+1)·B of a fresh permutation
+    per pass over the data, a pure function of (step, seed) so that a run can be resumed at any
+    step. Only the batch's own positions are permuted (see `shuffled_rows`), so a batch costs
+    O(batch_size) whatever the number of rows. Sorted, because the order inside a batch does
+    not matter and sorted reads are faster on a memory map."""
+    per_epoch = num_rows // batch_size  # the rows left over after whole batches skip a pass
     epoch, i = divmod(step, per_epoch)
-    perm = np.random.default_rng([seed, epoch]).permutation(num_rows)
-    return np.sort(perm[i * batch_size : (i + 1) * batch_size])
+    positions = np.arange(i * batch_size, (i + 1) * batch_size, dtype=np.uint64)
+    return np.sort(shuffled_rows(positions, num_rows, seed, epoch)).astype(np.int64)
+
+
+_ROUNDS = 6  # 4 Feistel rounds with random round functions already give a random permutation
+# (Luby and Rackoff); two more are cheap insurance for a hash standing in for a random function
+
+
+def shuffled_rows(positions: np.ndarray, num_rows: int, seed: int, epoch: int) -> np.ndarray:
+    """The row [n] at each position [n] (uint64, each < num_rows) of pass `epoch`'s permutation
+    of [0, num_rows), without building that permutation: a Feistel network keyed by (seed,
+    epoch) permutes all numbers of 2h bits (the fewest with 2^(2h) >= num_rows), and a position
+    sent past num_rows is sent through again until it lands below ("cycle walking"), which
+    leaves a permutation of [0, num_rows). As 2^(2h) < 4·num_rows, a position takes fewer than
+    four trips through the network on average."""
+    half = max(1, ((num_rows - 1).bit_length() + 1) // 2)
+    keys = np.random.SeedSequence([seed, epoch]).generate_state(_ROUNDS, np.uint64)
+    rows = _feistel(positions.astype(np.uint64), half, keys)
+    todo = np.flatnonzero(rows >= num_rows)
+    while todo.size:
+        rows[todo] = _feistel(rows[todo], half, keys)
+        todo = todo[rows[todo] >= num_rows]
+    return rows
+
+
+def _feistel(x: np.ndarray, half: int, keys: np.ndarray) -> np.ndarray:
+    """A bijection on numbers [n] of 2·half bits: each round swaps the halves and XORs one
+    with a keyed hash of the other, which can be undone whatever the hash."""
+    mask = np.uint64((1 << half) - 1)
+    left, right = x >> np.uint64(half), x & mask
+    for key in keys:
+        left, right = right, left ^ (_mix(right ^ key) & mask)
+    return (left << np.uint64(half)) | right
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser: every input bit flips about half the output bits (uint64
+    arithmetic wraps, as the hash wants)."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
 
 
 def batches(
