@@ -23,10 +23,11 @@ import torch  # noqa: E402
 
 from choicesae import losses  # noqa: E402
 from choicesae.config import SAEConfig, TrainConfig  # noqa: E402
-from choicesae.kernels import fast_loss_terms  # noqa: E402
+from choicesae.objective import Masks, objective  # noqa: E402
+from choicesae.ops import Sparse  # noqa: E402
 from choicesae.sae import SAE  # noqa: E402
 from choicesae.store import Store  # noqa: E402
-from choicesae.train import Masks, train  # noqa: E402
+from choicesae.train import train  # noqa: E402
 
 BOUNDED, EVERY_TOKEN = losses.AUX_SHARE, 1e9  # AUX_SHARE 1e9: aux_rows reads every token
 
@@ -51,7 +52,8 @@ def step_ms(args) -> dict[str, float]:
         for name, (c, share) in variants.items():
             losses.AUX_SHARE = share
             start = time.perf_counter()
-            fast_loss_terms(sae, x, c, "mutual_choice", Masks(dead, dying)).loss.backward()
+            masks = Masks(dead, dying)
+            objective(sae, x, c, "mutual_choice", masks, ops=Sparse()).loss.backward()
             best[name] = min(best[name], time.perf_counter() - start)
             sae.zero_grad(set_to_none=True)
     losses.AUX_SHARE = BOUNDED

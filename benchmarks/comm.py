@@ -26,7 +26,7 @@ from choicesae import distributed, sharding
 from choicesae.config import SAEConfig, TrainConfig
 from choicesae.data import batches
 from choicesae.sae import SAE
-from choicesae.train import TrainState, advance, make_optimizer, resolve, train_step
+from choicesae.train import TrainState, advance, make_optimizer, resolve, step_ops, train_step
 
 PURPOSES = ("selection", "activations", "gradients", "stats", "control")
 MODES = ("global", "local", "features")
@@ -55,13 +55,14 @@ def per_step(sparsifier: str, mode: str, args, world) -> dict[str, float]:
     latents = sharding.span(cfg.sae.num_latents, world) if features else None
     sae = SAE(cfg.sae, latents)  # features: each rank its latents (and the whole batch)
     optimizer, state = make_optimizer(sae, cfg), TrainState.fresh(cfg.sae.num_latents, "cpu")
+    ops = step_ops(cfg, world)
     distributed.COMM.clear()
     for x in batches(rows, args.batch, 0):
         if state.step == args.steps:
             break
         distributed.any_rank(False, world)  # the loop's stop check, as in run_loop
         x = x if features else distributed.shard(x, world)
-        _, _, fired = train_step(sae, optimizer, x, cfg, state, world)
+        _, _, fired = train_step(sae, optimizer, x, cfg, state, ops, world)
         state = advance(state, fired, cfg, sae)
     return {p: distributed.COMM[p] / args.steps for p in PURPOSES}
 

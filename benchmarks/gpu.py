@@ -6,12 +6,13 @@ under bf16 autocast, then the training throughput of every sparsifier against sp
         --batch-size 512 --steps 3 --check-d-in 32 --check-latents 256 --check-batch 128
 
 check: for topk, mutual_choice, feature_choice and relu, with the aux_k and aux_zipf masks
-non-empty, kernels.fast_loss_terms against train.loss_terms (autograd through the reference
-sparsifiers): the loss and every gradient, as |ours − ref| / |ref| over the whole tensor. The
-dense reference is given the sparse step's selection, so that a near-tie ordered differently
-by two summation orders (or by bf16 rounding) cannot fail the numeric comparison; how many
-pairs the reference's own selection differs in is checked and printed apart. relu is checked
-with b_enc lowered so that few affinities are positive: the sparse path, not the dense fallback.
+non-empty, the objective over the sparse ops against the same over the dense ops (autograd
+through the reference sparsifiers): the loss and every gradient, as |ours − ref| / |ref| over
+the whole tensor. The dense reference is given the sparse step's selection (the `Pinned`
+backend), so that a near-tie ordered differently by two summation orders (or by bf16 rounding)
+cannot fail the numeric comparison; how many pairs the reference's own selection differs in
+is checked and printed apart. relu is checked with b_enc lowered so that few affinities are
+positive: the sparse path, not the dense fallback.
 
 throughput: one training step (forward, backward, optimizer step) on the same random-normal
 batches for everyone: choicesae's train.train_step + advance (the loop's step: AdamW, clipping,
@@ -29,15 +30,14 @@ import traceback
 import torch
 
 from choicesae.config import SAEConfig, TrainConfig
-from choicesae.kernels import RELU_SPARSE_SHARE, fast_loss_terms, pre_acts
+from choicesae.kernels import RELU_SPARSE_SHARE, Pairs, pre_acts
+from choicesae.objective import Masks, objective
+from choicesae.ops import Dense, Local, Sparse
 from choicesae.preprocess import normalize
 from choicesae.sae import SAE
-from choicesae.sparsifiers import Sparse
 from choicesae.train import (
-    Masks,
     TrainState,
     advance,
-    loss_terms,
     make_optimizer,
     resolve,
     train_step,
@@ -129,17 +129,25 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
 
 
+class Pinned(Local):
+    """The backend that hands the reference ops the sparse step's code selection, so that the
+    dense reference decodes exactly the pairs the sparse step chose."""
+
+    def __init__(self, pairs: Pairs):
+        self.pairs = pairs
+
+    def select(self, name: str, z, k: int, m) -> Pairs:
+        return self.pairs
+
+
 def check_case(sparsifier: str, precision: str, args) -> bool:
     """One line: relative errors of the loss and of the worst gradient, differing pairs."""
     sae, cfg, x, masks = check_setup(sparsifier, args)
     bf16 = precision == "bf16"
-    out, grads = step_grads(fast_loss_terms, sae, x, cfg, sparsifier, masks, bf16)
+    out, grads = step_grads(objective, sae, x, cfg, sparsifier, masks, bf16, ops=Sparse())
     ours = active(out.acts)
-
-    def pinned(name, z_pre, k):  # the reference sparsifier, with the sparse step's selection
-        return Sparse(torch.where(ours, z_pre.relu(), 0.0))
-
-    ref, ref_grads = step_grads(loss_terms, sae, x, cfg, sparsifier, masks, bf16, sparsify=pinned)
+    pinned = Dense(Pinned(Pairs(*ours.nonzero().T, tuple(ours.shape))))
+    ref, ref_grads = step_grads(objective, sae, x, cfg, sparsifier, masks, bf16, ops=pinned)
     with torch.no_grad(), autocast(x.device.type, bf16):  # the reference's own selection
         own = active(sae.sparsify(sparsifier, sae.pre_acts(x), cfg.sae.k).acts)
     differ, n = int((own != ours).sum()), max(int(own.sum()), 1)

@@ -5,7 +5,7 @@ plain dense-autograd step, all measured side by side in one run.
     .venv/bin/python benchmarks/step.py --d 128 --batch 1024 --repeats 2    # a quick look
 
 floor: one dense encoder product (x − b_dec) W_enc, the least a step can cost. fast:
-kernels.fast_loss_terms + backward. dense: train.loss_terms + backward (autograd through the
+the objective over ops.Sparse + backward. dense: over ops.Dense + backward (autograd through the
 reference sparsifiers). Times are the best of --repeats rounds in which every variant runs once:
 on a shared machine interference only ever adds time, and the rounds interleave the variants so
 that slow spells hit all of them alike. Peak memory is measured in a separate
@@ -15,16 +15,20 @@ untimed pass: on CPU the growth of the process's peak RSS during the step (VmHWM
 
 import argparse
 import dataclasses
+import functools
 import time
 
 import torch
 
 from choicesae.config import SAEConfig, TrainConfig
-from choicesae.kernels import fast_loss_terms
+from choicesae.objective import Masks, objective
+from choicesae.ops import Dense, Sparse
 from choicesae.sae import SAE
-from choicesae.train import Masks, loss_terms
 
-STEPS = {"fast": fast_loss_terms, "dense": loss_terms}
+STEPS = {
+    "fast": functools.partial(objective, ops=Sparse()),
+    "dense": functools.partial(objective, ops=Dense()),
+}
 
 
 def parse() -> argparse.Namespace:

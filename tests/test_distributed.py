@@ -82,18 +82,20 @@ def worker(out: Path) -> None:
     """What each torchrun rank does: global selections of both affinity sets, then every
     training run (rank 0 writes it)."""
     from choicesae import distributed, sharding
+    from choicesae.kernels import select_topk
 
     world = distributed.init_from_env("cpu")
+    data, features = distributed.DataParallel(world), sharding.FeatureSharded(world, F)
     for ties in (False, True):
         z = distributed.shard(affinities(ties), world)
         m = uniform_capacities(K, B, F)
-        for name in SPARSIFIERS:
-            p = distributed.select(name, z, K, m, world)
+        for name in SPARSIFIERS:  # topk: the local selection is the global one
+            p = data.select(name, z, K, m) or select_topk(z, K)
             token = p.token + world.rank * z.shape[0]  # index in the global batch
             torch.save((token, p.feature), out / f"pairs-{name}-{ties}-{world.rank}.pt")
-        latents = sharding.span(F, world)
+        latents = features.latents
         for name in SPARSIFIERS:  # feature sharding: every token, this rank's latents
-            p = sharding.select(name, affinities(ties)[:, latents], K, m[latents], world)
+            p = features.select(name, affinities(ties)[:, latents], K, m[latents])
             found = (p.token, p.feature + latents.start)
             torch.save(found, out / f"pairs-features-{name}-{ties}-{world.rank}.pt")
     x = torch.from_numpy(np.load(out / "x.npy"))

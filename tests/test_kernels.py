@@ -1,7 +1,9 @@
 """The sparse step against the plain references: selections against sparsifiers.py, gradients
-against autograd through the dense train.loss_terms, and short training runs side by side."""
+against autograd through the objective over the dense ops, and short training runs side by
+side."""
 
 import dataclasses
+import functools
 
 import pytest
 import torch
@@ -9,11 +11,15 @@ import torch
 from choicesae import kernels
 from choicesae.config import SAEConfig, TrainConfig
 from choicesae.errors import ConfigError
-from choicesae.losses import aux_k, fvu
+from choicesae.losses import fvu, masked_topk, unexplained
+from choicesae.objective import Masks, objective
+from choicesae.ops import Dense, Sparse
 from choicesae.preprocess import normalize
 from choicesae.sae import SAE
 from choicesae.sparsifiers import feature_choice, mutual_choice, topk
-from choicesae.train import Masks, loss_terms
+
+loss_terms = functools.partial(objective, ops=Dense())  # the reference
+fast_loss_terms = functools.partial(objective, ops=Sparse())
 
 
 def dense(pairs: kernels.Pairs, z: torch.Tensor) -> torch.Tensor:
@@ -168,7 +174,7 @@ def test_fast_step_matches_autograd_through_the_dense_step(sparsifier, kw):
     F = cfg.sae.num_latents
     masks = Masks(torch.arange(F) % 3 == 0, torch.arange(F) % 5 == 1)  # dead, dying
     ref, ref_grads = step_grads(loss_terms, sae, x, cfg, sparsifier, masks)
-    out, grads = step_grads(kernels.fast_loss_terms, sae, x, cfg, sparsifier, masks)
+    out, grads = step_grads(fast_loss_terms, sae, x, cfg, sparsifier, masks)
     assert out.terms.keys() == ref.terms.keys()
     if sparsifier in ("topk", "mutual_choice"):
         assert ref.terms["aux_k"] > 0 and ref.terms["aux_zipf"] > 0
@@ -189,7 +195,7 @@ def test_sparse_relu_step_matches_the_dense_one_once_few_affinities_are_positive
     ref, ref_grads = step_grads(loss_terms, sae, x, cfg, "relu", masks)
     share = float((ref.acts > 0).float().mean())
     assert 0 < share < kernels.RELU_SPARSE_SHARE
-    out, grads = step_grads(kernels.fast_loss_terms, sae, x, cfg, "relu", masks)
+    out, grads = step_grads(fast_loss_terms, sae, x, cfg, "relu", masks)
     assert out.acts.is_sparse and out.terms.keys() == ref.terms.keys() == {"mse", "l1"}
     for name, value in ref.terms.items():
         torch.testing.assert_close(out.terms[name], value)
@@ -198,14 +204,14 @@ def test_sparse_relu_step_matches_the_dense_one_once_few_affinities_are_positive
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-5)
 
 
-def test_aux_loss_matches_losses_aux_k():
+def test_sparse_aux_selection_decodes_as_the_reference():
     g = torch.Generator().manual_seed(2)
     z, residual, W_dec = torch.randn(10, 30, generator=g), torch.randn(10, 5), torch.randn(30, 5)
     mask = torch.rand(30, generator=g) < 0.5
     pairs = kernels.select_masked_topk(z, mask, 6)
-    acts = z[pairs.token, pairs.feature].relu()
-    ours = kernels.aux_loss(pairs, acts, residual, W_dec, slice(None))
-    torch.testing.assert_close(ours, aux_k(z, mask, residual, W_dec, 6))
+    ours = kernels.decode_pairs(pairs, z[pairs.token, pairs.feature].relu(), W_dec)
+    ref = masked_topk(z, mask, 6).acts @ W_dec
+    torch.testing.assert_close(unexplained(residual, ours), unexplained(residual, ref))
 
 
 def test_bf16_autocast_step_runs_in_float32_after_the_product():
@@ -213,7 +219,7 @@ def test_bf16_autocast_step_runs_in_float32_after_the_product():
     x = torch.randn(64, 16, generator=torch.Generator().manual_seed(1))
     masks = Masks(*(torch.arange(cfg.sae.num_latents) % 3 == 0,) * 2)
     with torch.autocast("cpu", torch.bfloat16):
-        out = kernels.fast_loss_terms(sae, x, cfg, "mutual_choice", masks)
+        out = fast_loss_terms(sae, x, cfg, "mutual_choice", masks)
     assert out.x_hat.dtype == torch.float32
     out.loss.backward()
     assert all(p.grad.dtype == torch.float32 for p in sae.parameters())
@@ -248,7 +254,7 @@ def train_curve(fn, sparsifier, x, steps=100):
 @pytest.mark.parametrize("sparsifier", ["topk", "mutual_choice", "feature_choice"])
 def test_training_curves_of_fast_and_dense_steps_agree(synthetic, sparsifier):
     x = synthetic[0][:, :16]  # 16 of the 32 dimensions: a smaller, still sparse problem
-    fast = train_curve(kernels.fast_loss_terms, sparsifier, x)
+    fast = train_curve(fast_loss_terms, sparsifier, x)
     ref = train_curve(loss_terms, sparsifier, x)
     assert fast[-1] < fast[0] / 2  # it learns
     # equal affinities at the edge of the budget (float32 ties: seen once in these 100 steps)

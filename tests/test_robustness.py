@@ -98,11 +98,11 @@ def test_a_moved_run_resumes_bit_exactly(tmp_path, synthetic):
 def test_resume_refuses_a_schedule_that_rewrites_the_past(tmp_path, synthetic):
     x = synthetic[0]
     phased = "mutual_choice:10,topk:10"
-    train(small(tmp_path, schedule=phased, checkpoint_every=10), x)
-    longer = train(small(tmp_path, schedule="mutual_choice:10,topk:20", resume=True), x)
+    train(small(tmp_path, steps=0, schedule=phased, checkpoint_every=10), x)
+    longer = train(small(tmp_path, steps=0, schedule="mutual_choice:10,topk:20", resume=True), x)
     assert longer.cfg.sparsifier == "topk"
     with pytest.raises(ConfigError, match="changes the phases"):
-        train(small(tmp_path, schedule="mutual_choice:5,topk:30", resume=True), x)
+        train(small(tmp_path, steps=0, schedule="mutual_choice:5,topk:30", resume=True), x)
 
 
 def test_overwrite_removes_the_old_runs_checkpoints(tmp_path, synthetic):
@@ -147,7 +147,7 @@ def test_nan_batches_can_be_skipped_and_counted(tmp_path, synthetic, monkeypatch
 
 
 def test_zipf_capacities_past_the_budget_are_refused(tmp_path, synthetic):
-    cfg = small(tmp_path, schedule="mutual_choice:5,feature_choice:5", batch_size=32)
+    cfg = small(tmp_path, steps=0, schedule="mutual_choice:5,feature_choice:5", batch_size=32)
     cfg = dataclasses.replace(cfg, sae=dataclasses.replace(cfg.sae, capacities="zipf", k=1))
     with pytest.raises(ConfigError, match="past the budget k\\*batch_size = 32"):
         train(cfg, synthetic[0])

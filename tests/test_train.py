@@ -9,11 +9,12 @@ import torch
 from choicesae.checkpoint import checkpoint_paths, read_checkpoint
 from choicesae.config import SAEConfig, TrainConfig
 from choicesae.errors import ConfigError, DataError
+from choicesae.objective import Masks, objective
 from choicesae.preprocess import normalize
 from choicesae.sae import SAE
 from choicesae.schedule import RECIPES
 from choicesae.sparsifiers import uniform_capacities
-from choicesae.train import Masks, loss_terms, resolve, train
+from choicesae.train import resolve, train
 
 
 def config(tmp_path, sparsifier="topk", steps=300, **kw):
@@ -79,11 +80,11 @@ def test_aux_terms_act_only_on_their_latents(synthetic):
     sae = SAE(cfg.sae)
     x_n, _ = normalize(x[:256], "token")
     none = torch.zeros(512, dtype=torch.bool)
-    terms = loss_terms(sae, x_n, cfg, "topk", Masks(none, none)).terms
+    terms = objective(sae, x_n, cfg, "topk", Masks(none, none)).terms
     assert terms["aux_k"] == 0 and terms["aux_zipf"] == 0
     dead = torch.arange(512) % 4 == 0
     dying = torch.arange(512) % 4 == 1
-    out = loss_terms(sae, x_n, cfg, "mutual_choice", Masks(dead, dying))
+    out = objective(sae, x_n, cfg, "mutual_choice", Masks(dead, dying))
     for name, mask in (("aux_k", dead), ("aux_zipf", dying)):
         assert out.terms[name] > 0
         sae.zero_grad()
@@ -91,7 +92,7 @@ def test_aux_terms_act_only_on_their_latents(synthetic):
         assert sae.W_enc.grad[:, mask].any() and not sae.W_enc.grad[:, ~mask].any()
         assert not sae.W_dec.grad[~mask].any()
     # section 4.4: Feature Choice trains without aux losses
-    assert set(loss_terms(sae, x_n, cfg, "feature_choice", Masks(dead, dying)).terms) == {"mse"}
+    assert set(objective(sae, x_n, cfg, "feature_choice", Masks(dead, dying)).terms) == {"mse"}
 
 
 def test_dead_latents_are_counted_in_tokens(tmp_path, synthetic):
@@ -187,7 +188,7 @@ def test_unwritable_output_folder(tmp_path, synthetic):
 
 
 def phased_config(tmp_path, **kw):
-    cfg = config(tmp_path, steps=1, k=4, expansion=8, density_tokens=512 * 20, **kw)
+    cfg = config(tmp_path, steps=0, k=4, expansion=8, density_tokens=512 * 20, **kw)
     sae = dataclasses.replace(cfg.sae, capacities="zipf")
     return dataclasses.replace(cfg, sae=sae, schedule="mutual_choice:120,feature_choice:80")
 

@@ -1,13 +1,16 @@
 """choicesae: sparse autoencoders with Token, Mutual and Feature Choice sparsifiers."""
 
+from importlib.metadata import PackageNotFoundError, version
+
 from choicesae.threads import passive_openmp
 
 passive_openmp()  # before torch is imported: OpenMP reads its wait policy when it loads
 
 from choicesae.config import SAEConfig, TrainConfig
 from choicesae.errors import ChoiceSAEError, ConfigError, DataError
-from choicesae.evaluate import EvalConfig, evaluate
+from choicesae.evaluate import EvalConfig, calibrate_thresholds_, evaluate
 from choicesae.harvest import HarvestConfig, OnlineActivations, harvest
+from choicesae.interop import from_saelens, to_saelens
 from choicesae.sae import SAE
 from choicesae.sparsifiers import (
     Sparse,
@@ -23,7 +26,13 @@ from choicesae.store import Store
 from choicesae.synthetic import SyntheticConfig, sparse_dictionary
 from choicesae.train import train
 
+try:
+    __version__ = version("choicesae")  # the installed metadata: pyproject.toml's version
+except PackageNotFoundError:  # a source tree on sys.path, never installed
+    __version__ = "0+unknown"
+
 __all__ = [
+    "__version__",
     "SAE",
     "SAEConfig",
     "TrainConfig",
@@ -47,4 +56,7 @@ __all__ = [
     "Store",
     "EvalConfig",
     "evaluate",
+    "calibrate_thresholds_",
+    "to_saelens",
+    "from_saelens",
 ]

@@ -22,15 +22,16 @@ from choicesae.loggers import LOGGERS, PACKAGES, chosen
 from choicesae.schedule import RECIPES
 from choicesae.sparsifiers import TRAINABLE
 
+DEFAULT_STEPS = 10_000  # a run's length when neither --steps nor --schedule gives one
 Normalize = Literal["token", "dataset", "none"]
-Sparsifier = Literal["topk", "mutual_choice", "feature_choice", "relu"]
+SparsifierName = Literal[TRAINABLE]  # the registry's names (sparsifiers.SPARSIFIERS)
 
 
 @dataclass(frozen=True)
 class SAEConfig:
     """The architecture: everything needed to rebuild and run a trained SAE."""
 
-    sparsifier: Sparsifier = "topk"
+    sparsifier: SparsifierName = "topk"
     """Sparsifying activation: topk (Token Choice), mutual_choice (BatchTopK), feature_choice
     (capacities set by --capacities) or relu (standard SAE with an L1 penalty). With --schedule,
     the last phase's sparsifier is the model's."""
@@ -123,9 +124,10 @@ class TrainConfig:
     sae: SAEConfig = field(default_factory=SAEConfig)
     batch_size: int = 1536
     """Tokens per step (the paper's 1536)."""
-    steps: int = 10_000
-    """Optimiser steps; the data is reshuffled and reused when one pass runs out. Ignored when
-    --schedule gives the steps of each phase."""
+    steps: int = 0
+    """Optimiser steps; the data is reshuffled and reused when one pass runs out. 0 means
+    10000, or with --schedule the sum of its phases (a --steps given with --schedule must be
+    that sum)."""
     schedule: str = ""
     """Phased training (section 4.4) as SPARSIFIER:STEPS,..., e.g.
     mutual_choice:8000,feature_choice:2000. Aux losses act outside feature_choice phases; on
@@ -214,7 +216,7 @@ class TrainConfig:
     def phases(self) -> list[tuple[str, int]]:
         """[(sparsifier, steps)] of the run: the parsed --schedule, or one phase."""
         if not self.schedule:
-            return [(self.sae.sparsifier, self.steps)]
+            return [(self.sae.sparsifier, self.steps or DEFAULT_STEPS)]
         phases = []
         for part in self.schedule.split(","):
             name, _, steps = part.strip().partition(":")
@@ -233,7 +235,6 @@ class TrainConfig:
     def __post_init__(self):
         positive = (
             "batch_size",
-            "steps",
             "log_every",
             "k_aux",
             "dead_tokens",
@@ -245,6 +246,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         nonnegative = (
+            "steps",
             "lr",
             "weight_decay",
             "grad_clip",
@@ -275,6 +277,11 @@ class TrainConfig:
                 f"warmup_steps must be at least 0 (or -1: the recipe's), got {self.warmup_steps}"
             )
         phases = self.phases()
+        if self.schedule and self.steps and self.steps != self.total_steps:
+            raise ConfigError(
+                f"steps={self.steps} disagrees with schedule {self.schedule!r}, which runs "
+                f"{self.total_steps} steps: leave steps out (0) or make them agree"
+            )
         if self.multi_topk and any(name == "relu" for name, _ in phases):
             raise ConfigError("multi_topk needs a k-based sparsifier, not relu")
         if self.multi_topk and self.sae.num_latents and 4 * self.sae.k > self.sae.num_latents:

@@ -19,7 +19,6 @@ per rank), with the gradients and counts still summed. `COMM` counts the bytes h
 each kind of collective, for benchmarks/comm.py and docs/distributed.md.
 """
 
-import functools
 import os
 from collections import Counter
 from typing import NamedTuple
@@ -29,7 +28,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from choicesae.errors import ConfigError
-from choicesae.kernels import Pairs, select_topk
+from choicesae.kernels import Pairs
+from choicesae.losses import aux_rows
+from choicesae.ops import Local
 
 COMM: Counter = Counter()  # bytes each rank put into collectives, by purpose
 
@@ -123,14 +124,14 @@ def any_rank(flag: bool, world: World) -> bool:
 # ---- exact global selection ------------------------------------------------------------------
 
 
-def _ties_taken(ties: Tensor, need: Tensor, rank: int) -> Tensor:
+def ties_taken(ties: Tensor, need: Tensor, rank: int) -> Tensor:
     """How many of its entries tied at the threshold rank `rank` keeps: the ties go in rank
     order until `need` are taken. ties [W, ...] per-rank counts, need [...]."""
     before = ties.cumsum(0) - ties  # [W, ...] ties held by the earlier ranks
     return (need - before[rank]).clamp(min=0).minimum(ties[rank])
 
 
-def _first(mask: Tensor, count: Tensor, dim: int | None) -> Tensor:
+def first_true(mask: Tensor, count: Tensor, dim: int | None) -> Tensor:
     """mask with only its first `count` true entries kept: in row-major order (dim None,
     count []) or along dim 0 per column (count [F])."""
     if dim is None:
@@ -138,7 +139,7 @@ def _first(mask: Tensor, count: Tensor, dim: int | None) -> Tensor:
     return mask & (mask.cumsum(0) <= count)
 
 
-def _pairs(keep: Tensor) -> Pairs:
+def pairs_of(keep: Tensor) -> Pairs:
     token, feature = keep.nonzero().t()  # row-major: CSR order
     return Pairs(token.contiguous(), feature.contiguous(), tuple(keep.shape))
 
@@ -163,10 +164,10 @@ def select_mutual_choice(z_pre: Tensor, k: int, world: World) -> Pairs:
     z = z_pre.detach().float()
     t, every = global_threshold(z, M)
     if t <= 0:  # fewer than M positive affinities: every positive one is selected
-        return _pairs(z > 0)
+        return pairs_of(z > 0)
     need = M - (every > t).sum()
-    take = _ties_taken((every == t).sum(1), need, world.rank)
-    return _pairs((z > t) | _first(z == t, take, None))
+    take = ties_taken((every == t).sum(1), need, world.rank)
+    return pairs_of((z > t) | first_true(z == t, take, None))
 
 
 def select_feature_choice(z_pre: Tensor, m: Tensor, world: World) -> Pairs:
@@ -191,75 +192,41 @@ def select_feature_choice(z_pre: Tensor, m: Tensor, world: World) -> Pairs:
     t = ranked.gather(0, (m - 1).clamp(min=0)[None]).squeeze(0)  # [F] m_i-th largest
     t = torch.where(m > 0, t, float("inf"))  # capacity 0: nothing is selected
     need = m - (every > t).sum((0, 1))  # [F]
-    take = _ties_taken((every == t).sum(1), need, world.rank)  # [F]
-    return _pairs((z > t) | _first(z == t, take, 0))
+    take = ties_taken((every == t).sum(1), need, world.rank)  # [F]
+    return pairs_of((z > t) | first_true(z == t, take, 0))
 
 
-def select(name: str, z_pre: Tensor, k: int, m: Tensor | None, world: World) -> Pairs:
-    """kernels.select over the global batch; m [F] (feature_choice) for the global batch."""
-    if name == "topk":  # per token: the global selection is the local one
-        return select_topk(z_pre, k)
-    if name == "mutual_choice":
-        return select_mutual_choice(z_pre, k, world)
-    if name == "feature_choice" and m is not None:
-        return select_feature_choice(z_pre, m, world)
-    raise ConfigError(f"no global selection for sparsifier {name!r} (m given: {m is not None})")
+GLOBAL = {  # each sparsifier's selection over the global batch; None: the local one is it
+    "topk": None,  # per token
+    "mutual_choice": lambda z_pre, k, m, world: select_mutual_choice(z_pre, k, world),
+    "feature_choice": lambda z_pre, k, m, world: select_feature_choice(z_pre, m, world),
+    "relu": None,  # per entry
+}
 
 
-def dense_acts(z_pre: Tensor, pairs: Pairs) -> Tensor:
-    """[B/W, F] activations, ReLU(z') at the pairs and zero elsewhere, differentiable in z_pre:
-    the dense reference step (`--kernels dense`) with a global selection."""
-    at = (pairs.token, pairs.feature)
-    return torch.zeros_like(z_pre).index_put(at, z_pre[at].relu())
+class DataParallel(Local):
+    """The ops' backend for data parallel: this rank's slice of every batch, selections over
+    the global batch (the local ones under --distributed-selection local), and the loss,
+    gradients and counts summed over ranks by `reduce`."""
 
+    def __init__(self, world: World, global_selection: bool = True):
+        self.world, self.global_selection = world, global_selection
 
-def dense_sparsify(sae, world: World):
-    """A replacement for `sae.sparsify(name, z_pre, k)` in train.loss_terms that selects over
-    the global batch (topk and relu need nothing from the other ranks)."""
-    from choicesae.sparsifiers import Sparse
+    def capacities(self, sae, batch_size: int, k: int) -> Tensor:
+        """Feature Choice's capacities for the batch the selection spans."""
+        size = self.world.size if self.global_selection else 1
+        return sae.capacities(batch_size * size, k)
 
-    def sparsify(name: str, z_pre: Tensor, k: int) -> Sparse:
-        if name not in ("mutual_choice", "feature_choice"):
-            return sae.sparsify(name, z_pre, k)
-        fc = name == "feature_choice"
-        m = sae.capacities(z_pre.shape[0] * world.size, k) if fc else None
-        return Sparse(dense_acts(z_pre, select(name, z_pre.detach(), k, m, world)))
+    def select(self, name: str, z_pre: Tensor, k: int, m: Tensor | None) -> Pairs | None:
+        if not self.global_selection:
+            return None
+        if name not in GLOBAL:
+            raise ConfigError(f"sparsifier {name!r} has no selection over the global batch")
+        form = GLOBAL[name]
+        return None if form is None else form(z_pre, k, m, self.world)
 
-    return sparsify
-
-
-def dense_loss_terms(sae, x: Tensor, cfg, sparsifier: str, masks, step: int, world: World):
-    """train.loss_terms (the dense reference, --kernels dense) with global selections."""
-    from choicesae.train import loss_terms  # train imports this module
-
-    return loss_terms(sae, x, cfg, sparsifier, masks, step, dense_sparsify(sae, world))
-
-
-def selections(sae, z_pre: Tensor, cfg, sparsifier: str, masks, world: World) -> dict[str, Pairs]:
-    """kernels.selections with the code ("mse", "mse_4k") selected over the global batch; the
-    aux losses' latents are each token's own (per token, nothing to exchange)."""
-    from choicesae.kernels import AUX, select_masked_topk
-    from choicesae.losses import aux_rows
-
-    k, B = sae.cfg.k, z_pre.shape[0] * world.size
-    fc = sparsifier == "feature_choice"
-    pairs = {"mse": select(sparsifier, z_pre, k, sae.capacities(B, k) if fc else None, world)}
-    if cfg.multi_topk:  # Gao et al. 5.3.1: L(k) + L(4k)/8
-        m = sae.capacities(B, 4 * k) if fc else None
-        pairs["mse_4k"] = select(sparsifier, z_pre, 4 * k, m, world)
-    for name, (coeff, mask) in AUX.items():
-        if getattr(cfg, coeff) and not fc:  # section 4.4: Feature Choice trains without them
-            mask = getattr(masks, mask)
-            pairs[name] = select_masked_topk(z_pre, mask, cfg.k_aux, aux_rows(k, cfg.k_aux))
-    return pairs
-
-
-def fast_loss_terms(sae, x: Tensor, cfg, sparsifier: str, masks, step: int, world: World):
-    """kernels.fast_loss_terms on this rank's slice x [B/W, d] with global selections."""
-    from choicesae import kernels
-
-    select_all = functools.partial(selections, world=world)
-    return kernels.fast_loss_terms(sae, x, cfg, sparsifier, masks, step, select_all)
+    def reduce(self, sae, result, x: Tensor, fired: Tensor, cfg):
+        return reduce_step(sae, result, x, self.world, fired, aux_rows(sae.cfg.k, cfg.k_aux))
 
 
 # ---- the global loss, gradients and statistics -----------------------------------------------

@@ -1,4 +1,6 @@
 """`choicesae eval RUN --store TEST_STORE`: a trained SAE measured on held-out activations.
+From Python, `evaluate(cfg, activations, calibrate=..., sae=...)` takes arrays and an SAE
+object as well, on the same code path.
 
 1. thresholds (appendix B) estimated on calibration rows of the training data and saved with
    the model (RUN/sae), then batch and single-token inference compared on the held-out rows;
@@ -19,7 +21,7 @@ import torch
 from torch import Tensor
 
 from choicesae import metrics, splice
-from choicesae.data import load_activations
+from choicesae.data import Rows, load_activations
 from choicesae.errors import ConfigError, DataError
 from choicesae.hooks import capture, find_module
 from choicesae.preprocess import normalize
@@ -34,12 +36,17 @@ class EvalConfig:
     """Evaluate a trained run on a held-out activation store and write its report."""
 
     run: str = ""
-    """Run folder written by `choicesae train` (also accepted as the first argument)."""
+    """Run folder written by `choicesae train` (also accepted as the first argument); from
+    Python, evaluate(cfg, sae=SAE) takes an SAE without a run instead."""
     store: str = ""
-    """Held-out activation store (same model and hookpoint as training, other text)."""
+    """Held-out activation store (same model and hookpoint as training, other text); from
+    Python, evaluate(cfg, activations) takes rows [N, d_in] in memory instead."""
     calibrate: str = ""
     """Store or activation file to estimate the inference thresholds on; empty: the run's own
-    training data (its --store or --activations)."""
+    training data (its --store or --activations), or from Python evaluate(cfg, calibrate=rows)."""
+    batch_size: int = 0
+    """Tokens per batch of batch inference and of the thresholds' calibration; 0 means the run's
+    training batch size (an SAE given without a run needs it)."""
     calibration_tokens: int = 32_768
     """Rows of the calibration data used for the thresholds (whole training batches)."""
     max_tokens: int = 65_536
@@ -59,8 +66,9 @@ class EvalConfig:
         for name in ("calibration_tokens", "max_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.splice_contexts < 0:
-            raise ConfigError(f"splice_contexts must not be negative, got {self.splice_contexts}")
+        for name in ("splice_contexts", "batch_size"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
 
 
 def load_run(run: str | Path, device: str = "cpu") -> tuple[SAE, dict]:
@@ -71,27 +79,56 @@ def load_run(run: str | Path, device: str = "cpu") -> tuple[SAE, dict]:
     return SAE.from_pretrained(run / "sae", device), json.loads((run / "config.json").read_text())
 
 
-def whole_batches(rows, n: int, batch_size: int, what: str, pick: np.ndarray | None = None):
-    """The first n rows (or rows `pick`) cut to whole batches, float32 [N, d]."""
+def check_width(rows: Rows, d_in: int, what: str) -> None:
+    """Rows must be [tokens, d_in] for the SAE's d_in."""
+    if len(rows.shape) != 2 or rows.shape[1] != d_in:
+        raise DataError(
+            f"{what} has shape {tuple(rows.shape)}, the SAE reads [tokens, {d_in}]: use "
+            "activations of its training hookpoint"
+        )
+
+
+def whole_batches(
+    rows: Rows, n: int, batch_size: int, what: str, pick: np.ndarray | None = None
+) -> Tensor:
+    """The first n rows (or rows `pick`) cut to whole batches, float32 [N, d]; only these rows
+    are read, and only these are checked for NaN and Inf."""
     index = np.arange(min(n, len(rows))) if pick is None else pick
     index = index[: len(index) // batch_size * batch_size]
     if not len(index):
         raise DataError(f"{what} holds fewer rows than one batch of {batch_size}")
-    return torch.as_tensor(np.asarray(rows[index]), dtype=torch.float32)
+    x = torch.as_tensor(rows[index], dtype=torch.float32)
+    if not torch.isfinite(x).all():
+        raise DataError(f"{what} holds NaN or Inf")
+    return x
 
 
-def calibration_rows(cfg: EvalConfig, train_cfg: dict, batch_size: int) -> Tensor:
-    """Raw rows [N, d_in] drawn at random (seeded) from the calibration data."""
+def calibrate_thresholds_(
+    sae: SAE, activations: Rows, batch_size: int, tokens: int = 32_768, seed: int = 0
+) -> dict:
+    """Estimate the JumpReLU thresholds for single-token inference (appendix B) on raw
+    activations [N, d_in] (an array, tensor or Store), store them in the SAE, and return what
+    they were fitted to. They imitate batch inference, which depends on the batch, so they are
+    fitted on whole batches of the training `batch_size`: `tokens` rows drawn at random
+    (seeded), like training batches rather than consecutive tokens of a few contexts."""
+    check_width(activations, sae.cfg.d_in, "calibration data")
+    rng = np.random.default_rng(seed)
+    N = len(activations)
+    pick = np.sort(rng.choice(N, min(tokens, N), replace=False))
+    x = whole_batches(activations, 0, batch_size, "calibration data", pick)
+    x_n, _ = normalize(x.to(sae.W_enc.device), sae.cfg.normalize, sae.scale)
+    return estimate_thresholds_(sae, list(x_n.split(batch_size)))
+
+
+def calibration_source(cfg: EvalConfig, train_cfg: dict) -> Rows:
+    """The calibration data named by --calibrate, else the run's training data."""
     source = cfg.calibrate or train_cfg.get("store") or train_cfg.get("activations")
     if not source or not Path(source).exists():
         raise DataError(
             f"the run's training data {source!r} is not here to calibrate the "
-            "thresholds on; pass --calibrate STORE_OR_FILE"
+            "thresholds on; pass --calibrate STORE_OR_FILE (from Python: calibrate=rows)"
         )
-    rows = Store(source) if Path(source).is_dir() else load_activations(source)
-    rng = np.random.default_rng(cfg.seed)
-    pick = np.sort(rng.choice(len(rows), min(cfg.calibration_tokens, len(rows)), replace=False))
-    return whole_batches(rows, 0, batch_size, f"calibration data {source}", pick)
+    return Store(source) if Path(source).is_dir() else load_activations(source)
 
 
 def first_tokens(manifest: dict, n: int) -> Tensor:
@@ -154,10 +191,12 @@ def _point(sae: SAE, x: Tensor, batch_size: int, select: metrics.Select) -> dict
     return metrics.sae_pass(sae, x, batch_size, select).summary()
 
 
-def training_curves(run: Path) -> dict[str, list]:
-    """Step, L0, FVU, dead and dying counts from RUN/metrics.jsonl (what was logged)."""
-    path = run / "metrics.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+def training_curves(run: Path | None) -> dict[str, list]:
+    """Step, L0, FVU, dead and dying counts from RUN/metrics.jsonl (what was logged; nothing
+    for an SAE evaluated without its run)."""
+    path = run / "metrics.jsonl" if run else None
+    lines = path.read_text().splitlines() if path and path.is_file() else []
+    records = [json.loads(line) for line in lines]
     keys = ("step", "l0", "fvu", "dead", "dying")
     return {key: [r.get(key) for r in records] for key in keys}
 
@@ -210,56 +249,83 @@ def check_rows_match(model, module, ids: Tensor, where: Tensor, store: Store) ->
         )
 
 
-def evaluate(cfg: EvalConfig) -> dict:
-    """Estimate and save the inference thresholds, measure everything on the held-out store,
-    and write OUT/metrics.json (and the report); returns the metrics."""
-    run = Path(cfg.run)
-    sae, train_cfg = load_run(run, cfg.device)
-    store = Store(cfg.store)
-    if store.shape[1] != sae.cfg.d_in:
-        raise DataError(
-            f"store {cfg.store} holds width {store.shape[1]}, the SAE reads "
-            f"{sae.cfg.d_in}: evaluate on activations of the training hookpoint"
-        )
-    B = int(train_cfg.get("batch_size", 1536))
-    calibration = calibration_rows(cfg, train_cfg, B).to(cfg.device)
-    x_cal, _ = normalize(calibration, sae.cfg.normalize, sae.scale)
-    fitted = estimate_thresholds_(sae, list(x_cal.split(B)))
-    sae.save_pretrained(run / "sae")  # the thresholds travel with the model
-    x = whole_batches(store, cfg.max_tokens, B, f"store {cfg.store}").to(cfg.device)
-    inference, batch = compare_inference(sae, x, B)
-    result = {
-        "run": str(run),
-        "store": str(cfg.store),
-        "model": store.manifest.get("model"),
-        "hookpoint": store.manifest.get("hookpoint"),
+def evaluate(
+    cfg: EvalConfig,
+    activations: Rows | None = None,
+    *,
+    calibrate: Rows | None = None,
+    sae: SAE | None = None,
+) -> dict:
+    """Estimate the inference thresholds, measure everything on held-out rows, write
+    OUT/metrics.json (and the report) and return the metrics: the CLI's path and Python's.
+
+    The SAE is the run's (cfg.run; the thresholds are saved with it) or `sae` (they are set in
+    it); the held-out rows [N, d_in] are `activations` (an array, tensor or Store) or
+    cfg.store; the calibration rows `calibrate`, cfg.calibrate or the run's training data.
+    Results are written to cfg.out, else RUN/eval, else (no run) not at all. The loss recovered
+    needs a store's contexts and model, so rows given as an array skip it."""
+    run = Path(cfg.run) if cfg.run else None
+    sae, train_cfg = sae_to_evaluate(cfg, sae)
+    B = cfg.batch_size or train_cfg.get("batch_size", 0)
+    if not B:
+        raise ConfigError("an SAE without its run needs EvalConfig(batch_size=its training's)")
+    rows = Store(cfg.store) if activations is None else activations
+    what = f"store {cfg.store}" if activations is None else "held-out activations"
+    check_width(rows, sae.cfg.d_in, what)
+    source = calibration_source(cfg, train_cfg) if calibrate is None else calibrate
+    fitted = calibrate_thresholds_(sae, source, B, cfg.calibration_tokens, cfg.seed)
+    if run:
+        sae.save_pretrained(run / "sae")  # the thresholds travel with the model
+    x = whole_batches(rows, cfg.max_tokens, B, what).to(sae.W_enc.device)
+    result = measure(sae, x, B, getattr(rows, "manifest", {}))
+    result = {"run": cfg.run, "store": cfg.store if activations is None else "", **result}
+    result |= {"thresholds": fitted, "training": training_curves(run)}
+    if cfg.splice_contexts and isinstance(rows, Store):
+        result["splice"] = splice_metrics(sae, rows, x.mean(0), cfg.splice_contexts, B)
+    if cfg.out or run:
+        write_results(result, Path(cfg.out or run / "eval"), cfg.report)
+    return result
+
+
+def sae_to_evaluate(cfg: EvalConfig, sae: SAE | None) -> tuple[SAE, dict]:
+    """(the SAE, its run's config.json as a dict: empty for an SAE given without its run)."""
+    if sae is None:
+        return load_run(cfg.run, cfg.device)
+    if cfg.run:
+        raise ConfigError("evaluate takes a run folder (EvalConfig.run) or an SAE, not both")
+    return sae, {}
+
+
+def measure(sae: SAE, x: Tensor, batch_size: int, manifest: dict) -> dict:
+    """Everything measured on the held-out rows x [N, d_in] (raw, whole batches), the SAE's
+    thresholds estimated already; `manifest`: the store's, if they came from one."""
+    inference, batch = compare_inference(sae, x, batch_size)
+    return {
+        "model": manifest.get("model"),
+        "hookpoint": manifest.get("hookpoint"),
         "sparsifier": sae.cfg.sparsifier,
         "k": sae.cfg.k,
         "num_latents": sae.cfg.num_latents,
         "d_in": sae.cfg.d_in,
-        "batch_size": B,
+        "batch_size": batch_size,
         "tokens": len(x),
         **batch.summary(),
         "l0_std": float(batch.l0.float().std()) if len(x) > 1 else 0.0,
-        "thresholds": fitted,
         "inference": inference,
         "allocation": metrics.allocation_metrics(batch.counts, len(x), float(sae.zipf[0])),
-        "features_per_token": metrics.features_per_token(
-            batch.l0, first_tokens(store.manifest, len(x))
-        ),
-        "progressive": progressive_codes(sae, x, B),
-        "training": training_curves(run),
+        "features_per_token": metrics.features_per_token(batch.l0, first_tokens(manifest, len(x))),
+        "progressive": progressive_codes(sae, x, batch_size),
     }
-    if cfg.splice_contexts:
-        result["splice"] = splice_metrics(sae, store, x.mean(0), cfg.splice_contexts, B)
-    out = Path(cfg.out or run / "eval")
+
+
+def write_results(result: dict, out: Path, report: bool) -> None:
+    """OUT/metrics.json, and the figures and report.html when `report`."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(result, indent=1) + "\n")
-    if cfg.report:
+    if report:
         from choicesae.report import write_report  # matplotlib: imported when drawing only
 
         write_report(result, out)
-    return result
 
 
 def summary_line(result: dict) -> str:

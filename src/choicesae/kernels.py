@@ -25,7 +25,6 @@ import torch.nn.functional as Fn
 from torch import Tensor
 
 from choicesae.errors import ConfigError
-from choicesae.losses import aux_rows, mse
 
 
 class Pairs(NamedTuple):
@@ -152,18 +151,25 @@ def at_rows(pairs: Pairs, rows: slice, B: int) -> Pairs:
     return Pairs(pairs.token * step + start, pairs.feature, (B, pairs.shape[1]))
 
 
-def select(name: str, z_pre: Tensor, k: int, m: Tensor | None = None) -> Pairs:
-    """The index form of sparsifiers.sparsify for the k-based sparsifiers; m [F] is required
-    for feature_choice (e.g. `SAE.capacities(B, k)`)."""
-    if name == "topk":
-        return select_topk(z_pre, k)
-    if name == "mutual_choice":
-        return select_mutual_choice(z_pre, k)
-    if name == "feature_choice" and m is not None:
-        return select_feature_choice(z_pre, m)
-    if name == "feature_choice":
-        raise ConfigError("select('feature_choice', ...) needs the capacities m")
-    raise ConfigError(f"no index form for sparsifier {name!r}: topk, mutual_choice, feature_choice")
+RELU_SPARSE_SHARE = 1 / 16  # above this share of active pairs, dense products are faster
+
+
+def select_relu(z_pre: Tensor) -> Pairs | None:
+    """Every positive affinity (sparsifiers.relu), or None while more than RELU_SPARSE_SHARE
+    of them are positive (early in training, before L1 has acted): the dense step is faster."""
+    positive = z_pre > 0
+    if positive.sum() > RELU_SPARSE_SHARE * positive.numel():  # a sync point
+        return None
+    return Pairs(*positive.nonzero().T, z_pre.shape)  # row-major: CSR order
+
+
+FEATURE_MAJOR = ("feature_choice",)  # index forms that read z'ᵀ [F, B] rows (`pre_acts`)
+INDEX = {  # the index form of each sparsifier of sparsifiers.SPARSIFIERS: (z', k, m) -> Pairs
+    "topk": lambda z_pre, k, m: select_topk(z_pre, k),
+    "mutual_choice": lambda z_pre, k, m: select_mutual_choice(z_pre, k),
+    "feature_choice": lambda z_pre, k, m: select_feature_choice(z_pre, m),
+    "relu": lambda z_pre, k, m: select_relu(z_pre),
+}
 
 
 # ---- sparse products -------------------------------------------------------------------------
@@ -286,77 +292,9 @@ def sparse_acts(pairs: Pairs, acts: Tensor) -> Tensor:
     )
 
 
-def aux_loss(pairs: Pairs, acts: Tensor, residual: Tensor, W_dec: Tensor, rows: slice) -> Tensor:
-    """losses.aux_k from the pairs of `select_masked_topk` on the tokens `rows`: |e − ê|² / |e|²
-    over those tokens, ê = z_mask W_dec; residual [B, d] detached. Zero when the mask was
-    empty."""
-    if len(acts) == 0:
-        return residual.new_zeros(())
-    e = residual[rows]
-    e_hat = decode_pairs(pairs, acts, W_dec)[rows]
-    return (e - e_hat).pow(2).sum() / e.pow(2).sum().clamp_min(1e-12)
-
-
 def split(values: Tensor, pairs: dict[str, Pairs]) -> dict[str, Tensor]:
     """values [Σ n_i] of `concat(pairs)` back into one [n_i] per selection."""
     if len(pairs) == 1:
         return dict.fromkeys(pairs, values)
     sizes = [len(p.token) for p in pairs.values()]
     return dict(zip(pairs, values.split(sizes), strict=True))
-
-
-RELU_SPARSE_SHARE = 1 / 16  # above this share of active pairs, dense products are faster
-AUX = {"aux_k": ("aux_k_coeff", "dead"), "aux_zipf": ("aux_zipf_coeff", "dying")}
-
-
-def selections(sae, z_pre: Tensor, cfg, sparsifier: str, masks) -> dict[str, Pairs]:
-    """Every selection the step's losses use, all from one z' [B, F]: the code ("mse"), the
-    Multi-TopK code ("mse_4k") and the latents of each auxiliary loss, keyed by loss term."""
-    k, B = sae.cfg.k, z_pre.shape[0]
-    fc = sparsifier == "feature_choice"
-    pairs = {"mse": select(sparsifier, z_pre, k, sae.capacities(B, k) if fc else None)}
-    if cfg.multi_topk:  # Gao et al. 5.3.1: L(k) + L(4k)/8
-        pairs["mse_4k"] = select(sparsifier, z_pre, 4 * k, sae.capacities(B, 4 * k) if fc else None)
-    for name, (coeff, mask) in AUX.items():
-        if getattr(cfg, coeff) and not fc:  # section 4.4: Feature Choice trains without them
-            mask = getattr(masks, mask)
-            pairs[name] = select_masked_topk(z_pre, mask, cfg.k_aux, aux_rows(k, cfg.k_aux))
-    return pairs
-
-
-def fast_loss_terms(
-    sae, x: Tensor, cfg, sparsifier: str, masks, step: int = 0, select_all=selections
-):
-    """train.loss_terms with the sparse step: same inputs, terms and gradients, but StepOut.acts
-    is a sparse COO [B, F] tensor (`sparse_acts`). relu selects every positive affinity: while
-    more than RELU_SPARSE_SHARE of them are positive (early in training, before L1 has acted)
-    it runs the dense train.loss_terms instead. `select_all` replaces `selections`
-    (distributed.py selects over the global batch)."""
-    from choicesae.train import StepOut, loss_terms, nfm_terms  # train imports this module
-
-    z_pre = pre_acts(sae, x, feature_major=sparsifier == "feature_choice")  # [B, F]
-    if sparsifier == "relu":
-        positive = z_pre > 0  # every positive affinity is active: sparse once L1 has acted
-        if positive.sum() > RELU_SPARSE_SHARE * positive.numel():  # a sync point
-            return loss_terms(sae, x, cfg, sparsifier, masks, step)
-        pairs = {"mse": Pairs(*positive.nonzero().T, z_pre.shape)}  # row-major: CSR order
-    else:
-        pairs = select_all(sae, z_pre, cfg, sparsifier, masks)
-    values = encode_pairs(sae, x, z_pre, concat(list(pairs.values())))  # one sparse backward
-    acts = split(values.relu(), pairs)  # [n_i] activations of each selection
-    x_hat = decode_pairs(pairs["mse"], acts["mse"], sae.W_dec) + sae.b_dec
-    terms = {"mse": mse(x_hat, x)}
-    if sparsifier == "relu":  # losses.l1 over the active pairs
-        norms = sae.W_dec.norm(dim=-1)[pairs["mse"].feature]
-        terms["l1"] = cfg.l1_coeff * (acts["mse"] * norms).sum() / x.shape[0]
-    if "mse_4k" in pairs:
-        x_hat_4k = decode_pairs(pairs["mse_4k"], acts["mse_4k"], sae.W_dec) + sae.b_dec
-        terms["mse_4k"] = mse(x_hat_4k, x) / 8
-    residual = (x - x_hat).detach()  # the aux losses only move the latents they select
-    for name, (coeff, _) in AUX.items():
-        if name in pairs:
-            rows = aux_rows(sae.cfg.k, cfg.k_aux)
-            aux = aux_loss(pairs[name], acts[name], residual, sae.W_dec, rows)
-            terms[name] = getattr(cfg, coeff) * aux
-    terms |= nfm_terms(sae.W_dec, cfg, step)
-    return StepOut(sum(terms.values()), terms, sparse_acts(pairs["mse"], acts["mse"]), x_hat)

@@ -9,7 +9,7 @@ import math
 import torch
 from torch import Tensor
 
-from choicesae.sparsifiers import topk
+from choicesae.sparsifiers import Sparse, topk
 
 
 def mse(x_hat: Tensor, x: Tensor) -> Tensor:
@@ -39,31 +39,19 @@ def aux_rows(k: int, k_aux: int) -> slice:
     return slice(None, None, 1 << max(0, math.ceil(math.log2(k_aux / (AUX_SHARE * k)))))
 
 
-def aux_k(z_pre: Tensor, mask: Tensor, residual: Tensor, W_dec: Tensor, k_aux: int) -> Tensor:
-    """Reconstruct the residual e = x − x̂ from each token's top-k_aux latents among `mask`,
-    ê = z_mask W_dec, scored as |e − ê|² / |e|². With the dead latents as `mask` this is
-    aux_k_loss (Gao et al.; paper section 2.5); with the dying ones it is aux_zipf_loss
-    (section 4.2), its generalisation.
-
-    z_pre [B, F] affinities, mask [F] bool, residual [B, d] (the caller detaches it, so the
-    loss only moves the masked latents), W_dec [F, d]. Zero when the mask is empty.
-    """
+def masked_topk(z_pre: Tensor, mask: Tensor, k_aux: int) -> Sparse:
+    """Each token's top-k_aux latents among `mask`: the latents that reconstruct the residual
+    e = x − x̂ in aux_k_loss (mask = the dead latents; Gao et al., paper section 2.5) and in
+    aux_zipf_loss (mask = the dying ones; section 4.2), its generalisation. z_pre [B, F], mask
+    [F] bool and not empty."""
     count = int(mask.sum())  # sync point: one scalar per step
-    if count == 0:
-        return z_pre.new_zeros(())
-    z_masked = z_pre.masked_fill(~mask, float("-inf"))
-    e_hat = topk(z_masked, min(k_aux, count)).acts @ W_dec
-    return (residual - e_hat).pow(2).sum() / residual.pow(2).sum().clamp_min(1e-12)
+    return topk(z_pre.masked_fill(~mask, float("-inf")), min(k_aux, count))
 
 
-def l0(acts: Tensor) -> Tensor:
-    """Mean active features per token; acts [B, F]."""
-    return (acts != 0).sum(-1).float().mean()
-
-
-def fired(acts: Tensor) -> Tensor:
-    """[F] bool: which latents fired on at least one token of the batch."""
-    return (acts != 0).any(0)
+def unexplained(e: Tensor, e_hat: Tensor) -> Tensor:
+    """|e − ê|² / |e|² over a batch: the aux losses' score of their reconstruction ê [B, d] of
+    the residual e [B, d] (detached by the caller, so that they only move their latents)."""
+    return (e - e_hat).pow(2).sum() / e.pow(2).sum().clamp_min(1e-12)
 
 
 def _unit_rows(W: Tensor) -> Tensor:

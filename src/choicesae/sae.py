@@ -17,7 +17,7 @@ from choicesae.allocation import density_capacities, feature_capacities
 from choicesae.config import SAEConfig, from_dict
 from choicesae.errors import ConfigError, DataError
 from choicesae.preprocess import denormalize, estimate_dataset_scale, normalize
-from choicesae.sparsifiers import Sparse, jumprelu, sparsify, uniform_capacities
+from choicesae.sparsifiers import SPARSIFIERS, Sparse, jumprelu, sparsify, uniform_capacities
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 Inference = Literal["feature", "global"] | None  # JumpReLU thresholds, or None: batch inference
@@ -26,15 +26,18 @@ Inference = Literal["feature", "global"] | None  # JumpReLU thresholds, or None:
 CHUNK = 4096  # rows of W_dec drawn at a time
 
 
-def init_decoder(num_latents: int, d_in: int, latents: slice) -> Tensor:
+def init_decoder(
+    num_latents: int, d_in: int, latents: slice, generator: torch.Generator | None = None
+) -> Tensor:
     """Rows `latents` [hi − lo, d_in] of a random W_dec [F, d_in] with unit-norm rows. The
-    rows are drawn from the global RNG CHUNK at a time, every chunk (so the RNG ends where the
-    whole draw leaves it) but only the wanted rows kept: a shard's rows are exactly the whole
-    SAE's at any world size, and memory stays O(CHUNK + hi − lo) rows."""
+    rows are drawn from `generator` (None: torch's global RNG) CHUNK at a time, every chunk (so
+    the RNG ends where the whole draw leaves it) but only the wanted rows kept: a shard's rows
+    are exactly the whole SAE's at any world size, and memory stays O(CHUNK + hi − lo) rows."""
     lo, hi = latents.start, latents.stop
     W_dec = torch.empty(hi - lo, d_in)
     for start in range(0, num_latents, CHUNK):
-        chunk = torch.randn(min(CHUNK, num_latents - start), d_in)  # rows [start, start + n)
+        n = min(CHUNK, num_latents - start)
+        chunk = torch.randn(n, d_in, generator=generator)  # rows [start, start + n)
         a, b = max(lo, start), min(hi, start + len(chunk))
         if a < b:
             W_dec[a - lo : b - lo] = chunk[a - start : b - start]
@@ -47,16 +50,23 @@ class SAE(nn.Module):
     Shapes follow SAELens: W_enc [d_in, F], W_dec [F, d_in].
     """
 
-    def __init__(self, cfg: SAEConfig, latents: slice | None = None):
+    def __init__(
+        self,
+        cfg: SAEConfig,
+        latents: slice | None = None,
+        generator: torch.Generator | None = None,
+    ):
         """`latents` [lo, hi): hold only these latents' W_enc columns, b_enc and W_dec rows,
         initialised as in the whole SAE (feature sharding, sharding.py); the [F] buffers stay
-        whole."""
+        whole. `generator` draws the initial weights (None: torch's global RNG, as nn.Linear);
+        training passes one seeded with its seed, so that it leaves the caller's RNG alone and
+        every rank draws the same weights."""
         super().__init__()
         if not (cfg.d_in and cfg.num_latents):
             raise ConfigError("SAE needs a resolved config: call cfg.resolve(d_in) first")
         self.cfg = cfg
         F, d = cfg.num_latents, cfg.d_in
-        W_dec = init_decoder(F, d, slice(0, F) if latents is None else latents)
+        W_dec = init_decoder(F, d, slice(0, F) if latents is None else latents, generator)
         self.W_dec = nn.Parameter(W_dec)
         self.W_enc = nn.Parameter(W_dec.T.clone())  # tied initialisation (Gao et al.)
         self.b_enc = nn.Parameter(torch.zeros(len(W_dec)))
@@ -96,14 +106,16 @@ class SAE(nn.Module):
             raise ConfigError(f"threshold must be 'feature' or 'global', not {which!r}")
         if theta.isnan().any():
             raise ConfigError(
-                f"this SAE has no {which} thresholds yet; estimate them with `choicesae eval RUN`"
+                f"this SAE has no {which} thresholds yet; estimate them with `choicesae eval "
+                "RUN` or choicesae.calibrate_thresholds_(sae, activations, batch_size)"
             )
         return theta
 
     def sparsify(self, name: str, z_pre: Tensor, k: int) -> Sparse:
         """Apply sparsifier `name` to affinities z_pre [B, F], with this model's Feature Choice
         capacities for a batch of B tokens."""
-        m = self.capacities(z_pre.shape[0], k) if name == "feature_choice" else None
+        reads_m = name in SPARSIFIERS and SPARSIFIERS[name].capacities
+        m = self.capacities(z_pre.shape[0], k) if reads_m else None
         return sparsify(name, z_pre, k=k, m=m)
 
     def capacities(self, batch_size: int, k: int) -> Tensor:
@@ -126,6 +138,22 @@ class SAE(nn.Module):
     def forward(self, x: Tensor, threshold: Inference = None) -> Tensor:
         """Reconstruction of normalized x [B, d_in] (batch inference, or `threshold`)."""
         return self.decode(self.encode(x, threshold=threshold).acts)
+
+    def codes(
+        self, x: Tensor, threshold: Inference = None, dense: bool = True
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """The sparse codes of raw model activations x [B, d_in], normalized as in training:
+        dense [B, F], or with `dense=False` (indices [B, L], values [B, L]) of each token's
+        active features, largest first, L the batch's largest L0 (shorter rows end in value-0
+        padding). Batch inference by default, so the codes of Mutual and Feature Choice depend
+        on the batch; `threshold` ("feature" or "global") encodes every token on its own with
+        JumpReLU (appendix B)."""
+        x_n, _ = normalize(x, self.cfg.normalize, self.scale)
+        acts = self.encode(x_n, threshold=threshold).acts  # [B, F]
+        if dense:
+            return acts
+        values, indices = acts.topk(int(Sparse(acts).l0.max()), dim=-1)  # [B, L]
+        return indices, values
 
     def reconstruct(self, x: Tensor, threshold: Inference = None) -> Tensor:
         """Raw model activations x [B, d_in] -> reconstruction in the same (raw) space; with
@@ -174,6 +202,6 @@ class SAE(nn.Module):
         except (OSError, ValueError, SafetensorError) as e:  # ConfigError is a ValueError
             raise DataError(f"cannot load an SAE from {path}: {e}") from e
         state.setdefault("threshold_global", torch.tensor(float("nan")))  # saved before it
-        sae = cls(cfg).to(device)
+        sae = cls(cfg, generator=torch.Generator()).to(device)  # the caller's RNG untouched
         sae.load_state_dict(state)
         return sae

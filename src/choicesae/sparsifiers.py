@@ -6,6 +6,7 @@ selected pair has a strictly positive activation and `Sparse.pairs` is exactly t
 Gradients flow only into the selected entries: unselected entries are constants (zeros).
 """
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -90,23 +91,37 @@ def uniform_capacities(k: int, batch_size: int, num_latents: int) -> Tensor:
     return torch.full((num_latents,), m, dtype=torch.long)
 
 
-TRAINABLE = ("topk", "mutual_choice", "feature_choice", "relu")
-SPARSIFIERS = (*TRAINABLE, "jumprelu")
+class Sparsifier(NamedTuple):
+    """A trainable sparsifier: its reference function, the one place its rule is written (the
+    sparse kernels' index form and the parallel backends' global forms are tested against
+    it), and the losses it trains with."""
+
+    reference: Callable[[Tensor, int, Tensor | None], Sparse]  # (z' [B, F], k, m [F]) -> codes
+    capacities: bool = False  # it reads Feature Choice capacities m [F] (SAE.capacities)
+    aux: bool = True  # aux_k and aux_zipf revive its dead and dying latents
+    l1: bool = False  # it is sparse through the L1 penalty alone
+
+
+SPARSIFIERS = {  # the registry: the config's choices are its names
+    "topk": Sparsifier(lambda z_pre, k, m: topk(z_pre, k)),
+    "mutual_choice": Sparsifier(lambda z_pre, k, m: mutual_choice(z_pre, k)),
+    # section 4.4: Feature Choice trains without the auxiliary losses
+    "feature_choice": Sparsifier(lambda z_pre, k, m: feature_choice(z_pre, m), True, aux=False),
+    "relu": Sparsifier(lambda z_pre, k, m: relu(z_pre), aux=False, l1=True),
+}
+TRAINABLE = tuple(SPARSIFIERS)
 
 
 def sparsify(
     name: str, z_pre: Tensor, *, k: int, m: Tensor | None = None, theta: Tensor | float = 0.0
 ) -> Sparse:
-    """Apply the sparsifier `name` with the parameter it needs (k, capacities m, or θ)."""
-    if name == "topk":
-        return topk(z_pre, k)
-    if name == "mutual_choice":
-        return mutual_choice(z_pre, k)
-    if name == "feature_choice":
-        B, F = z_pre.shape
-        return feature_choice(z_pre, uniform_capacities(k, B, F) if m is None else m)
-    if name == "relu":
-        return relu(z_pre)
+    """Apply the sparsifier `name` with the parameter it needs (k, capacities m, or θ for the
+    inference-only jumprelu); Feature Choice without m takes uniform capacities."""
     if name == "jumprelu":
         return jumprelu(z_pre, theta)
-    raise ConfigError(f"unknown sparsifier {name!r}; choose one of {', '.join(SPARSIFIERS)}")
+    if name not in SPARSIFIERS:
+        choices = ", ".join((*TRAINABLE, "jumprelu"))
+        raise ConfigError(f"unknown sparsifier {name!r}; choose one of {choices}")
+    if name == "feature_choice" and m is None:
+        m = uniform_capacities(k, *z_pre.shape)
+    return SPARSIFIERS[name].reference(z_pre, k, m)

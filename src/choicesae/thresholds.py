@@ -10,7 +10,9 @@ in. Appendix B imputes a threshold and swaps the sparsifier for JumpReLU, z = z'
   every feature's density, and hence the L0 (= Σ_i density_i), of batch inference.
 
 Both live on z' of normalized inputs, in the SAE's buffers `threshold_global` [] and
-`threshold` [F]; `sae.encode(x, threshold="feature" | "global")` uses them.
+`threshold` [F]; `sae.encode(x, threshold="feature" | "global")` uses them. The functions here
+take normalized batches; `evaluate.calibrate_thresholds_` fits them on raw activations (an
+array, tensor or store), and `choicesae eval` calls it.
 """
 
 import torch

@@ -15,9 +15,9 @@ import math
 import signal
 import threading
 import time
+import warnings
 from collections import defaultdict
 from pathlib import Path
-from typing import NamedTuple
 
 import schedulefree
 import torch
@@ -40,80 +40,15 @@ from choicesae.config import SAEConfig, TrainConfig
 from choicesae.data import Rows, batches, check_activations, load_activations
 from choicesae.distributed import SINGLE, World
 from choicesae.errors import ConfigError, Interrupted, NonFiniteError
-from choicesae.kernels import fast_loss_terms
 from choicesae.loggers import Loggers, open_loggers
-from choicesae.losses import aux_k, aux_rows, fvu, l1, mse, nfm, nfm_inf
+from choicesae.objective import Masks, StepOut, objective
+from choicesae.ops import LOCAL, Dense, Sparse
 from choicesae.preprocess import normalize
 from choicesae.sae import SAE
 from choicesae.schedule import RECIPES, lr_at, phase_at, recipe_lr
 from choicesae.sparsifiers import uniform_capacities
 from choicesae.store import Store
 from choicesae.threads import warn_if_spinning
-
-
-class StepOut(NamedTuple):
-    loss: Tensor  # scalar, the sum of `terms`
-    terms: dict[str, Tensor]  # weighted loss terms, for logging
-    acts: Tensor  # [B, F]
-    x_hat: Tensor  # [B, d_in]
-
-
-class Masks(NamedTuple):
-    dead: Tensor  # [F] not fired for cfg.dead_tokens tokens: aux_k_loss acts on these
-    dying: Tensor  # [F] Definition 3.1 but not dead: aux_zipf_loss acts on these
-
-
-def loss_terms(
-    sae: SAE,
-    x: Tensor,
-    cfg: TrainConfig,
-    sparsifier: str,
-    masks: Masks,
-    step: int = 0,
-    sparsify=None,
-) -> StepOut:
-    """The training objective (paper eq. 3) on normalized inputs x [B, d_in]. `sparsify`
-    replaces sae.sparsify (distributed.dense_sparsify selects over the global batch)."""
-    k, sparsify = sae.cfg.k, sparsify or sae.sparsify
-    z_pre = sae.pre_acts(x)  # [B, F] affinities
-    acts = sparsify(sparsifier, z_pre, k).acts
-    x_hat = sae.decode(acts)
-    terms = {"mse": mse(x_hat, x)}
-    if cfg.multi_topk:  # Gao et al. 5.3.1: L(k) + L(4k)/8
-        terms["mse_4k"] = mse(sae.decode(sparsify(sparsifier, z_pre, 4 * k).acts), x) / 8
-    if sparsifier == "relu":
-        terms["l1"] = cfg.l1_coeff * l1(acts, sae.W_dec)
-    elif sparsifier != "feature_choice":  # section 4.4: Feature Choice trains without aux losses
-        rows = aux_rows(k, cfg.k_aux)  # the aux losses read a bounded sample of tokens
-        residual = (x - x_hat).detach()[rows]  # they only move the latents they select
-        if cfg.aux_k_coeff:
-            terms["aux_k"] = cfg.aux_k_coeff * aux_k(
-                z_pre[rows], masks.dead, residual, sae.W_dec, cfg.k_aux
-            )
-        if cfg.aux_zipf_coeff:
-            aux = aux_k(z_pre[rows], masks.dying, residual, sae.W_dec, cfg.k_aux)
-            terms["aux_zipf"] = cfg.aux_zipf_coeff * aux
-    terms |= nfm_terms(sae.W_dec, cfg, step)
-    return StepOut(sum(terms.values()), terms, acts, x_hat)
-
-
-def nfm_terms(W_dec: Tensor, cfg: TrainConfig, step: int) -> dict[str, Tensor]:
-    """The weighted NFM losses of appendix C that are switched on (shared by every step)."""
-    terms = {}
-    if cfg.nfm_coeff:
-        terms["nfm"] = cfg.nfm_coeff * nfm(W_dec)
-    if cfg.nfm_inf_coeff:
-        terms["nfm_inf"] = cfg.nfm_inf_coeff * nfm_inf(W_dec, nfm_rows(cfg, step))
-    return terms
-
-
-def nfm_rows(cfg: TrainConfig, step: int) -> Tensor | None:
-    """The decoder rows sampled for nfm_inf_loss at `step` (a pure function of seed and step)."""
-    F = cfg.sae.num_latents
-    if not cfg.nfm_inf_sample or cfg.nfm_inf_sample >= F:
-        return None
-    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-    return torch.randperm(F, generator=gen)[: cfg.nfm_inf_sample].to(cfg.device)
 
 
 @dataclasses.dataclass
@@ -161,8 +96,9 @@ def train(cfg: TrainConfig, activations: Rows | None = None) -> SAE:
     if not sharded:
         distributed.check_batch(cfg.batch_size, world)
     out = prepare_run(cfg) if world.main else Path(cfg.out)
-    torch.manual_seed(cfg.seed)  # every rank starts from the same weights
-    sae = SAE(cfg.sae, latents).to(cfg.device)  # --parallel features: this rank's latents
+    # a generator of its own: every rank starts from the same weights, the caller's RNG untouched
+    init = torch.Generator().manual_seed(cfg.seed)
+    sae = SAE(cfg.sae, latents, init).to(cfg.device)  # --parallel features: this rank's latents
     optimizer = make_optimizer(sae, cfg)
     if cfg.resume:  # every rank reads the checkpoint: --out must be shared by the nodes
         state = resume_(out, cfg, sae, optimizer, world)
@@ -204,6 +140,7 @@ def run_loop(
     )
     window, start, record = defaultdict(float), time.perf_counter(), {}
     save = functools.partial(save_checkpoint, out) if world.main else lambda *args: None
+    ops = step_ops(cfg, world)
     while state.step < cfg.total_steps:
         if distributed.any_rank(bool(stop), world):  # a signal to one rank stops them all
             save(checkpoint_state(state, sae, optimizer, cfg, world), cfg.keep_checkpoints)
@@ -213,7 +150,7 @@ def run_loop(
                 f"checkpoint is saved, continue with --resume",
                 signum,
             )
-        stepped = train_step(sae, optimizer, next(data), cfg, state, world)
+        stepped = train_step(sae, optimizer, next(data), cfg, state, ops, world)
         if stepped is None:  # a non-finite batch skipped (--skip-bad-batches)
             state = dataclasses.replace(state, step=state.step + 1, skipped=state.skipped + 1)
         else:
@@ -260,27 +197,24 @@ def lr_of(cfg: TrainConfig, step: int) -> float:
 
 
 def train_step(
-    sae: SAE, optimizer, x: Tensor, cfg: TrainConfig, state: TrainState, world: World = SINGLE
+    sae: SAE, optimizer, x: Tensor, cfg: TrainConfig, state: TrainState, ops=None, world=SINGLE
 ) -> tuple[StepOut, dict[str, Tensor], Tensor] | None:
     """One optimiser step on raw activations x [B, d_in] (under torchrun, this rank's slice of
-    the global batch); returns the loss terms, the FVU and L0 of the (global) batch as metrics
-    and the firing counts [F], or None for a skipped non-finite batch."""
+    the global batch) with the step's `ops` (`step_ops`, one process's by default); returns
+    the loss terms, the FVU and L0 of the (global) batch as metrics and the firing counts [F],
+    or None for a skipped non-finite batch."""
+    ops = ops or step_ops(cfg)
     index, sparsifier, first = phase_at(state.step, cfg.phases())
     if state.step == first and index > 0 and sparsifier == "feature_choice":
         adopt_zipf_fit_(sae, state, cfg)
+    if state.step == first and sparsifier == "feature_choice" and world.main:
+        warn_if_short(sae, cfg.batch_size)
     for group in optimizer.param_groups:
         group["lr"] = lr_of(cfg, state.step)
     x, _ = normalize(x, cfg.sae.normalize, sae.scale)
-    result = step_loss(cfg, world)(
-        sae, x, cfg, sparsifier, state.masks(cfg.dead_tokens), state.step
-    )
-    fired, metrics = fired_counts(result.acts), None
-    sharded = sharding.feature_sharded(cfg, world)
-    if sharded:  # fired [F/W] -> [F]
-        result, fired, metrics = sharding.reduce_step(result, x, world, fired)
-    elif world.size > 1:  # backward and the sums over ranks first: they give the global loss
-        rows = aux_rows(sae.cfg.k, cfg.k_aux)
-        result, fired, metrics = distributed.reduce_step(sae, result, x, world, fired, rows)
+    result = objective(sae, x, cfg, sparsifier, state.masks(cfg.dead_tokens), state.step, ops)
+    # backward, and the sums over ranks that give the global loss, counts and metrics
+    result, fired, metrics = ops.backend.reduce(sae, result, x, fired_counts(result.acts), cfg)
     if not torch.isfinite(result.loss):  # a sync point, so that NaN never reaches the weights
         optimizer.zero_grad(set_to_none=True)
         if cfg.skip_bad_batches:
@@ -290,15 +224,9 @@ def train_step(
             f"the loss is NaN or Inf at step {state.step + 1}{cause}; stopped with the weights "
             f"of step {state.step} and the last checkpoint kept (--skip-bad-batches skips them)"
         )
-    if world.size == 1:
-        result.loss.backward()
-        with torch.no_grad():
-            metrics = {"fvu": fvu(result.x_hat, x), "l0": fired.sum() / x.shape[0]}
     sae.remove_parallel_grad_()
-    if cfg.grad_clip and sharded:
-        sharding.clip_grad_norm_(sae, cfg.grad_clip)
-    elif cfg.grad_clip:
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+    if cfg.grad_clip:
+        ops.backend.clip_grad_norm_(sae, cfg.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     unit_norm_decoder_(sae, optimizer)
@@ -324,21 +252,16 @@ def final_weights_(sae: SAE, optimizer) -> None:
         sae.unit_norm_decoder_()
 
 
-def step_loss(cfg: TrainConfig, world: World):
-    """The loss function of a step: the sparse kernels or the dense reference (--kernels),
-    selecting over this process's batch or, under torchrun with --distributed-selection global,
-    over the global batch (distributed.py)."""
+def step_ops(cfg: TrainConfig, world: World = SINGLE):
+    """The ops of a step: the sparse kernels or the dense reference (--kernels), over the
+    backend of the run's layout: one process, data parallel (selections over the global batch,
+    or each rank's own with --distributed-selection local) or feature sharded."""
+    backend = LOCAL
     if sharding.feature_sharded(cfg, world):  # --parallel features
-        sharded = sharding.fast_loss_terms if cfg.kernels == "sparse" else sharding.loss_terms
-        return functools.partial(sharded, world=world)
-    local = world.size == 1 or cfg.distributed_selection == "local"
-    if cfg.kernels == "sparse":
-        return (
-            fast_loss_terms
-            if local
-            else functools.partial(distributed.fast_loss_terms, world=world)
-        )
-    return loss_terms if local else functools.partial(distributed.dense_loss_terms, world=world)
+        backend = sharding.FeatureSharded(world, cfg.sae.num_latents)
+    elif world.size > 1:
+        backend = distributed.DataParallel(world, cfg.distributed_selection == "global")
+    return (Sparse if cfg.kernels == "sparse" else Dense)(backend)
 
 
 def fired_counts(acts: Tensor) -> Tensor:
@@ -406,6 +329,20 @@ def adopt_zipf_fit_(sae: SAE, state: TrainState, cfg: TrainConfig) -> None:
         sae.zipf.copy_(torch.tensor([fit.alpha, fit.beta]))
 
 
+def warn_if_short(sae: SAE, batch_size: int) -> None:
+    """Floored capacities (⌊k·B/F⌋, Algorithm 1's floor, density shares) can sum to less than
+    the budget M = k·B, and Feature Choice then selects fewer matches than M: the mean L0 falls
+    below k. Say so when a Feature Choice phase starts, with the capacities it starts with."""
+    k, kind = sae.cfg.k, sae.cfg.capacities
+    total, budget = int(sae.capacities(batch_size, k).sum()), k * batch_size
+    if total < budget:
+        warnings.warn(
+            f"{kind} Feature Choice capacities sum to {total} < k*batch_size = {budget}: the "
+            f"mean L0 will be at most {total / batch_size:.3g}, not k = {k}",
+            stacklevel=2,
+        )
+
+
 def accumulate(window: dict, values: dict[str, Tensor]) -> None:
     """Add this step's values to the logging window (tensors: no sync until logged)."""
     for name, value in values.items():
@@ -428,14 +365,15 @@ def summarize(window: dict, state: TrainState, cfg: TrainConfig) -> dict:
 
 
 def resolve(cfg: TrainConfig, d_in: int) -> TrainConfig:
-    """Fill in the SAE's width and the recipe's settings; with a schedule, the model's
-    sparsifier is the last phase's. Refuses a Feature Choice batch too small to give every
-    feature a token (footnote 8)."""
+    """Fill in the SAE's width, the number of steps and the recipe's settings; with a
+    schedule, the model's sparsifier is the last phase's. Refuses a Feature Choice batch too
+    small to give every feature a token (footnote 8)."""
     sae = dataclasses.replace(cfg.sae.resolve(d_in), sparsifier=cfg.phases()[-1][0])
     recipe = RECIPES[cfg.recipe]
     cfg = dataclasses.replace(  # re-validates with the width known
         cfg,
         sae=sae,
+        steps=cfg.total_steps,
         optimizer=recipe.optimizer if cfg.optimizer == "recipe" else cfg.optimizer,
         lr=cfg.lr or recipe_lr(recipe, sae.num_latents),
         warmup_steps=recipe.warmup_steps if cfg.warmup_steps == -1 else cfg.warmup_steps,
@@ -517,7 +455,6 @@ def checkpoint_state(
             else optimizer.state_dict()
         ),
         "skipped": state.skipped,
-        "rng": torch.get_rng_state(),
     }
 
 
@@ -534,7 +471,6 @@ def resume_(out: Path, cfg: TrainConfig, sae: SAE, optimizer, world: World = SIN
     if world.main:  # one writer under torchrun
         trim_metrics(out / "metrics.jsonl", saved["step"])
         write_config(out, cfg)  # the run as resumed: its length or folder may have changed
-    torch.set_rng_state(saved["rng"])
     [since_fired, counts, dying] = [
         saved[name].to(cfg.device, copy=True) for name in ("since_fired", "counts", "dying")
     ]
@@ -564,7 +500,8 @@ def check_resumable(saved: dict, cfg: TrainConfig, step: int) -> None:
             f"cannot resume {cfg.out} for {cfg.total_steps} steps: its checkpoint is at step "
             f"{step}; ask for at least {step}"
         )
-    old = TrainConfig(steps=saved["steps"], schedule=saved["schedule"], sae=cfg.sae)
+    steps = 0 if saved["schedule"] else saved["steps"]  # older runs saved a default beside it
+    old = TrainConfig(steps=steps, schedule=saved["schedule"], sae=cfg.sae)
     if [phase_at(s, old.phases())[1] for s in range(step)] != [
         phase_at(s, cfg.phases())[1] for s in range(step)
     ]:

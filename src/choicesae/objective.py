@@ -1,0 +1,107 @@
+"""The objective of one training step (paper eq. 3), assembled here and nowhere else.
+
+    z' = affinities(x);  the selections: the code at budget k (and 4k, Multi-TopK), and each
+         auxiliary loss's latents;  x̂ = decode(code) + b_dec
+    loss = |x − x̂|²  [+ |x − x̂_4k|²/8]  [+ λ·L1 (relu)]  [+ aux_k + aux_zipf]  [+ NFM]
+
+Which terms a sparsifier trains with comes from its entry in the registry
+(`sparsifiers.SPARSIFIERS`). How a selection is made and decoded comes from the ops: the dense
+reference (`ops.Dense`, the plain sparsifiers and autograd) or the sparse index kernels
+(`ops.Sparse`), each over a parallel backend that selects over the global batch or over all
+latents and sums what the shards hold (one process: the identity).
+"""
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from choicesae.losses import aux_rows, mse, nfm, nfm_inf, unexplained
+from choicesae.ops import Dense
+from choicesae.sparsifiers import SPARSIFIERS
+
+
+class StepOut(NamedTuple):
+    loss: Tensor  # scalar, the sum of `terms`
+    terms: dict[str, Tensor]  # weighted loss terms, for logging
+    acts: Tensor  # [B, F] dense, or sparse COO from the sparse kernels
+    x_hat: Tensor  # [B, d_in]
+
+
+class Masks(NamedTuple):
+    dead: Tensor  # [F] not fired for cfg.dead_tokens tokens: aux_k_loss acts on these
+    dying: Tensor  # [F] Definition 3.1 but not dead: aux_zipf_loss acts on these
+
+
+class Want(NamedTuple):
+    """One selection a loss term needs: the code at budget k, or (mask given) each token's top
+    k latents among mask [F] for the tokens `rows`, the latents of an auxiliary loss."""
+
+    k: int
+    mask: Tensor | None = None
+    rows: slice = slice(None)
+
+
+AUX = {"aux_k": ("aux_k_coeff", "dead"), "aux_zipf": ("aux_zipf_coeff", "dying")}
+
+
+def wanted(cfg, sparsifier: str, k: int, masks: Masks) -> dict[str, Want]:
+    """The selections of a step, keyed by the loss term that uses them; an aux loss whose mask
+    is empty selects nothing (its term is zero)."""
+    want = {"mse": Want(k)}
+    if cfg.multi_topk:  # Gao et al. 5.3.1: L(k) + L(4k)/8
+        want["mse_4k"] = Want(4 * k)
+    if SPARSIFIERS[sparsifier].aux:
+        for name, (coeff, mask) in AUX.items():
+            mask = getattr(masks, mask)
+            if getattr(cfg, coeff) and mask.any():  # a sync point, one scalar per mask
+                want[name] = Want(cfg.k_aux, mask, aux_rows(k, cfg.k_aux))
+    return want
+
+
+def objective(
+    sae, x: Tensor, cfg, sparsifier: str, masks: Masks, step: int = 0, ops=None
+) -> StepOut:
+    """The loss terms of normalized inputs x [B, d_in] (this process's rows or the whole batch,
+    as the backend of `ops` holds them), with the ops given or the dense reference."""
+    rule, k, ops = SPARSIFIERS[sparsifier], sae.cfg.k, ops or Dense()
+    z = ops.affinities(sae, x, sparsifier)  # [B, F] (this process's latents)
+    codes = ops.codes(sae, x, z, sparsifier, wanted(cfg, sparsifier, k, masks))
+    if codes is None:  # no sparse form for this batch: the dense reference step
+        return objective(sae, x, cfg, sparsifier, masks, step, ops.reference)
+    x_hat = ops.decode(sae, codes["mse"]) + sae.b_dec
+    terms = {"mse": mse(x_hat, x)}
+    if cfg.multi_topk:
+        terms["mse_4k"] = mse(ops.decode(sae, codes["mse_4k"]) + sae.b_dec, x) / 8
+    if rule.l1:
+        terms["l1"] = cfg.l1_coeff * ops.l1(sae, codes["mse"], x.shape[0])
+    if rule.aux:
+        rows = aux_rows(k, cfg.k_aux)  # the aux losses read a bounded sample of tokens
+        residual = (x - x_hat).detach()[rows]  # they only move the latents they select
+        for name, (coeff, _) in AUX.items():
+            if getattr(cfg, coeff):
+                aux = x.new_zeros(())  # no dead (or dying) latent: nothing to reconstruct with
+                if name in codes:
+                    aux = unexplained(residual, ops.decode(sae, codes[name], rows))
+                terms[name] = getattr(cfg, coeff) * aux
+    terms |= nfm_terms(sae.W_dec, cfg, step)
+    return StepOut(sum(terms.values()), terms, ops.acts(codes["mse"]), x_hat)
+
+
+def nfm_terms(W_dec: Tensor, cfg, step: int) -> dict[str, Tensor]:
+    """The weighted NFM losses of appendix C that are switched on."""
+    terms = {}
+    if cfg.nfm_coeff:
+        terms["nfm"] = cfg.nfm_coeff * nfm(W_dec)
+    if cfg.nfm_inf_coeff:
+        terms["nfm_inf"] = cfg.nfm_inf_coeff * nfm_inf(W_dec, nfm_rows(cfg, step))
+    return terms
+
+
+def nfm_rows(cfg, step: int) -> Tensor | None:
+    """The decoder rows sampled for nfm_inf_loss at `step` (a pure function of seed and step)."""
+    F = cfg.sae.num_latents
+    if not cfg.nfm_inf_sample or cfg.nfm_inf_sample >= F:
+        return None
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    return torch.randperm(F, generator=gen)[: cfg.nfm_inf_sample].to(cfg.device)

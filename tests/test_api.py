@@ -1,0 +1,193 @@
+"""The Python API a researcher scripts with (`import choicesae as cs`): codes from raw
+activations, evaluation, thresholds and export from arrays, no global side effects, refusals."""
+
+import dataclasses
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import choicesae as cs
+from choicesae.__main__ import main
+from choicesae.allocation import feature_capacities
+from choicesae.preprocess import normalize
+from choicesae.store import StoreWriter
+
+D = 32  # the synthetic fixture's width
+
+
+def run_config(tmp_path, sparsifier="mutual_choice", steps=20, **kw) -> cs.TrainConfig:
+    sae = cs.SAEConfig(sparsifier, k=4, expansion=4, **kw.pop("sae", {}))
+    defaults = {"batch_size": 256, "progress": False, "log_every": 10, "overwrite": True}
+    return cs.TrainConfig(out=str(tmp_path / "run"), sae=sae, steps=steps, **defaults | kw)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, synthetic):
+    """A Mutual Choice SAE trained from Python on an array, and its run folder."""
+    cfg = run_config(tmp_path_factory.mktemp("api"))
+    return cs.train(cfg, synthetic[0][:8192]), cfg
+
+
+def test_version_is_the_package_metadata():
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    assert cs.__version__ == re.search(r'^version = "(.+)"', pyproject, re.M)[1]
+    assert "__version__" in cs.__all__
+
+
+@pytest.mark.parametrize("threshold", [None, "feature", "global"])
+def test_codes_of_raw_activations_are_the_internal_path(trained, synthetic, threshold):
+    sae, cfg = trained
+    cs.calibrate_thresholds_(sae, synthetic[0][:4096], cfg.batch_size)
+    x = 3 * synthetic[0][-256:] + 1  # raw: an offset and a scale the normalisation removes
+    with torch.no_grad():
+        dense = sae.codes(x, threshold=threshold)
+        internal = sae.encode(normalize(x, sae.cfg.normalize, sae.scale)[0], threshold=threshold)
+        indices, values = sae.codes(x, threshold=threshold, dense=False)
+    assert torch.equal(dense, internal.acts) and dense.count_nonzero() > 0
+    assert indices.shape == values.shape == (len(x), int(internal.l0.max()))
+    assert torch.equal(torch.zeros_like(dense).scatter(1, indices, values), dense)
+    assert (values.diff(dim=-1) <= 0).all()  # largest first, value-0 padding last
+    assert torch.equal((values > 0).sum(-1), internal.l0)
+
+
+def test_codes_of_a_topk_sae_have_k_entries_per_token(synthetic):
+    torch.manual_seed(0)
+    sae = cs.SAE(cs.SAEConfig("topk", k=4, expansion=4).resolve(D))
+    with torch.no_grad():
+        indices, values = sae.codes(synthetic[0][:64], dense=False)
+    assert indices.shape == (64, 4)
+
+
+def write_store(path: Path, x: torch.Tensor, shards: int = 3) -> cs.Store:
+    meta = {"model": "m", "hookpoint": "h", "d_model": x.shape[1], "dtype": "float32"}
+    writer = StoreWriter(path, meta | {"context": 8})
+    for part in x.chunk(shards):
+        writer.write_shard(part, np.zeros(len(part), dtype=np.int32))
+    writer.finish()
+    return cs.Store(path)
+
+
+PROVENANCE = ("run", "store", "model", "hookpoint")  # where the rows came from
+
+
+def test_evaluation_of_arrays_equals_the_store_path(trained, synthetic, tmp_path):
+    sae, cfg = trained
+    x_cal, x_test = synthetic[0][8192:12288], synthetic[0][12288:14336]
+    cal, test = write_store(tmp_path / "cal", x_cal), write_store(tmp_path / "test", x_test)
+    settings = {"calibration_tokens": 2048, "splice_contexts": 0, "report": False}
+    by_store = cs.evaluate(
+        cs.EvalConfig(run=cfg.out, store=str(test.path), calibrate=str(cal.path), **settings)
+    )
+    from_run = cs.evaluate(
+        cs.EvalConfig(run=cfg.out, out=str(tmp_path / "eval"), **settings),
+        x_test,
+        calibrate=x_cal.numpy(),  # any array: a tensor, a numpy array or a Store
+    )
+    measured = {k: v for k, v in by_store.items() if k not in PROVENANCE}
+    assert {k: from_run[k] for k in measured} == measured and by_store["model"] == "m"
+    assert from_run.keys() == by_store.keys() and from_run["training"] == by_store["training"]
+    assert (tmp_path / "eval" / "metrics.json").is_file()
+    settings["batch_size"] = cfg.batch_size  # an SAE without its run
+    in_memory = cs.evaluate(cs.EvalConfig(**settings), x_test, calibrate=x_cal, sae=sae)
+    del measured["training"]  # an SAE without its run has no training log
+    assert {k: in_memory[k] for k in measured} == measured and in_memory["run"] == ""
+    assert torch.equal(cs.SAE.from_pretrained(Path(cfg.out) / "sae").threshold, sae.threshold)
+
+
+def test_evaluation_of_arrays_names_what_is_missing(trained, synthetic):
+    sae, cfg = trained
+    x = synthetic[0][:1024]
+    with pytest.raises(cs.ConfigError, match="batch_size"):
+        cs.evaluate(cs.EvalConfig(report=False), x, calibrate=x, sae=sae)
+    with pytest.raises(cs.ConfigError, match="not both"):
+        cs.evaluate(cs.EvalConfig(run=cfg.out), x, calibrate=x, sae=sae)
+    with pytest.raises(cs.DataError, match=r"calibrate=rows"):
+        cs.evaluate(cs.EvalConfig(run=cfg.out, splice_contexts=0, report=False), x)
+    with pytest.raises(cs.DataError, match=r"reads \[tokens, 32\]"):
+        cs.calibrate_thresholds_(sae, x[:, :16], 256)
+    with pytest.raises(cs.DataError, match="NaN"):
+        cs.calibrate_thresholds_(sae, torch.full_like(x, float("nan")), 256)
+
+
+def test_a_python_trained_mutual_choice_sae_exports_to_saelens(synthetic, tmp_path):
+    cfg = run_config(tmp_path)
+    sae = cs.train(cfg, synthetic[0][:8192])
+    with pytest.raises(cs.ConfigError, match="calibrate_thresholds_"):
+        cs.to_saelens(sae, tmp_path / "early")
+    fitted = cs.calibrate_thresholds_(sae, synthetic[0][:4096], cfg.batch_size)
+    assert fitted["calibration_tokens"] == 4096
+    path = cs.to_saelens(sae, tmp_path / "lens")
+    sae_lens = pytest.importorskip("sae_lens", reason="the interop extra installs sae-lens")
+    x = 100 * synthetic[0][-128:] + 1  # a model's scale: SAELens's layer norm adds eps 1e-5
+    with torch.no_grad():
+        ours = sae.codes(x, threshold="feature")
+        theirs = sae_lens.SAE.load_from_disk(path).encode(x)
+    assert ours.count_nonzero() > 0 and torch.equal(ours != 0, theirs != 0)
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+    assert torch.equal(cs.from_saelens(path).threshold, sae.threshold)
+
+
+def test_train_leaves_the_global_rng_alone(synthetic, tmp_path):
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    sae = cs.train(run_config(tmp_path, steps=3, seed=7), synthetic[0][:2048])
+    assert torch.equal(torch.get_rng_state(), before)
+    cs.SAE.from_pretrained(tmp_path / "run" / "sae")
+    assert torch.equal(torch.get_rng_state(), before)
+    # its own generator draws what torch.manual_seed(seed) used to: the same initial weights
+    torch.manual_seed(7)
+    assert torch.equal(cs.SAE(sae.cfg).W_dec, cs.SAE(sae.cfg, generator=seeded(7)).W_dec)
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_steps_that_disagree_with_the_schedule_are_refused(capsys):
+    schedule = "mutual_choice:80,feature_choice:20"
+    with pytest.raises(cs.ConfigError, match=r"steps=500 disagrees .* runs 100 steps"):
+        cs.TrainConfig(steps=500, schedule=schedule)
+    assert cs.TrainConfig(steps=100, schedule=schedule).total_steps == 100
+    assert cs.TrainConfig(schedule=schedule).total_steps == 100
+    assert cs.TrainConfig().total_steps == 10_000 and cs.TrainConfig(steps=7).total_steps == 7
+    assert main(["train", "--steps", "500", "--schedule", schedule]) == 2
+    assert "disagrees" in capsys.readouterr().err
+    with pytest.raises(cs.ConfigError, match="steps must not be negative"):
+        cs.TrainConfig(steps=-1)
+
+
+def test_the_run_config_records_the_schedules_steps(synthetic, tmp_path):
+    cfg = run_config(tmp_path, steps=0, schedule="mutual_choice:3,topk:2")
+    assert cs.train(cfg, synthetic[0][:2048]).cfg.sparsifier == "topk"
+    saved = (tmp_path / "run" / "config.json").read_text()
+    assert '"steps": 5' in saved
+
+
+def short_capacity_warnings(record) -> list[str]:
+    return [str(w.message) for w in record if "capacities sum to" in str(w.message)]
+
+
+def test_capacities_short_of_the_budget_are_stated(synthetic, tmp_path):
+    """Zipf capacities floor Algorithm 1's shares: they sum to less than k·B, so the mean L0
+    falls below k; the run says so once, when Feature Choice starts."""
+    sae = {"capacities": "zipf"}
+    cfg = run_config(tmp_path, "feature_choice", steps=4, sae=sae)
+    F, k, B = 4 * D, 4, cfg.batch_size
+    m = feature_capacities(torch.arange(1, F + 1), k, B, 1.0, 6.8, 1, 0)
+    assert int(m.sum()) < k * B
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        cs.train(cfg, synthetic[0][:4096])
+    assert short_capacity_warnings(record) == [
+        f"zipf Feature Choice capacities sum to {int(m.sum())} < k*batch_size = {k * B}: the "
+        f"mean L0 will be at most {int(m.sum()) / B:.3g}, not k = {k}"
+    ]
+    full = dataclasses.replace(cfg, sae=dataclasses.replace(cfg.sae, capacities="uniform"))
+    with warnings.catch_warnings(record=True) as record:  # 4 * 256 / 128 = 8 each: all of k·B
+        warnings.simplefilter("always")
+        cs.train(full, synthetic[0][:4096])
+    assert short_capacity_warnings(record) == []
