@@ -22,12 +22,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from choicesae import losses  # noqa: E402
-from choicesae.config import SAEConfig, TrainConfig  # noqa: E402
-from choicesae.objective import Masks, objective  # noqa: E402
-from choicesae.ops import Sparse  # noqa: E402
-from choicesae.sae import SAE  # noqa: E402
-from choicesae.store import Store  # noqa: E402
-from choicesae.train import train  # noqa: E402
+from choicesae.core.config import SAEConfig, TrainConfig  # noqa: E402
+from choicesae.core.sae import SAE  # noqa: E402
+from choicesae.data.store import Store  # noqa: E402
+from choicesae.step.objective import Masks, objective  # noqa: E402
+from choicesae.step.ops import Sparse  # noqa: E402
+from choicesae.training.loop import train  # noqa: E402
 
 BOUNDED, EVERY_TOKEN = losses.AUX_SHARE, 1e9  # AUX_SHARE 1e9: aux_rows reads every token
 

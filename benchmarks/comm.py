@@ -1,7 +1,7 @@
 """Bytes each rank hands to collectives per training step, by sparsifier, mode (data parallel
 with --distributed-selection global or local; feature sharding, --parallel features) and
 purpose, measured in a real multi-process run
-(gloo on CPU) from the sizes of the tensors passed to distributed.all_gather / all_reduce.
+(gloo on CPU) from the sizes of the tensors passed to comm.all_gather / all_reduce.
 
     .venv/bin/python benchmarks/comm.py                       # 2 processes, d 384, F 6144
     .venv/bin/python benchmarks/comm.py --nproc 2 --d 64 --expansion 8 --batch 512
@@ -22,11 +22,13 @@ import sys
 
 import torch
 
-from choicesae import distributed, sharding
-from choicesae.config import SAEConfig, TrainConfig
-from choicesae.data import batches
-from choicesae.sae import SAE
-from choicesae.train import TrainState, advance, make_optimizer, resolve, step_ops, train_step
+from choicesae.core.config import SAEConfig, TrainConfig
+from choicesae.core.sae import SAE
+from choicesae.data.activations import batches
+from choicesae.parallel import comm, features
+from choicesae.training.loop import make_optimizer, step_ops, train_step
+from choicesae.training.run import resolve
+from choicesae.training.state import TrainState, advance
 
 PURPOSES = ("selection", "activations", "gradients", "stats", "control")
 MODES = ("global", "local", "features")
@@ -47,24 +49,24 @@ def per_step(sparsifier: str, mode: str, args, world) -> dict[str, float]:
     """Mean bytes per step and purpose over args.steps steps of `sparsifier` in `mode`."""
     sae_cfg = SAEConfig(sparsifier=sparsifier, k=args.k, expansion=args.expansion)
     cfg = TrainConfig(sae=sae_cfg, batch_size=args.batch, steps=args.steps, progress=False)
-    features = {"parallel": "features"} if mode == "features" else {}
-    setting = features or {"distributed_selection": mode}
+    sharded = {"parallel": "features"} if mode == "features" else {}
+    setting = sharded or {"distributed_selection": mode}
     cfg = resolve(TrainConfig(**{**cfg.__dict__, **setting}), args.d)
     torch.manual_seed(0)
     rows = torch.randn(4 * args.batch, args.d)
-    latents = sharding.span(cfg.sae.num_latents, world) if features else None
+    latents = features.span(cfg.sae.num_latents, world) if sharded else None
     sae = SAE(cfg.sae, latents)  # features: each rank its latents (and the whole batch)
     optimizer, state = make_optimizer(sae, cfg), TrainState.fresh(cfg.sae.num_latents, "cpu")
     ops = step_ops(cfg, world)
-    distributed.COMM.clear()
+    comm.COMM.clear()
     for x in batches(rows, args.batch, 0):
         if state.step == args.steps:
             break
-        distributed.any_rank(False, world)  # the loop's stop check, as in run_loop
-        x = x if features else distributed.shard(x, world)
+        comm.any_rank(False, world)  # the loop's stop check, as in run_loop
+        x = x if features else comm.shard(x, world)
         _, _, fired = train_step(sae, optimizer, x, cfg, state, ops, world)
         state = advance(state, fired, cfg, sae)
-    return {p: distributed.COMM[p] / args.steps for p in PURPOSES}
+    return {p: comm.COMM[p] / args.steps for p in PURPOSES}
 
 
 def main() -> None:
@@ -73,7 +75,7 @@ def main() -> None:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
         cmd += ["--nproc-per-node", str(args.nproc), "--", __file__, *sys.argv[1:]]
         sys.exit(subprocess.call(cmd))
-    world = distributed.init_from_env("cpu")
+    world = comm.init_from_env("cpu")
     F = args.d * args.expansion
     if world.main:
         print(

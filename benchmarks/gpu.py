@@ -29,19 +29,15 @@ import traceback
 
 import torch
 
-from choicesae.config import SAEConfig, TrainConfig
-from choicesae.kernels import RELU_SPARSE_SHARE, Pairs, pre_acts
-from choicesae.objective import Masks, objective
-from choicesae.ops import Dense, Local, Sparse
-from choicesae.preprocess import normalize
-from choicesae.sae import SAE
-from choicesae.train import (
-    TrainState,
-    advance,
-    make_optimizer,
-    resolve,
-    train_step,
-)
+from choicesae.core.config import SAEConfig, TrainConfig
+from choicesae.core.preprocess import normalize
+from choicesae.core.sae import SAE
+from choicesae.step.kernels import RELU_SPARSE_SHARE, Pairs, pre_acts
+from choicesae.step.objective import Masks, objective
+from choicesae.step.ops import Dense, Local, Sparse
+from choicesae.training.loop import make_optimizer, train_step
+from choicesae.training.run import resolve
+from choicesae.training.state import TrainState, advance
 
 SPARSIFIERS = ("topk", "mutual_choice", "feature_choice", "relu")
 # (loss, gradients, share of selected pairs the reference's own selection may differ in).

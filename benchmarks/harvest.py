@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from choicesae.config import SAEConfig, TrainConfig
-from choicesae.harvest import HarvestConfig, Harvester, batched, harvest, pad
-from choicesae.hooks import capture
-from choicesae.train import train
+from choicesae.core.config import SAEConfig, TrainConfig
+from choicesae.data.harvest import HarvestConfig, Harvester, batched, harvest, pad
+from choicesae.data.hooks import capture
+from choicesae.training.loop import train
 
 
 def cut_at(model: nn.Module, hookpoint: str) -> nn.Module:

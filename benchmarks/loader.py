@@ -29,11 +29,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from choicesae.config import SAEConfig, TrainConfig
-from choicesae.data import batch_indices, batches
-from choicesae.sae import SAE
-from choicesae.store import Store, StoreWriter
-from choicesae.train import TrainState, make_optimizer, resolve, train_step
+from choicesae.core.config import SAEConfig, TrainConfig
+from choicesae.core.sae import SAE
+from choicesae.data.activations import batch_indices, batches
+from choicesae.data.store import Store, StoreWriter
+from choicesae.training.loop import make_optimizer, train_step
+from choicesae.training.run import resolve
+from choicesae.training.state import TrainState
 
 D, F, K, B = 384, 3072, 32, 4096
 SHARD_ROWS = 1 << 18

@@ -8,15 +8,15 @@ training time each needs to reach sparsify's final FVU, in one run and one table
 
 The last --heldout rows of the store are held out; training takes the first steps x batch-size
 rows of the others (all of them when fewer, reused pass after pass). Every library draws its
-batches with choicesae.data.batches(rows, batch_size, seed), and the run checks that all of them
-trained on the same batches in the same order. One CPU thread each (--threads).
+batches with choicesae.data.activations.batches(rows, batch_size, seed), and the run checks that
+all of them trained on the same batches in the same order. One CPU thread each (--threads).
 
   sparsify_topk   EleutherAI sparsify's default training (sparsify/trainer.py) replayed on the
                   stored activations: SparseCoder TopK, b_dec at the first batch's mean, the FVU
                   as the loss, schedule-free SignSGD at 5e-3 / sqrt(F / 2^14), momentum 0.95;
                   measured at the schedule-free average, the weights its checkpoints save
   topk, mutual_choice, feature_choice, relu
-                  choicesae.train with every setting at its default but sparsifier, k, F,
+                  choicesae.training.loop with every setting at its default but sparsifier, k, F,
                   batch size, steps and seed, trained in segments of --eval-every steps, each
                   extending the last with resume=True (which continues a finished run exactly)
   mutual_choice +θ, feature_choice +θ
@@ -56,11 +56,11 @@ from sparsify.sign_sgd import SignSGD
 from torch import Tensor
 
 from choicesae import SAE, SAEConfig, Store, TrainConfig, train
-from choicesae.data import batches, check_activations
-from choicesae.preprocess import denormalize, normalize
-from choicesae.sae import Inference
-from choicesae.sparsifiers import TRAINABLE
-from choicesae.thresholds import estimate_thresholds_
+from choicesae.core.preprocess import denormalize, normalize
+from choicesae.core.sae import Inference
+from choicesae.core.sparsifiers import TRAINABLE
+from choicesae.data.activations import batches, check_activations
+from choicesae.evaluation.thresholds import estimate_thresholds_
 
 REFERENCE = "sparsify_topk"
 METHODS = (REFERENCE, *TRAINABLE)
@@ -109,7 +109,7 @@ def parse() -> argparse.Namespace:
 
 class SameBatches:
     """Training rows x [N, d] as a choicesae RowSource that notes a fingerprint of every batch
-    it serves, by batch size and step: choicesae.train draws its batches itself, so this is
+    it serves, by batch size and step: choicesae.training.loop draws its batches itself, so this is
     how the run checks that every library trained on the same batches in the same order."""
 
     def __init__(self, x: Tensor):
@@ -195,7 +195,7 @@ def sparsify_coder(coder: SparseCoder) -> Coder:
 
 
 def choicesae_run(name: str, rows: SameBatches, args: argparse.Namespace) -> Iterator[Point]:
-    """choicesae.train at its defaults, one segment of --eval-every steps at a time."""
+    """choicesae.training.loop at its defaults, one segment of --eval-every steps at a time."""
     out, seconds = args.out / "runs" / name, 0.0
     shutil.rmtree(out, ignore_errors=True)  # overwrite=True would keep an old run's checkpoints
     for end in ends(args):

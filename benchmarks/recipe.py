@@ -24,11 +24,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from choicesae.config import SAEConfig, TrainConfig  # noqa: E402
-from choicesae.preprocess import normalize  # noqa: E402
-from choicesae.store import Store  # noqa: E402
-from choicesae.synthetic import SyntheticConfig, sparse_dictionary  # noqa: E402
-from choicesae.train import train  # noqa: E402
+from choicesae.core.config import SAEConfig, TrainConfig  # noqa: E402
+from choicesae.core.preprocess import normalize  # noqa: E402
+from choicesae.data.store import Store  # noqa: E402
+from choicesae.data.synthetic import SyntheticConfig, sparse_dictionary  # noqa: E402
+from choicesae.training.loop import train  # noqa: E402
 
 HELDOUT = 100_000
 # (optimizer, lr at F = 2^14, warm-up steps, decay fraction): the fast recipe's candidates

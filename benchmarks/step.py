@@ -20,10 +20,10 @@ import time
 
 import torch
 
-from choicesae.config import SAEConfig, TrainConfig
-from choicesae.objective import Masks, objective
-from choicesae.ops import Dense, Sparse
-from choicesae.sae import SAE
+from choicesae.core.config import SAEConfig, TrainConfig
+from choicesae.core.sae import SAE
+from choicesae.step.objective import Masks, objective
+from choicesae.step.ops import Dense, Sparse
 
 STEPS = {
     "fast": functools.partial(objective, ops=Sparse()),

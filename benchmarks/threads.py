@@ -57,7 +57,7 @@ def main() -> None:
     args = args.parse_args()
     import numpy as np
 
-    from choicesae.synthetic import SyntheticConfig, sparse_dictionary
+    from choicesae.data.synthetic import SyntheticConfig, sparse_dictionary
 
     with tempfile.TemporaryDirectory() as tmp:
         x, _ = sparse_dictionary(SyntheticConfig(tokens=65536, d_in=128, num_features=1024))

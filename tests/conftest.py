@@ -1,6 +1,6 @@
 import pytest
 
-from choicesae.synthetic import SyntheticConfig, sparse_dictionary
+from choicesae.data.synthetic import SyntheticConfig, sparse_dictionary
 
 
 @pytest.fixture(scope="session")

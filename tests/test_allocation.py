@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from choicesae.allocation import (
+from choicesae.core.allocation import (
     Densities,
     ZipfFit,
     density_capacities,
@@ -16,7 +16,7 @@ from choicesae.allocation import (
     update_densities,
     zipf_capacities,
 )
-from choicesae.losses import nfm, nfm_inf
+from choicesae.core.losses import nfm, nfm_inf
 
 
 def zipf_density(F, alpha, beta, c=0.5):

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import choicesae as cs
-from choicesae.__main__ import main
-from choicesae.allocation import feature_capacities
-from choicesae.preprocess import normalize
-from choicesae.store import StoreWriter
+from choicesae.cli.main import main
+from choicesae.core.allocation import feature_capacities
+from choicesae.core.preprocess import normalize
+from choicesae.data.store import StoreWriter
 
 D = 32  # the synthetic fixture's width
 

@@ -1,4 +1,4 @@
-"""The bench (bench.py): settings, the per-method runs, the L1 calibration, the table, and a
+"""The bench (bench/paper.py): settings, the per-method runs, the L1 calibration, the table, and a
 tiny end-to-end run that is reused when run again."""
 
 import json
@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from choicesae.bench import (
+from choicesae.bench.paper import (
     METHODS,
     BenchConfig,
     _next_coeff,

@@ -6,9 +6,9 @@ import sys
 import numpy as np
 import pytest
 
-from choicesae.__main__ import main, parser
-from choicesae.config import SAEConfig, TrainConfig, _field_docs
-from choicesae.synthetic import SyntheticConfig
+from choicesae.cli.main import main, parser
+from choicesae.core.config import SAEConfig, TrainConfig, _field_docs
+from choicesae.data.synthetic import SyntheticConfig
 
 
 @pytest.mark.parametrize("cls", [TrainConfig, SAEConfig, SyntheticConfig])
@@ -29,7 +29,7 @@ def test_every_option_is_explained(cls, capsys):
 def test_flags_reach_the_config(monkeypatch):
     seen = {}
     monkeypatch.setitem(
-        sys.modules["choicesae.__main__"].COMMANDS,
+        sys.modules["choicesae.cli.main"].COMMANDS,
         "train",
         (TrainConfig, lambda cfg: seen.setdefault("cfg", cfg), ""),
     )

@@ -8,8 +8,8 @@ import typing
 import numpy as np
 import pytest
 
-from choicesae.__main__ import COMMANDS, main, parse
-from choicesae.config import TrainConfig, from_arguments, from_dict
+from choicesae.cli.main import COMMANDS, main, parse
+from choicesae.core.config import TrainConfig, from_arguments, from_dict
 
 
 def config_of(argv):

@@ -3,7 +3,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from choicesae.data import (
+from choicesae.data.activations import (
     _ROUNDS,
     _feistel,
     batch_indices,

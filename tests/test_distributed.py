@@ -13,16 +13,16 @@ import numpy as np
 import pytest
 import torch
 
-from choicesae.config import SAEConfig, TrainConfig
-from choicesae.errors import ConfigError
-from choicesae.sae import SAE
-from choicesae.sparsifiers import (
+from choicesae.core.config import SAEConfig, TrainConfig
+from choicesae.core.sae import SAE
+from choicesae.core.sparsifiers import (
     feature_choice,
     mutual_choice,
     topk,
     uniform_capacities,
 )
-from choicesae.train import train
+from choicesae.errors import ConfigError
+from choicesae.training.loop import train
 
 B, F, K = 64, 32, 4  # global batch, latents, k: m = k·B/F = 8 per feature
 RUNS = [
@@ -81,13 +81,15 @@ def reference(name: str, z: torch.Tensor, sharded: bool = False) -> torch.Tensor
 def worker(out: Path) -> None:
     """What each torchrun rank does: global selections of both affinity sets, then every
     training run (rank 0 writes it)."""
-    from choicesae import distributed, sharding
-    from choicesae.kernels import select_topk
+    from choicesae.parallel import comm
+    from choicesae.parallel.data import DataParallel
+    from choicesae.parallel.features import FeatureSharded
+    from choicesae.step.kernels import select_topk
 
-    world = distributed.init_from_env("cpu")
-    data, features = distributed.DataParallel(world), sharding.FeatureSharded(world, F)
+    world = comm.init_from_env("cpu")
+    data, features = DataParallel(world), FeatureSharded(world, F)
     for ties in (False, True):
-        z = distributed.shard(affinities(ties), world)
+        z = comm.shard(affinities(ties), world)
         m = uniform_capacities(K, B, F)
         for name in SPARSIFIERS:  # topk: the local selection is the global one
             p = data.select(name, z, K, m) or select_topk(z, K)

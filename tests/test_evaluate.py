@@ -8,17 +8,17 @@ import torch
 from tiny_models import save_tiny_model
 from transformers import AutoModelForCausalLM
 
-from choicesae import metrics, splice
-from choicesae.config import SAEConfig, TrainConfig
+from choicesae.core.config import SAEConfig, TrainConfig
+from choicesae.core.sae import SAE
+from choicesae.core.sparsifiers import topk
+from choicesae.data.harvest import HarvestConfig, harvest
+from choicesae.data.hooks import find_module
+from choicesae.data.store import Store
 from choicesae.errors import ConfigError, DataError
-from choicesae.evaluate import EvalConfig, evaluate, first_tokens
-from choicesae.harvest import HarvestConfig, harvest
-from choicesae.hooks import find_module
-from choicesae.sae import SAE
-from choicesae.sparsifiers import topk
-from choicesae.store import Store
-from choicesae.thresholds import estimate_thresholds_, feature_thresholds
-from choicesae.train import train
+from choicesae.evaluation import metrics, splice
+from choicesae.evaluation.evaluate import EvalConfig, evaluate, first_tokens
+from choicesae.evaluation.thresholds import estimate_thresholds_, feature_thresholds
+from choicesae.training.loop import train
 
 TOPICS = pydoc_data.topics.topics
 
@@ -218,7 +218,7 @@ def test_contexts_rebuilt_from_the_store_give_its_rows(tiny_run):
     _, _, test_store = tiny_run
     store, model, module, kind, ids, where = setup_splice(test_store, contexts=4)
     assert where[:, 0].logical_not().all() and where[:, 1:].all()  # drop_first: BOS/CLS kept
-    from choicesae.evaluate import check_rows_match
+    from choicesae.evaluation.evaluate import check_rows_match
 
     check_rows_match(model, module, ids, where, store)  # passes: the rows are the model's
     with pytest.raises(DataError, match="not harvested from this model"):

@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 import torch
 
-from choicesae.config import SAEConfig, TrainConfig
-from choicesae.sae import SAE
-from choicesae.train import train
+from choicesae.core.config import SAEConfig, TrainConfig
+from choicesae.core.sae import SAE
+from choicesae.training.loop import train
 
 GOLDEN = Path(__file__).with_name("golden.json")
 B, F, K, STEPS = 64, 32, 4, 30

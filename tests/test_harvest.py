@@ -13,15 +13,15 @@ import pytest
 import torch
 from tiny_models import save_tiny_model
 
-import choicesae.store as store_module
-from choicesae.__main__ import main, parser
-from choicesae.config import SAEConfig, TrainConfig, _field_docs
+import choicesae.data.store as store_module
+from choicesae.cli.main import main, parser
+from choicesae.core.config import SAEConfig, TrainConfig, _field_docs
+from choicesae.data.harvest import HarvestConfig, Harvester, OnlineActivations, harvest
+from choicesae.data.hooks import load_model
+from choicesae.data.store import Store
+from choicesae.data.text import PARAGRAPHS_PER_CALL, contexts, documents, token_stream
 from choicesae.errors import ConfigError, DataError
-from choicesae.harvest import HarvestConfig, Harvester, OnlineActivations, harvest
-from choicesae.hooks import load_model
-from choicesae.store import Store
-from choicesae.text import PARAGRAPHS_PER_CALL, contexts, documents, token_stream
-from choicesae.train import train
+from choicesae.training.loop import train
 
 TOPICS = pydoc_data.topics.topics
 
@@ -251,7 +251,7 @@ def test_cli_lists_hookpoints_and_documents_every_option(tiny, capsys):
 
 
 def test_the_default_corpus_falls_back_to_pydoc_without_the_debian_packages(tmp_path, monkeypatch):
-    import choicesae.text as text_module
+    import choicesae.data.text as text_module
 
     for name in ("JARGON", "FORTUNES", "PYTHON_DOCS"):
         monkeypatch.setattr(text_module, name, tmp_path / "absent")

@@ -2,8 +2,8 @@ import pytest
 import torch
 from tiny_models import ARCHITECTURES, save_tiny_model
 
+from choicesae.data.hooks import capture, find_module, hookpoints, load_model
 from choicesae.errors import ChoiceSAEError, ConfigError, DataError
-from choicesae.hooks import capture, find_module, hookpoints, load_model
 
 
 @pytest.fixture(scope="module", params=list(ARCHITECTURES))

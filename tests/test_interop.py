@@ -6,12 +6,13 @@ import json
 import pytest
 import torch
 
-from choicesae.__main__ import main
-from choicesae.config import SAEConfig
+from choicesae.cli.main import main
+from choicesae.core.config import SAEConfig
+from choicesae.core.preprocess import denormalize, normalize
+from choicesae.core.sae import SAE
 from choicesae.errors import ConfigError, DataError
-from choicesae.interop import from_saelens, from_sparsify, to_saelens, to_sparsify
-from choicesae.preprocess import denormalize, normalize
-from choicesae.sae import SAE
+from choicesae.interop.saelens import from_saelens, to_saelens
+from choicesae.interop.sparsify import from_sparsify, to_sparsify
 
 SPARSIFIERS = ("topk", "mutual_choice", "feature_choice", "relu")
 WEIGHTS = ("W_enc", "b_enc", "W_dec", "b_dec")
@@ -345,9 +346,9 @@ def test_training_on_a_store_records_its_model_and_hookpoint(tmp_path):
     """The model, hookpoint and context of the store travel with the SAE into the exports."""
     import numpy as np
 
-    from choicesae.config import TrainConfig
-    from choicesae.store import StoreWriter
-    from choicesae.train import train
+    from choicesae.core.config import TrainConfig
+    from choicesae.data.store import StoreWriter
+    from choicesae.training.loop import train
 
     meta = {"model": "gpt2-tiny", "hookpoint": "h.1", "d_model": 16, "dtype": "float32"}
     writer = StoreWriter(tmp_path / "s", meta | {"context": 8})

@@ -8,15 +8,15 @@ import functools
 import pytest
 import torch
 
-from choicesae import kernels
-from choicesae.config import SAEConfig, TrainConfig
+from choicesae.core.config import SAEConfig, TrainConfig
+from choicesae.core.losses import fvu, masked_topk, unexplained
+from choicesae.core.preprocess import normalize
+from choicesae.core.sae import SAE
+from choicesae.core.sparsifiers import feature_choice, mutual_choice, topk
 from choicesae.errors import ConfigError
-from choicesae.losses import fvu, masked_topk, unexplained
-from choicesae.objective import Masks, objective
-from choicesae.ops import Dense, Sparse
-from choicesae.preprocess import normalize
-from choicesae.sae import SAE
-from choicesae.sparsifiers import feature_choice, mutual_choice, topk
+from choicesae.step import kernels
+from choicesae.step.objective import Masks, objective
+from choicesae.step.ops import Dense, Sparse
 
 loss_terms = functools.partial(objective, ops=Dense())  # the reference
 fast_loss_terms = functools.partial(objective, ops=Sparse())
@@ -232,7 +232,8 @@ def test_bf16_autocast_step_runs_in_float32_after_the_product():
 
 
 def train_curve(fn, sparsifier, x, steps=100):
-    """A plain loop with train.py's update (clip, AdamW, unit-norm decoder): FVU per step."""
+    """A plain loop with the training loop's update (clip, AdamW, unit-norm decoder): FVU per
+    step."""
     sae, cfg = setup(sparsifier, multi_topk=True)
     opt = torch.optim.AdamW(sae.parameters(), lr=3e-3)
     features = torch.arange(cfg.sae.num_latents)

@@ -7,11 +7,11 @@ import time
 import numpy as np
 import pytest
 
-from choicesae.__main__ import main
-from choicesae.config import SAEConfig, TrainConfig
+from choicesae.cli.main import main
+from choicesae.core.config import SAEConfig, TrainConfig
 from choicesae.errors import ConfigError
-from choicesae.loggers import TensorBoardLogger, WandbLogger
-from choicesae.train import train
+from choicesae.training.loggers import TensorBoardLogger, WandbLogger
+from choicesae.training.loop import train
 
 
 def event_scalars(folder, name):

@@ -1,6 +1,6 @@
 import torch
 
-from choicesae.losses import AUX_SHARE, aux_rows, fvu, l1, masked_topk, mse, unexplained
+from choicesae.core.losses import AUX_SHARE, aux_rows, fvu, l1, masked_topk, mse, unexplained
 
 
 def aux_k(z, mask, residual, W_dec, k_aux):

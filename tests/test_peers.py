@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from choicesae.store import StoreWriter
+from choicesae.data.store import StoreWriter
 
 pytest.importorskip("sparsify", reason="the interop extra installs eai-sparsify")
 ROOT = Path(__file__).resolve().parent.parent

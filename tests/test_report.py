@@ -8,10 +8,10 @@ import torch
 from test_evaluate import harvest_pair, train_run
 from tiny_models import save_tiny_model
 
-from choicesae.__main__ import main
-from choicesae.browser import BrowseConfig, parse_features, top_contexts
+from choicesae.cli.main import main
 from choicesae.errors import ConfigError, DataError
-from choicesae.report import CompareConfig, compare, pareto
+from choicesae.evaluation.browser import BrowseConfig, parse_features, top_contexts
+from choicesae.evaluation.report import CompareConfig, compare, pareto
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -137,8 +137,8 @@ def test_pages_render_in_chromium_without_console_errors(evaluated, tmp_path):
 def test_tokens_display_as_running_text(tmp_path):
     from transformers import AutoTokenizer
 
-    from choicesae.browser import display_tokens
-    from choicesae.hooks import model_path
+    from choicesae.data.hooks import model_path
+    from choicesae.evaluation.browser import display_tokens
 
     wordpiece = AutoTokenizer.from_pretrained(model_path("all-MiniLM-L6-v2"))
     ids = wordpiece("Unbelievable exceptions, he said", add_special_tokens=False)["input_ids"]

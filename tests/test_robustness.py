@@ -1,7 +1,6 @@
 """Runs that survive: checkpoints, exact resume after kills, signals, NaN, bad settings."""
 
 import dataclasses
-import importlib
 import json
 import os
 import random
@@ -18,15 +17,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_store import write_store  # noqa: E402
 
-from choicesae.__main__ import main, parser
-from choicesae.checkpoint import checkpoint_paths, load_checkpoint, read_checkpoint
-from choicesae.config import SAEConfig, TrainConfig, from_arguments
-from choicesae.data import load_activations
+from choicesae.cli.main import main, parser
+from choicesae.core.config import SAEConfig, TrainConfig, from_arguments
+from choicesae.data.activations import load_activations
+from choicesae.data.store import Store
 from choicesae.errors import ChoiceSAEError, ConfigError, NonFiniteError
-from choicesae.store import Store
-from choicesae.train import train
-
-train_module = importlib.import_module("choicesae.train")  # the package's `train` is the function
+from choicesae.training import loop as train_module
+from choicesae.training.checkpoint import checkpoint_paths, load_checkpoint, read_checkpoint
+from choicesae.training.loop import train
 
 
 def small(tmp_path, **kw):

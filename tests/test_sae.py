@@ -3,10 +3,10 @@ import json
 import pytest
 import torch
 
-from choicesae.config import SAEConfig
+from choicesae.core.config import SAEConfig
+from choicesae.core.preprocess import denormalize, normalize
+from choicesae.core.sae import CHUNK, SAE
 from choicesae.errors import ConfigError, DataError
-from choicesae.preprocess import denormalize, normalize
-from choicesae.sae import CHUNK, SAE
 
 
 def make_sae(**kw):

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from choicesae.schedule import RECIPES, Recipe, lr_at, recipe_lr
+from choicesae.core.schedule import RECIPES, Recipe, lr_at, recipe_lr
 
 
 def test_warmup_constant_decay():

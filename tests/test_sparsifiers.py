@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from choicesae.errors import ConfigError
-from choicesae.sparsifiers import (
+from choicesae.core.sparsifiers import (
     feature_choice,
     jumprelu,
     mutual_choice,
@@ -13,6 +12,7 @@ from choicesae.sparsifiers import (
     topk,
     uniform_capacities,
 )
+from choicesae.errors import ConfigError
 
 
 def _top_positive(entries, n):

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from choicesae.config import SAEConfig, TrainConfig
+from choicesae.core.config import SAEConfig, TrainConfig
+from choicesae.data.store import Store, StoreWriter, shuffled
 from choicesae.errors import ConfigError, DataError
-from choicesae.store import Store, StoreWriter, shuffled
-from choicesae.train import train
+from choicesae.training.loop import train
 
 META = {"model": "m", "hookpoint": "h", "d_model": 8, "dtype": "float32", "context": 4}
 
@@ -100,7 +100,7 @@ def test_missing_store_and_unfinished_shards_are_not_read(tmp_path):
 def test_a_full_disk_keeps_the_written_shards(tmp_path, monkeypatch):
     import errno
 
-    import choicesae.store as store_module
+    import choicesae.data.store as store_module
 
     writer = StoreWriter(tmp_path / "s", META)
     writer.write_shard(torch.ones(10, 8), np.zeros(10))

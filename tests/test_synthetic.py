@@ -2,10 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from choicesae.config import SAEConfig
-from choicesae.errors import ConfigError
-from choicesae.sae import SAE
-from choicesae.synthetic import (
+from choicesae.core.config import SAEConfig
+from choicesae.core.sae import SAE
+from choicesae.data.synthetic import (
     SyntheticConfig,
     feature_probabilities,
     mmcs,
@@ -13,6 +12,7 @@ from choicesae.synthetic import (
     sparse_dictionary,
     write_synthetic,
 )
+from choicesae.errors import ConfigError
 
 CFG = SyntheticConfig(tokens=40_000, d_in=64, num_features=40, mean_active=5, noise=0.0, seed=3)
 

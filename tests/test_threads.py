@@ -34,7 +34,7 @@ def test_the_users_policy_and_the_opt_out_are_kept():
 
 
 def test_the_cli_entry_point_imports_the_package_first():
-    code = "import choicesae.__main__, os; print(os.environ.get('OMP_WAIT_POLICY'))"
+    code = "import choicesae.cli.main, os; print(os.environ.get('OMP_WAIT_POLICY'))"
     assert policy(code) == "PASSIVE"
 
 

@@ -1,20 +1,20 @@
 import dataclasses
-import importlib
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from choicesae.checkpoint import checkpoint_paths, read_checkpoint
-from choicesae.config import SAEConfig, TrainConfig
+from choicesae.core.config import SAEConfig, TrainConfig
+from choicesae.core.preprocess import normalize
+from choicesae.core.sae import SAE
+from choicesae.core.schedule import RECIPES
+from choicesae.core.sparsifiers import uniform_capacities
 from choicesae.errors import ConfigError, DataError
-from choicesae.objective import Masks, objective
-from choicesae.preprocess import normalize
-from choicesae.sae import SAE
-from choicesae.schedule import RECIPES
-from choicesae.sparsifiers import uniform_capacities
-from choicesae.train import resolve, train
+from choicesae.step.objective import Masks, objective
+from choicesae.training.checkpoint import checkpoint_paths, read_checkpoint
+from choicesae.training.loop import train
+from choicesae.training.run import resolve
 
 
 def config(tmp_path, sparsifier="topk", steps=300, **kw):
@@ -236,9 +236,8 @@ def test_resume_is_bit_exact_across_the_phase_switch(tmp_path, synthetic, monkey
     x, _ = synthetic
     straight = train(phased_config(tmp_path / "a", checkpoint_every=20), x)
 
-    train_module = importlib.import_module(
-        "choicesae.train"
-    )  # the package's `train` is the function
+    from choicesae.training import loop as train_module
+
     real_advance = train_module.advance
 
     def crash_at(state, *args):
@@ -279,7 +278,7 @@ def test_bad_schedule_is_refused():
 def test_phased_run_on_minilm_ends_with_zero_dead_features(tmp_path):
     """Section 4.4 on the embedded default's activations (MiniLM layer 3 over the default
     offline corpus): Mutual Choice with aux_k and aux_zipf, then Zipf Feature Choice."""
-    from choicesae.harvest import HarvestConfig, harvest
+    from choicesae.data.harvest import HarvestConfig, harvest
 
     store = tmp_path / "store"
     harvest(HarvestConfig(tokens=16_384, out=str(store), progress=False))

@@ -6,13 +6,9 @@ from choicesae.threads import passive_openmp
 
 passive_openmp()  # before torch is imported: OpenMP reads its wait policy when it loads
 
-from choicesae.config import SAEConfig, TrainConfig
-from choicesae.errors import ChoiceSAEError, ConfigError, DataError
-from choicesae.evaluate import EvalConfig, calibrate_thresholds_, evaluate
-from choicesae.harvest import HarvestConfig, OnlineActivations, harvest
-from choicesae.interop import from_saelens, to_saelens
-from choicesae.sae import SAE
-from choicesae.sparsifiers import (
+from choicesae.core.config import SAEConfig, TrainConfig
+from choicesae.core.sae import SAE
+from choicesae.core.sparsifiers import (
     Sparse,
     feature_choice,
     jumprelu,
@@ -22,9 +18,13 @@ from choicesae.sparsifiers import (
     topk,
     uniform_capacities,
 )
-from choicesae.store import Store
-from choicesae.synthetic import SyntheticConfig, sparse_dictionary
-from choicesae.train import train
+from choicesae.data.harvest import HarvestConfig, OnlineActivations, harvest
+from choicesae.data.store import Store
+from choicesae.data.synthetic import SyntheticConfig, sparse_dictionary
+from choicesae.errors import ChoiceSAEError, ConfigError, DataError
+from choicesae.evaluation.evaluate import EvalConfig, calibrate_thresholds_, evaluate
+from choicesae.interop.saelens import from_saelens, to_saelens
+from choicesae.training.loop import train
 
 try:
     __version__ = version("choicesae")  # the installed metadata: pyproject.toml's version

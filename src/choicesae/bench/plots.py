@@ -1,13 +1,12 @@
-"""The bench's figures (bench.py): the L0-FVU Pareto plot, FVU across the switch from Mutual
+"""The bench's figures (bench/paper.py): the L0-FVU Pareto plot, FVU across the switch from Mutual
 to Feature Choice, and the features-per-token histograms (appendix D)."""
 
 from pathlib import Path
 
 import numpy as np
 
-from choicesae.bench import SWITCHES
-from choicesae.evaluate import training_curves
-from choicesae.report import plt, save
+from choicesae.evaluation.evaluate import training_curves
+from choicesae.evaluation.report import plt, save
 
 METHOD_STYLE = {
     "topk": ("tab:blue", "o"),
@@ -56,16 +55,16 @@ def pareto_plot(rows: list[dict], path: Path) -> Path:
     return save(fig, path)
 
 
-def phase_switch_plot(cfg, path: Path) -> Path:
-    """Training FVU of the phased Zipf Feature Choice run (seed 0) beside Mutual Choice run
-    on the same batches, one panel per k, the switch marked."""
+def phase_switch_plot(cfg, path: Path, methods: tuple[str, ...]) -> Path:
+    """Training FVU of the phased Feature Choice runs (seed 0) of `methods` beside the
+    Mutual Choice run on the same batches, one panel per k, the switch marked."""
     ks = cfg.k_list
     fig, axes = plt.subplots(1, len(ks), figsize=(5 * len(ks), 3.8), squeeze=False)
     switch = round(cfg.switch * cfg.steps)
     start = max(0, switch - cfg.steps // 4)
     for ax, k in zip(axes[0], ks, strict=True):
         shown = []
-        for method in ("mutual_choice", "feature_choice", "feature_choice_zipf", *SWITCHES):
+        for method in methods:
             logged = training_curves(cfg.folder / "runs" / f"{method}-k{k}-s0")
             step, fvu = np.array(logged["step"]), np.array(logged["fvu"])
             if len(step):

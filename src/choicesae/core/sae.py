@@ -13,11 +13,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from choicesae.allocation import density_capacities, feature_capacities
-from choicesae.config import SAEConfig, from_dict
+from choicesae.core.allocation import density_capacities, feature_capacities
+from choicesae.core.config import SAEConfig, from_dict
+from choicesae.core.preprocess import denormalize, estimate_dataset_scale, normalize
+from choicesae.core.sparsifiers import SPARSIFIERS, Sparse, jumprelu, sparsify, uniform_capacities
 from choicesae.errors import ConfigError, DataError
-from choicesae.preprocess import denormalize, estimate_dataset_scale, normalize
-from choicesae.sparsifiers import SPARSIFIERS, Sparse, jumprelu, sparsify, uniform_capacities
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 Inference = Literal["feature", "global"] | None  # JumpReLU thresholds, or None: batch inference
@@ -57,8 +57,8 @@ class SAE(nn.Module):
         generator: torch.Generator | None = None,
     ):
         """`latents` [lo, hi): hold only these latents' W_enc columns, b_enc and W_dec rows,
-        initialised as in the whole SAE (feature sharding, sharding.py); the [F] buffers stay
-        whole. `generator` draws the initial weights (None: torch's global RNG, as nn.Linear);
+        initialised as in the whole SAE (feature sharding, parallel/features.py); the [F] buffers
+        stay whole. `generator` draws the initial weights (None: torch's global RNG, as nn.Linear);
         training passes one seeded with its seed, so that it leaves the caller's RNG alone and
         every rank draws the same weights."""
         super().__init__()

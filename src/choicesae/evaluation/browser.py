@@ -16,11 +16,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+from choicesae.core.preprocess import normalize  # noqa: E402
+from choicesae.data.store import Store  # noqa: E402
 from choicesae.errors import ConfigError, DataError  # noqa: E402
-from choicesae.evaluate import load_run, whole_batches  # noqa: E402
-from choicesae.preprocess import normalize  # noqa: E402
-from choicesae.report import embed, page, save, table  # noqa: E402
-from choicesae.store import Store  # noqa: E402
+from choicesae.evaluation.evaluate import load_run, whole_batches  # noqa: E402
+from choicesae.evaluation.report import embed, page, save, table  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -155,7 +155,7 @@ def browse(cfg: BrowseConfig) -> Path:
     """Pages for the `top` most frequent features and those asked for; returns the index."""
     from transformers import AutoTokenizer
 
-    from choicesae.hooks import model_path
+    from choicesae.data.hooks import model_path
 
     sae, train_cfg = load_run(cfg.run, cfg.device)
     store = Store(cfg.store)

@@ -18,8 +18,8 @@ array, tensor or store), and `choicesae eval` calls it.
 import torch
 from torch import Tensor
 
+from choicesae.core.sae import SAE
 from choicesae.errors import DataError
-from choicesae.sae import SAE
 
 
 @torch.no_grad()

@@ -20,15 +20,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from choicesae import metrics, splice
-from choicesae.data import Rows, load_activations
+from choicesae.core.preprocess import normalize
+from choicesae.core.sae import SAE
+from choicesae.core.sparsifiers import jumprelu, topk
+from choicesae.data.activations import Rows, load_activations
+from choicesae.data.hooks import capture, find_module
+from choicesae.data.store import Store
 from choicesae.errors import ConfigError, DataError
-from choicesae.hooks import capture, find_module
-from choicesae.preprocess import normalize
-from choicesae.sae import SAE
-from choicesae.sparsifiers import jumprelu, topk
-from choicesae.store import Store
-from choicesae.thresholds import estimate_thresholds_
+from choicesae.evaluation import metrics, splice
+from choicesae.evaluation.thresholds import estimate_thresholds_
 
 
 @dataclass(frozen=True)
@@ -323,7 +323,9 @@ def write_results(result: dict, out: Path, report: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(result, indent=1) + "\n")
     if report:
-        from choicesae.report import write_report  # matplotlib: imported when drawing only
+        from choicesae.evaluation.report import (
+            write_report,  # matplotlib: imported when drawing only
+        )
 
         write_report(result, out)
 

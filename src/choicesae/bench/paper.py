@@ -34,17 +34,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from choicesae import metrics
-from choicesae.config import SAEConfig, TrainConfig
+from choicesae.core.config import SAEConfig, TrainConfig
+from choicesae.core.preprocess import normalize
+from choicesae.core.sae import SAE
+from choicesae.data.harvest import HarvestConfig, harvest
+from choicesae.data.store import Store
+from choicesae.data.synthetic import SyntheticConfig, max_cosines, sparse_dictionary
 from choicesae.errors import ConfigError
-from choicesae.evaluate import compare_inference, first_tokens, splice_metrics
-from choicesae.harvest import HarvestConfig, harvest
-from choicesae.preprocess import normalize
-from choicesae.sae import SAE
-from choicesae.store import Store
-from choicesae.synthetic import SyntheticConfig, max_cosines, sparse_dictionary
-from choicesae.thresholds import estimate_thresholds_
-from choicesae.train import train
+from choicesae.evaluation import metrics
+from choicesae.evaluation.evaluate import compare_inference, first_tokens, splice_metrics
+from choicesae.evaluation.thresholds import estimate_thresholds_
+from choicesae.training.loop import train
 
 METHODS = (
     "topk",
@@ -453,9 +453,10 @@ def write_outputs(cfg: BenchConfig, records: list[dict]) -> Path:
         "θ_i: per-feature thresholds, θ: one global threshold (single-token inference).\n\n"
     )
     (out / "table.md").write_text(header + markdown_table(rows))
-    from choicesae.bench_plots import features_per_token_plot, pareto_plot, phase_switch_plot
+    from choicesae.bench.plots import features_per_token_plot, pareto_plot, phase_switch_plot
 
     pareto_plot(rows, out / "pareto.png")
-    phase_switch_plot(cfg, out / "phase_switch.png")
+    phased = ("mutual_choice", "feature_choice", "feature_choice_zipf", *SWITCHES)
+    phase_switch_plot(cfg, out / "phase_switch.png", phased)
     features_per_token_plot(records, max(cfg.k_list), out / "features_per_token.png")
     return out / "table.md"

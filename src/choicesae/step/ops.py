@@ -1,12 +1,12 @@
 """How the objective's selections are made and decoded: the two interchangeable op sets.
 
-- `Dense`, the reference: the plain sparsifiers of sparsifiers.py on the dense z' [B, F] and
+- `Dense`, the reference: the plain sparsifiers of core/sparsifiers.py on the dense z' [B, F] and
   autograd through them;
 - `Sparse`, the fast step: selections in index form (kernels.py), one sparse encoder backward
   for all of them, sparse decodes.
 
-Both work over a parallel backend (distributed.py, sharding.py), which contributes only
-selections over the global batch or all latents (`select`, `select_masked`, None where the
+Both work over a parallel backend (parallel/data.py, parallel/features.py), which contributes
+only selections over the global batch or all latents (`select`, `select_masked`, None where the
 local one is exact), the capacities of the batch it sees, and the identities `replicated` and
 `sum_shards` that feature sharding replaces with collectives. `LOCAL` is one process.
 """
@@ -16,10 +16,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from choicesae import kernels
-from choicesae.kernels import Pairs
-from choicesae.losses import fvu, l1, masked_topk
-from choicesae.sparsifiers import SPARSIFIERS
+from choicesae.core.losses import fvu, l1, masked_topk
+from choicesae.core.sparsifiers import SPARSIFIERS
+from choicesae.step import kernels
+from choicesae.step.kernels import Pairs
 
 
 class Local:

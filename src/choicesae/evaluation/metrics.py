@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from choicesae.allocation import dying_features, fit_zipf, middle_segment, rank_order
-from choicesae.preprocess import Stats, denormalize, normalize
-from choicesae.sae import SAE
+from choicesae.core.allocation import dying_features, fit_zipf, middle_segment, rank_order
+from choicesae.core.preprocess import Stats, denormalize, normalize
+from choicesae.core.sae import SAE
 
 Select = Callable[[Tensor], Tensor]  # affinities z' [B, F] -> activations [B, F]
 

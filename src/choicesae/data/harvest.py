@@ -16,10 +16,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from choicesae.data.hooks import DEFAULT_HOOKPOINT, DEFAULT_MODEL, capture, find_module, load_model
+from choicesae.data.store import DTYPES, Store, StoreWriter, shuffled
+from choicesae.data.text import contexts, documents
 from choicesae.errors import ConfigError, DataError
-from choicesae.hooks import DEFAULT_HOOKPOINT, DEFAULT_MODEL, capture, find_module, load_model
-from choicesae.store import DTYPES, Store, StoreWriter, shuffled
-from choicesae.text import contexts, documents
 
 StoreDtype = Literal["float32", "float16", "bfloat16"]
 

@@ -4,11 +4,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from choicesae.checkpoint import checkpoint_paths, read_checkpoint
-from choicesae.config import TrainConfig, from_dict
+from choicesae.core.config import TrainConfig, from_dict
+from choicesae.core.sae import SAE
+from choicesae.data.store import Store
 from choicesae.errors import ChoiceSAEError, DataError
-from choicesae.sae import SAE
-from choicesae.store import Store
+from choicesae.training.checkpoint import checkpoint_paths, read_checkpoint
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from choicesae.losses import aux_rows, mse, nfm, nfm_inf, unexplained
-from choicesae.ops import Dense
-from choicesae.sparsifiers import SPARSIFIERS
+from choicesae.core.losses import aux_rows, mse, nfm, nfm_inf, unexplained
+from choicesae.core.sparsifiers import SPARSIFIERS
+from choicesae.step.ops import Dense
 
 
 class StepOut(NamedTuple):

@@ -21,8 +21,10 @@ every rank. A step is the one-process step:
 import torch
 from torch import Tensor
 
-from choicesae import distributed, kernels
-from choicesae.distributed import (
+from choicesae.core.sae import SAE
+from choicesae.errors import ConfigError
+from choicesae.parallel import comm
+from choicesae.parallel.comm import (
     World,
     all_gather,
     all_reduce,
@@ -31,11 +33,9 @@ from choicesae.distributed import (
     pairs_of,
     ties_taken,
 )
-from choicesae.errors import ConfigError
-from choicesae.kernels import Pairs
-from choicesae.losses import fvu
-from choicesae.ops import Local
-from choicesae.sae import SAE
+from choicesae.step import kernels
+from choicesae.step.kernels import Pairs
+from choicesae.step.ops import Local
 
 DIMS = {"W_enc": 1, "W_dec": 0, "b_enc": 0}  # the sharded parameters: their latent dim
 
@@ -106,7 +106,7 @@ def select_topk(z: Tensor, k: int, world: World) -> Pairs:
 def select_mutual_choice(z: Tensor, k: int, world: World) -> Pairs:
     """The M = k·B largest affinities of the batch over all F latents; z [B, F/W]. Ties at
     the threshold go in (token, rank) order: each rank's tie count per token is gathered.
-    Non-positive winners are left out (zeros after ReLU), as in distributed.py."""
+    Non-positive winners are left out (zeros after ReLU), as in parallel/data.py."""
     B, f = z.shape
     M = min(k * B, B * f * world.size)
     z = z.detach().float()
@@ -175,13 +175,10 @@ class FeatureSharded(Local):
         return _SumShards.apply(t)
 
     def reduce(self, sae, result, x: Tensor, fired: Tensor, cfg) -> tuple:
-        """Backward (the loss is the global one on every rank), firing counts fired [F/W]
-        gathered to [F]; returns the StepOut, fired [F] and the batch's metrics."""
-        result.loss.backward()
+        """The one-process reduction (the loss is the global one on every rank) with the
+        firing counts fired [F/W] gathered to [F]."""
         fired = all_gather(fired, "stats").flatten()  # [F]
-        with torch.no_grad():
-            metrics = {"fvu": fvu(result.x_hat, x), "l0": fired.sum() / x.shape[0]}
-        return result, fired, metrics
+        return super().reduce(sae, result, x, fired, cfg)
 
     @torch.no_grad()
     def clip_grad_norm_(self, sae, max_norm: float) -> None:
@@ -231,11 +228,7 @@ def local_state(model: dict, moments: dict, sae, optimizer, world: World) -> tup
 def full_state(sae, world: World) -> dict[str, Tensor] | None:
     """The whole SAE's state_dict, on rank 0's CPU (None elsewhere; every rank must call it)."""
     state = {
-        name: (
-            distributed.gather_to_main(t, DIMS[name], world, "checkpoint")
-            if name in DIMS
-            else t.cpu()
-        )
+        name: (comm.gather_to_main(t, DIMS[name], world, "checkpoint") if name in DIMS else t.cpu())
         for name, t in sae.state_dict().items()
     }
     return state if world.main else None
@@ -246,7 +239,7 @@ def full_optimizer_state(sae, optimizer, world: World) -> dict | None:
     moments on its CPU (None elsewhere; every rank must call it)."""
 
     def gather(t: Tensor, dim: int) -> Tensor | None:
-        return distributed.gather_to_main(t, dim, world, "checkpoint")
+        return comm.gather_to_main(t, dim, world, "checkpoint")
 
     state = _map_state(optimizer.state_dict(), _names(sae, optimizer), gather)
     return state if world.main else None

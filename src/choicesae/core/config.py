@@ -17,11 +17,12 @@ from typing import Literal
 
 import yaml
 
+from choicesae.core.schedule import RECIPES
+from choicesae.core.sparsifiers import TRAINABLE
 from choicesae.errors import ConfigError
-from choicesae.loggers import LOGGERS, PACKAGES, chosen
-from choicesae.schedule import RECIPES
-from choicesae.sparsifiers import TRAINABLE
 
+LOGGERS = ("jsonl", "tensorboard", "wandb")  # the metrics writers (training/loggers.py)
+PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}  # the package each one needs
 DEFAULT_STEPS = 10_000  # a run's length when neither --steps nor --schedule gives one
 Normalize = Literal["token", "dataset", "none"]
 SparsifierName = Literal[TRAINABLE]  # the registry's names (sparsifiers.SPARSIFIERS)
@@ -303,6 +304,12 @@ def check_feature_parallel(cfg: "TrainConfig") -> None:
     refused = [name for name, used in missing.items() if used]
     if refused:
         raise ConfigError(f"--parallel features does not support {', '.join(refused)}")
+
+
+def chosen(log: str) -> list[str]:
+    """The writers named by a --log value (comma-separated); jsonl is always one of them."""
+    names = [name.strip() for name in log.split(",") if name.strip()]
+    return ["jsonl", *(name for name in names if name != "jsonl")]
 
 
 def check_loggers(log: str) -> None:

@@ -10,8 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
-LOGGERS = ("jsonl", "tensorboard", "wandb")
-PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}  # the package each one needs
+from choicesae.core.config import chosen
 
 
 class MetricsLogger(Protocol):
@@ -100,12 +99,6 @@ class Loggers:
     def close(self) -> None:
         for logger in self.loggers:
             logger.close()
-
-
-def chosen(log: str) -> list[str]:
-    """The writers named by a --log value (comma-separated); jsonl is always one of them."""
-    names = [name.strip() for name in log.split(",") if name.strip()]
-    return ["jsonl", *(name for name in names if name != "jsonl")]
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ import math
 import torch
 from torch import Tensor
 
-from choicesae.sparsifiers import Sparse, topk
+from choicesae.core.sparsifiers import Sparse, topk
 
 
 def mse(x_hat: Tensor, x: Tensor) -> Tensor:

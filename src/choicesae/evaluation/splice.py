@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F_
 from torch import Tensor, nn
 
+from choicesae.data.hooks import model_path
+from choicesae.data.store import Store
+from choicesae.data.text import special_tokens
 from choicesae.errors import ConfigError, DataError
-from choicesae.hooks import model_path
-from choicesae.store import Store
-from choicesae.text import special_tokens
 
 Replace = Callable[[Tensor], Tensor]  # hookpoint rows [n, d] -> replacement rows [n, d]
 

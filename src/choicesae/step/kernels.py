@@ -272,7 +272,7 @@ def encode_pairs(
     sae, x: Tensor, z_pre: Tensor, pairs: Pairs, b_dec: Tensor | None = None
 ) -> Tensor:
     """[n] float32 affinities z'[pairs] (z_pre from `pre_acts`), differentiable in the SAE's
-    encoder and in x through the sparse backward. `b_dec` stands for sae.b_dec (sharding.py
+    encoder and in x through the sparse backward. `b_dec` stands for sae.b_dec (parallel/features.py
     passes one whose gradient sums over the ranks' shards)."""
     b_dec = sae.b_dec if b_dec is None else b_dec
     return _EncodePairs.apply(z_pre, x, sae.W_enc, sae.b_enc, b_dec, pairs)

@@ -1,0 +1,1 @@
+"""The paper's comparisons, end to end, and their plots."""

@@ -1,0 +1,1 @@
+"""Activations: files, the store, harvesting from models, text and synthetic data."""

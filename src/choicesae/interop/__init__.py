@@ -1,0 +1,1 @@
+"""The on-disk formats of other libraries (SAELens, sparsify)."""

@@ -1,0 +1,164 @@
+"""SAELens and sparsify on-disk formats: export our SAEs so that those libraries load and run
+them, and import theirs (docs/interop.md).
+
+Both formats hold the W_enc, b_enc, W_dec, b_dec of x̂ = σ((x − b_dec) W_enc + b_enc) W_dec + b_dec
+as ours does (sparsify stores W_enc transposed, as nn.Linear's weight). Two things differ:
+
+- The sparsifier. TopK is TopK everywhere; ReLU is SAELens's `standard` and sparsify's TopK with
+  k = F (every positive affinity: the same function); Mutual and Feature Choice select within a
+  batch, so for one token at a time they run as JumpReLU at the thresholds `choicesae eval`
+  estimates (appendix B), and Mutual Choice also as SAELens's `batchtopk`, its batch form.
+- The preprocessing (fold=True). A dataset scale c is linear and folds into the weights. Our
+  per-token normalisation x_n = (x − μ)/|x − μ| is SAELens's `layer_norm`, (x − μ)/std with
+  std = |x − μ|/√(d−1), up to the factor √(d−1), which folds into the weights; SAELens adds
+  1e-5 to std, a relative difference of 1e-5/std. sparsify cannot normalise a token: export
+  with fold=False, and the exported SAE expects inputs already normalised by
+  `choicesae.core.preprocess.normalize`. Folding the factor g (the format sees u = g·x_n) keeps z'
+  exactly: W_enc/g, W_dec·g, b_dec·g.
+
+What neither format holds travels in the same folder: our SAEConfig under the key "choicesae"
+of cfg.json, and the SAE's buffers (dataset scale, Zipf fit, feature ranks, densities, both
+thresholds) in choicesae.safetensors, so that ours -> theirs -> ours gives back the same model.
+"""
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from choicesae.core.config import SAEConfig, from_dict
+from choicesae.core.sae import SAE
+from choicesae.errors import ConfigError, DataError
+
+CFG, BUFFERS = "cfg.json", "choicesae.safetensors"
+
+
+SAELENS_WEIGHTS, SPARSIFY_WEIGHTS = "sae_weights.safetensors", "sae.safetensors"
+
+
+WEIGHT_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
+
+
+BUFFER_NAMES = ("scale", "zipf", "feature_rank", "density", "threshold", "threshold_global")
+
+
+def input_factor(sae: SAE, fold: bool, fmt: str) -> tuple[float, str]:
+    """(g, normalize_activations): the exported SAE sees u = g·x_n, x_n our normalized input,
+    after the format's own normalisation `normalize_activations`."""
+    mode = sae.cfg.normalize
+    if not fold or mode == "none":
+        return 1.0, "none"
+    if mode == "dataset":  # u = raw x = x_n / scale
+        return 1.0 / float(sae.scale), "none"
+    if fmt == "saelens":  # layer_norm gives (x − μ)/std = √(d−1)·x_n
+        return math.sqrt(sae.cfg.d_in - 1), "layer_norm"
+    raise ConfigError(
+        "sparsify cannot normalise each token (--normalize token): export with fold=False "
+        "(--no-fold); the exported SAE then expects inputs normalised by choicesae"
+    )
+
+
+def scaled(w: dict[str, Tensor], g: float, dtype: torch.dtype) -> dict[str, Tensor]:
+    """Weights for inputs u = g·x_n: W_enc/g, W_dec·g, b_dec·g, so z' is unchanged and the
+    reconstruction is g·x̂_n. In float64, so that g = 1 gives the weights bit for bit."""
+    factor = {"W_enc": 1 / g, "b_enc": 1.0, "W_dec": g, "b_dec": g}
+    return {n: (w[n].detach().cpu().double() * factor[n]).to(dtype).contiguous() for n in factor}
+
+
+def folded(sae: SAE, g: float) -> dict[str, Tensor]:
+    """Our weights W_enc [d, F], b_enc [F], W_dec [F, d], b_dec [d] for inputs g·x_n."""
+    return scaled({n: getattr(sae, n) for n in WEIGHT_NAMES}, g, sae.W_enc.dtype)
+
+
+def unfolded(w: dict[str, Tensor], g: float) -> dict[str, Tensor]:
+    """The inverse of `folded`: weights for our normalized inputs x_n, float32."""
+    return scaled(w, 1 / g, torch.float32)
+
+
+def provenance(sae: SAE, g: float, normalization: str, fold: bool) -> dict:
+    """Our config and how the exported weights relate to ours, kept in the target's cfg.json."""
+    mode = sae.cfg.normalize
+    expects = "raw activations"
+    if not fold and mode != "none":
+        expects = (
+            f"activations normalised by choicesae.core.preprocess.normalize(x, {mode!r}, scale)"
+        )
+    return {
+        "config": dataclasses.asdict(sae.cfg),
+        "input_factor": g,
+        "normalize_activations": normalization,
+        "inputs": expects,
+    }
+
+
+def our_config(ours: dict) -> tuple[SAEConfig, float]:
+    """The SAEConfig and input factor g that our export left in a cfg.json."""
+    g = ours.get("input_factor") if isinstance(ours, dict) else None
+    if not isinstance(g, int | float) or not g > 0:
+        raise DataError(f"the choicesae entry of this cfg.json is damaged: {ours!r:.200}")
+    return from_dict(SAEConfig, ours.get("config")), float(g)
+
+
+def write_buffers(sae: SAE, path: Path) -> None:
+    tensors = {name: getattr(sae, name).detach().cpu().contiguous() for name in BUFFER_NAMES}
+    save_file(tensors, path / BUFFERS)
+
+
+def read_json(path: Path) -> dict:
+    try:
+        cfg = json.loads((path / CFG).read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read {path / CFG}: {e}") from e
+    if not isinstance(cfg, dict):
+        raise DataError(f"{path / CFG} must hold a JSON object")
+    return cfg
+
+
+def read_tensors(file: Path) -> dict[str, Tensor]:
+    try:
+        return load_file(file)
+    except (OSError, SafetensorError) as e:
+        raise DataError(f"cannot read the weights {file}: {e}") from e
+
+
+@torch.no_grad()
+def build(cfg: SAEConfig, w: dict[str, Tensor]) -> SAE:
+    """An SAE with config `cfg` and the weights `w`, checked against the config's shapes."""
+    sae = SAE(cfg)
+    for name in WEIGHT_NAMES:
+        param = getattr(sae, name)
+        if tuple(w[name].shape) != tuple(param.shape):
+            raise DataError(f"{name} has shape {list(w[name].shape)}, not {list(param.shape)}")
+        param.copy_(w[name])
+    return sae
+
+
+@torch.no_grad()
+def set_thresholds_(sae: SAE, theta: Tensor) -> None:
+    """Per-feature thresholds from a file; a single value (or all equal) is also the global one."""
+    theta = theta.to(sae.threshold.dtype).expand(sae.cfg.num_latents)
+    sae.threshold.copy_(theta)
+    if bool((theta == theta[0]).all()):
+        sae.threshold_global.fill_(float(theta[0]))
+
+
+@torch.no_grad()
+def read_buffers_(sae: SAE, path: Path) -> None:
+    """Restore the buffers our export left in the folder (none in a foreign one)."""
+    if not (path / BUFFERS).is_file():
+        return
+    buffers = read_tensors(path / BUFFERS)
+    for name in BUFFER_NAMES:
+        buffer = getattr(sae, name)
+        if name in buffers and buffers[name].shape != buffer.shape:
+            raise DataError(
+                f"{path / BUFFERS}: {name} has shape {list(buffers[name].shape)}, "
+                f"not {list(buffer.shape)}"
+            )
+        if name in buffers:
+            buffer.copy_(buffers[name])

@@ -1,0 +1,99 @@
+"""EleutherAI sparsify's on-disk format (a TopK SparseCoder): export and import
+(interop/common.py says what the formats share and how they differ from ours)."""
+
+import json
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from choicesae.core.config import SAEConfig
+from choicesae.core.sae import SAE
+from choicesae.errors import ConfigError, DataError
+from choicesae.interop.common import (
+    CFG,
+    SPARSIFY_WEIGHTS,
+    build,
+    folded,
+    input_factor,
+    our_config,
+    provenance,
+    read_buffers_,
+    read_json,
+    read_tensors,
+    unfolded,
+    write_buffers,
+)
+
+
+def to_sparsify(sae: SAE, path: str | Path, *, fold: bool = True, as_topk: bool = False) -> Path:
+    """Write `sae` as a sparsify SparseCoder folder (cfg.json, sae.safetensors); load it with
+    sparsify.SparseCoder.load_from_disk. sparsify has only TopK: ReLU runs as TopK with k = F
+    (the same function), Mutual and Feature Choice only with as_topk=True, as TopK(k)."""
+    c = sae.cfg
+    if c.sparsifier in ("mutual_choice", "feature_choice") and not as_topk:
+        raise ConfigError(
+            f"sparsify has no batch or threshold activation for a {c.sparsifier} SAE; pass "
+            "as_topk=True (--as-topk) to run it there as TopK(k) per token"
+        )
+    g, normalization = input_factor(sae, fold, "sparsify")
+    w = folded(sae, g)
+    k = c.num_latents if c.sparsifier == "relu" else c.k
+    cfg = {
+        "activation": "topk",
+        "expansion_factor": max(1, c.num_latents // c.d_in),
+        "normalize_decoder": True,
+        "num_latents": c.num_latents,
+        "k": k,
+        "multi_topk": False,
+        "skip_connection": False,
+        "transcode": False,
+        "d_in": c.d_in,
+        "choicesae": provenance(sae, g, normalization, fold),
+    }
+    tensors = {
+        "encoder.weight": w["W_enc"].T.contiguous(),  # nn.Linear: [F, d_in]
+        "encoder.bias": w["b_enc"],
+        "W_dec": w["W_dec"],
+        "b_dec": w["b_dec"],
+    }
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, path / SPARSIFY_WEIGHTS)
+    (path / CFG).write_text(json.dumps(cfg, indent=2) + "\n")
+    write_buffers(sae, path)
+    return path
+
+
+def from_sparsify(path: str | Path) -> SAE:
+    """Read a sparsify SparseCoder folder (ours or anyone's) into our SAE."""
+    path = Path(path)
+    cfg = read_json(path)
+    state = read_tensors(path / SPARSIFY_WEIGHTS)
+    missing = {"encoder.weight", "encoder.bias", "W_dec", "b_dec"} - set(state)
+    if missing:
+        raise DataError(f"{path / SPARSIFY_WEIGHTS} lacks {', '.join(sorted(missing))}")
+    w = {"W_enc": state["encoder.weight"].T, "b_enc": state["encoder.bias"]}
+    w |= {"W_dec": state["W_dec"], "b_dec": state["b_dec"]}
+    ours = cfg.get("choicesae")
+    if ours:
+        sae_cfg, g = our_config(ours)
+    else:
+        if (
+            cfg.get("activation", "topk") != "topk"
+            or cfg.get("skip_connection")
+            or cfg.get("transcode")
+        ):
+            raise ConfigError(
+                "choicesae imports sparsify SAEs with activation topk, without "
+                "skip connection or transcoding"
+            )
+        d_in, F = w["W_enc"].shape
+        k = int(cfg.get("k", 32))
+        sparsifier = "relu" if k >= F else "topk"
+        sae_cfg, g = (
+            SAEConfig(sparsifier, k=min(k, F - 1), num_latents=F, d_in=d_in, normalize="none"),
+            1.0,
+        )
+    sae = build(sae_cfg, unfolded(w, g))
+    read_buffers_(sae, path)
+    return sae
