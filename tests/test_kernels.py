@@ -14,6 +14,9 @@ from choicesae.core.preprocess import normalize
 from choicesae.core.sae import SAE
 from choicesae.core.sparsifiers import feature_choice, mutual_choice, topk
 from choicesae.errors import ConfigError
+from choicesae.parallel import data as data_parallel
+from choicesae.parallel import features
+from choicesae.parallel.comm import SINGLE
 from choicesae.step import kernels
 from choicesae.step.objective import Masks, objective
 from choicesae.step.ops import Dense, Sparse
@@ -113,6 +116,21 @@ def test_feature_choice_with_uniform_and_arbitrary_capacities(seed):
     assert_same_selection(ours, feature_choice(zt, m).acts, cols)
     with pytest.raises(ConfigError, match="exceeds the batch size"):
         kernels.select_feature_choice(z, torch.full((24,), 41))
+
+
+def test_feature_choice_with_every_capacity_zero_selects_nothing():
+    """All-zero capacities (Algorithm 1 with m_min = 0 on a tiny budget) are an empty
+    selection in every form: reference, index form, data-parallel and feature-sharded."""
+    z = torch.randn(8, 6, generator=torch.Generator().manual_seed(0))
+    m = torch.zeros(6, dtype=torch.long)
+    assert not feature_choice(z, m).acts.any()
+    forms = [
+        kernels.select_feature_choice(z, m),
+        data_parallel.select_feature_choice(z, m, SINGLE),  # returns before any collective
+        features.select_feature_choice(z, m),
+    ]
+    for pairs in forms:
+        assert len(pairs.token) == len(pairs.feature) == 0 and tuple(pairs.shape) == (8, 6)
 
 
 def test_encode_and_decode_gradients_match_dense_autograd():

@@ -331,3 +331,15 @@ def test_schedule_free_saves_the_averaged_weights_with_unit_decoder_rows(tmp_pat
     y = saved["sae"]["W_enc"]  # the checkpoint holds the training point, to resume from
     assert not torch.equal(sae.W_enc, y)
     torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(sae.cfg.num_latents))
+
+
+def test_algorithm_1_unchanged_takes_the_papers_32x_setting_at_batch_1536():
+    """d 768, F = 32·d, k 32, B 1536 (the paper's GPT-2 run): with m_min = 0 Algorithm 1's
+    capacities (18,531 of them zero) fit the budget; raising them to 1 would not, and is refused
+    in one line naming the budget."""
+    sae = SAEConfig(sparsifier="feature_choice", k=32, expansion=32, capacities="zipf", m_min=0)
+    cfg = TrainConfig(sae=sae, batch_size=1536, schedule="mutual_choice:8,feature_choice:2")
+    assert resolve(cfg, 768).sae.num_latents == 32 * 768
+    raised = dataclasses.replace(cfg, sae=dataclasses.replace(sae, m_min=1))
+    with pytest.raises(ConfigError, match="past the budget k\\*batch_size = 49152"):
+        resolve(raised, 768)

@@ -66,6 +66,8 @@ def select_feature_choice(z_pre: Tensor, m: Tensor, world: World) -> Pairs:
             f"feature_choice capacity {m_max} exceeds the batch size {b * world.size}"
         )
     z = z_pre.detach().float()
+    if m_max == 0:  # every capacity 0 (the same m on every rank): nothing is selected
+        return pairs_of(torch.zeros_like(z, dtype=torch.bool))
     candidates = z.new_full((m_max, F), float("-inf"))
     n = min(m_max, b)
     candidates[:n] = z.topk(n, dim=0, sorted=False).values

@@ -126,6 +126,8 @@ def select_feature_choice(z: Tensor, m: Tensor) -> Pairs:
     z [B, F/W], m [F/W] its slice of the global capacities. Nothing to exchange."""
     z = z.detach().float()
     m = m.to(z.device)
+    if int(m.max()) == 0:  # every capacity of this rank's latents 0: nothing is selected
+        return pairs_of(torch.zeros_like(z, dtype=torch.bool))
     ranked = z.topk(int(m.max()), dim=0).values  # [m_max, F/W], sorted
     t = ranked.gather(0, (m - 1).clamp(min=0)[None]).squeeze(0)  # [F/W]
     t = torch.where(m > 0, t, float("inf"))  # capacity 0: nothing is selected

@@ -128,6 +128,9 @@ def select_feature_choice(z_pre: Tensor, m: Tensor) -> Pairs:
         keep = torch.arange(idx.shape[1], device=z_pre.device) < cap[:, None]  # sorted: rank
         token.append(idx[keep])
         feature.append(rows[:, None].expand_as(idx)[keep])
+    if not token:  # every capacity 0: an empty selection
+        empty = m.new_zeros(0)
+        return Pairs(empty, empty, (B, F))
     return _csr_order(torch.cat(token), torch.cat(feature), (B, F))
 
 
