@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from choicesae.core.allocation import (
+    BudgetExpectation,
     Densities,
     ZipfFit,
     density_capacities,
@@ -100,6 +101,22 @@ def test_dying_definition_3_1_hand_cases():
     # ratio exactly 0.6 is not below 0.6
     d = torch.tensor(expected[:7] + [0.6 * expected[7]], dtype=torch.float64)
     assert not dying_features(d, fit).any()
+
+
+def test_dying_against_appendix_g_budget_expectation_hand_case():
+    """F 8, k 2, B 20, alpha 1, beta 0: N = 40 / H_8 = 14.72, Algorithm 1 gives m = floor(N/i) =
+    [14, 7, 4, 3, 2, 2, 2, 1], so the expected densities are m / 20 = [.7, .35, .2, .15, .1, .1,
+    .1, .05]: ranks 7 and 8 are dying below 0.06 and 0.03."""
+    budget = BudgetExpectation(alpha=1.0, beta=0.0, k=2, batch_size=20)
+    expected = budget.expected(torch.arange(1, 9))
+    assert expected.tolist() == [m / 20 for m in (14, 7, 4, 3, 2, 2, 2, 1)]
+    head = [0.7, 0.35, 0.2, 0.15, 0.1, 0.1]
+    assert dying_features(torch.tensor(head + [0.05, 0.02]), budget).tolist() == [0] * 6 + [1, 1]
+    assert dying_features(torch.tensor(head + [0.07, 0.02]), budget).tolist() == [0] * 7 + [1]
+    # the same shape fitted at a lower level (0.2 / rank, as a window whose tail is sparse
+    # pulls the fit down): nothing is dying; the level is what the budget fixes
+    lower = ZipfFit(alpha=1.0, beta=0.0, log_c=math.log(0.2), r2=1.0)
+    assert not dying_features(torch.tensor(head + [0.07, 0.02]), lower).any()
 
 
 def test_dying_maps_back_to_feature_ids():

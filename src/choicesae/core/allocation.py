@@ -112,11 +112,27 @@ def middle_segment(num_latents: int) -> tuple[int, int]:
     return max(1, num_latents // 100), max(3, int(0.6 * num_latents))
 
 
-def dying_features(density: Tensor, fit: ZipfFit) -> Tensor:
+class BudgetExpectation(NamedTuple):
+    """Appendix G's expected density by rank: Algorithm 1's capacity m_i at (α, β) for the
+    budget k·B (floored as written), over B. The fit gives the shape, the budget the level."""
+
+    alpha: float
+    beta: float
+    k: int
+    batch_size: int
+
+    def expected(self, rank: Tensor) -> Tensor:  # rank [F], a permutation of 1..F
+        B = self.batch_size
+        m = zipf_capacities(self.k, len(rank), B, self.alpha, self.beta, B)  # [F] by rank
+        return m.double().to(rank.device)[rank - 1] / B
+
+
+def dying_features(density: Tensor, fit: ZipfFit | BudgetExpectation) -> Tensor:
     """[F] bool: Definition 3.1. Feature of rank i is dying iff (1) i > 3F/4, (2) its density is
-    below 0.6 × the fitted Zipf expectation at rank i, and (3) every feature ranked below it is
-    dying too — so the dying features are the longest run of ranks ending at F where (1) and (2)
-    hold. Dead features (density 0) qualify like any other."""
+    below 0.6 × the expectation at rank i (`fit.expected`: a fitted Zipf, or appendix G's),
+    and (3) every feature ranked below it is dying too — so the dying features are the longest
+    run of ranks ending at F where (1) and (2) hold. Dead features (density 0) qualify like any
+    other."""
     F = len(density)
     order = rank_order(density)
     rank = torch.arange(1, F + 1, device=density.device)

@@ -169,6 +169,10 @@ class TrainConfig:
     the Zipf fit, the dying features and the Zipf capacities' ranks."""
     fit_alpha: bool = False
     """Fit the Zipf exponent alpha too (default: fixed at --zipf-alpha, as in the paper)."""
+    dying_expectation: Literal["fit", "budget"] = "fit"
+    """The density Definition 3.1 expects at each rank: fit = the Zipf law fitted to the
+    window's middle ranks (its level included); budget = appendix G, Algorithm 1's capacity at
+    the fitted (alpha, beta) for the budget k*batch_size, over batch_size."""
     nfm_coeff: float = 0.0
     """Weight of nfm_loss = |nfm(W_dec)|_F (appendix C)."""
     nfm_inf_coeff: float = 0.0

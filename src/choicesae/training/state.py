@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from choicesae.core.allocation import (
+    BudgetExpectation,
     Densities,
     dying_features,
     feature_ranks,
@@ -69,15 +70,19 @@ def advance(state: TrainState, fired: Tensor, cfg: TrainConfig, sae: SAE) -> Tra
 def refresh_allocation_(sae: SAE, density: Tensor, cfg: TrainConfig) -> tuple[Tensor, dict]:
     """Store the window's densities and ranks in the SAE (Zipf Feature Choice reads the ranks),
     fit Zipf over all ranks and over the middle segment (figure 3), and find the dying
-    features (Definition 3.1) against the middle fit: fitting the under-used tail we are testing
-    would drag the expectation down towards it."""
+    features (Definition 3.1) against the middle fit (fitting the under-used tail we are testing
+    would drag the expectation down towards it), or against appendix G's budget expectation
+    at the middle fit's (α, β) (--dying-expectation budget)."""
     sae.density.copy_(density)
     sae.feature_rank.copy_(feature_ranks(density))
     sorted_density = density[rank_order(density)]
     alpha = None if cfg.fit_alpha else float(sae.zipf[0])
     full = fit_zipf(sorted_density, alpha)
     middle = fit_zipf(sorted_density, alpha, middle_segment(len(density)))
-    dying = dying_features(density, middle)
+    expectation = middle
+    if cfg.dying_expectation == "budget":  # appendix G
+        expectation = BudgetExpectation(middle.alpha, middle.beta, cfg.sae.k, cfg.batch_size)
+    dying = dying_features(density, expectation)
     fit = {
         "zipf_alpha": middle.alpha,
         "zipf_beta": middle.beta,
