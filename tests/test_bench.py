@@ -60,7 +60,7 @@ def test_every_method_gets_the_same_budget_and_its_own_sparsifier():
     assert zipf.sae.capacities == "zipf" and configs["feature_choice"].sae.capacities == "uniform"
     assert configs["mutual_choice_no_aux_zipf"].sae.sparsifier == "mutual_choice"
     assert configs["mutual_choice_no_aux_zipf"].aux_zipf_coeff == 0
-    assert configs["mutual_choice"].aux_zipf_coeff > 0 and configs["relu"].l1_coeff == 0.2
+    assert configs["mutual_choice"].aux_zipf_coeff == -1 and configs["relu"].l1_coeff == 0.2
     assert {c.k_aux for c in configs.values()} == {64}
     density = run_config(cfg, "feature_choice_density", 8, 1, 0.2, 128)
     assert density.phases() == zipf.phases() and density.sae.capacities == "density"

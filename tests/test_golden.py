@@ -58,7 +58,9 @@ TWO_PROCESSES = {
 
 
 def config(out: Path, name: str, sparsifier: str = "topk", **kw) -> TrainConfig:
-    """30 steps with dead and dying latents early, so that both aux losses act."""
+    """30 steps with dead and dying latents early, so that both aux losses act (aux_zipf set
+    for TopK too: the weights were written when it was TopK's default)."""
+    kw = {"aux_zipf_coeff": 1 / 32} | kw
     return TrainConfig(
         activations=str(out / "x.npy"),
         out=str(out / name),

@@ -2,7 +2,6 @@
 against autograd through the objective over the dense ops, and short training runs side by
 side."""
 
-import dataclasses
 import functools
 
 import pytest
@@ -154,7 +153,8 @@ def test_encode_and_decode_gradients_match_dense_autograd():
 
 def setup(sparsifier, capacities="uniform", **train_kw):
     sae_cfg = SAEConfig(sparsifier=sparsifier, k=4, capacities=capacities).resolve(16)
-    cfg = dataclasses.replace(TrainConfig(sae=sae_cfg), k_aux=8, **train_kw)
+    # both aux losses for every sparsifier that takes them, TopK included (its option)
+    cfg = TrainConfig(sae=sae_cfg, k_aux=8, aux_zipf_coeff=1 / 32, **train_kw)
     torch.manual_seed(0)
     sae = SAE(sae_cfg)
     with torch.no_grad():

@@ -11,7 +11,7 @@ from choicesae.core.sae import SAE
 from choicesae.core.schedule import RECIPES
 from choicesae.core.sparsifiers import uniform_capacities
 from choicesae.errors import ConfigError, DataError
-from choicesae.step.objective import Masks, objective
+from choicesae.step.objective import Masks, aux_coeffs, objective
 from choicesae.training.checkpoint import checkpoint_paths, read_checkpoint
 from choicesae.training.loop import train
 from choicesae.training.run import resolve
@@ -80,7 +80,7 @@ def test_aux_terms_act_only_on_their_latents(synthetic):
     sae = SAE(cfg.sae)
     x_n, _ = normalize(x[:256], "token")
     none = torch.zeros(512, dtype=torch.bool)
-    terms = objective(sae, x_n, cfg, "topk", Masks(none, none)).terms
+    terms = objective(sae, x_n, cfg, "mutual_choice", Masks(none, none)).terms
     assert terms["aux_k"] == 0 and terms["aux_zipf"] == 0
     dead = torch.arange(512) % 4 == 0
     dying = torch.arange(512) % 4 == 1
@@ -93,6 +93,28 @@ def test_aux_terms_act_only_on_their_latents(synthetic):
         assert not sae.W_dec.grad[~mask].any()
     # section 4.4: Feature Choice trains without aux losses
     assert set(objective(sae, x_n, cfg, "feature_choice", Masks(dead, dying)).terms) == {"mse"}
+
+
+def test_topk_trains_with_aux_k_only_unless_aux_zipf_is_asked_for(synthetic):
+    """The paper's TopK baseline has aux_k only (Gao et al.); aux_zipf comes with Mutual Choice
+    (section 4.2); Feature Choice and relu train with neither (section 4.4)."""
+    cfg = dataclasses.replace(TrainConfig(), sae=SAEConfig(k=4).resolve(32), k_aux=16)
+    asked = dataclasses.replace(cfg, aux_zipf_coeff=0.1)
+    assert aux_coeffs(cfg, "topk") == {"aux_k": 1 / 32}
+    assert aux_coeffs(asked, "topk") == {"aux_k": 1 / 32, "aux_zipf": 0.1}
+    assert aux_coeffs(cfg, "mutual_choice") == {"aux_k": 1 / 32, "aux_zipf": 1 / 32}
+    off = dataclasses.replace(cfg, aux_zipf_coeff=0.0)
+    assert aux_coeffs(off, "mutual_choice") == {"aux_k": 1 / 32}
+    assert aux_coeffs(asked, "feature_choice") == {} == aux_coeffs(asked, "relu")
+    torch.manual_seed(0)
+    sae = SAE(cfg.sae)
+    x_n, _ = normalize(synthetic[0][:256], "token")
+    dead, dying = torch.arange(512) % 4 == 0, torch.arange(512) % 4 == 1
+    assert set(objective(sae, x_n, cfg, "topk", Masks(dead, dying)).terms) == {"mse", "aux_k"}
+    terms = objective(sae, x_n, asked, "topk", Masks(dead, dying)).terms
+    assert terms["aux_zipf"] > 0
+    with pytest.raises(ConfigError, match="aux_zipf_coeff must not be negative"):
+        TrainConfig(aux_zipf_coeff=-0.5)
 
 
 def test_dead_latents_are_counted_in_tokens(tmp_path, synthetic):

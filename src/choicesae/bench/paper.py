@@ -223,7 +223,7 @@ def run_config(
         fit_alpha=method == "feature_choice_zipf_alpha",
         lr=cfg.lr,
         l1_coeff=l1_coeff,
-        aux_zipf_coeff=0.0 if method.endswith("_no_aux_zipf") else 1 / 32,
+        aux_zipf_coeff=0.0 if method.endswith("_no_aux_zipf") else -1.0,  # the defaults
         k_aux=cfg.k_aux or d_in // 2,
         density_tokens=min(500_000, cfg.steps * cfg.batch_size // 8),
         checkpoint_every=cfg.steps,

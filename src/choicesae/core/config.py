@@ -161,9 +161,10 @@ class TrainConfig:
     """Dead latents per token used by aux_k_loss."""
     dead_tokens: int = 1_000_000
     """A latent is dead when it has not fired for this many tokens."""
-    aux_zipf_coeff: float = 1 / 32
+    aux_zipf_coeff: float = -1.0
     """Weight of aux_zipf_loss (dying latents, Definition 3.1, reconstruct the residual);
-    0 disables it."""
+    0 disables it; -1 means 1/32 for mutual_choice (section 4.2) and 0 for topk, whose paper
+    baseline trains with aux_k only (Gao et al.). Feature Choice and relu train without it."""
     density_tokens: int = 500_000
     """Window of tokens over which feature densities are counted; each closed window refreshes
     the Zipf fit, the dying features and the Zipf capacities' ranks."""
@@ -257,7 +258,6 @@ class TrainConfig:
             "grad_clip",
             "l1_coeff",
             "aux_k_coeff",
-            "aux_zipf_coeff",
             "nfm_coeff",
             "nfm_inf_coeff",
             "nfm_inf_sample",
@@ -265,6 +265,11 @@ class TrainConfig:
         for name in nonnegative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.aux_zipf_coeff < 0 and self.aux_zipf_coeff != -1:
+            raise ConfigError(
+                f"aux_zipf_coeff must not be negative (or be -1: the sparsifier's default), got "
+                f"{self.aux_zipf_coeff}"
+            )
         check_loggers(self.log)
         if self.recipe not in RECIPES:
             raise ConfigError(f"recipe must be one of {', '.join(RECIPES)}, not {self.recipe!r}")

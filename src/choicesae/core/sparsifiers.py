@@ -98,13 +98,16 @@ class Sparsifier(NamedTuple):
 
     reference: Callable[[Tensor, int, Tensor | None], Sparse]  # (z' [B, F], k, m [F]) -> codes
     capacities: bool = False  # it reads Feature Choice capacities m [F] (SAE.capacities)
-    aux: bool = True  # aux_k and aux_zipf revive its dead and dying latents
+    aux: bool = True  # aux_k and aux_zipf may revive its dead and dying latents
+    aux_zipf: bool = False  # aux_zipf is on by default (--aux-zipf-coeff left at -1)
     l1: bool = False  # it is sparse through the L1 penalty alone
 
 
 SPARSIFIERS = {  # the registry: the config's choices are its names
+    # the paper's TopK baseline trains with aux_k only (Gao et al.); aux_zipf is its option
     "topk": Sparsifier(lambda z_pre, k, m: topk(z_pre, k)),
-    "mutual_choice": Sparsifier(lambda z_pre, k, m: mutual_choice(z_pre, k)),
+    # section 4.2: aux_zipf, proposed with Mutual Choice
+    "mutual_choice": Sparsifier(lambda z_pre, k, m: mutual_choice(z_pre, k), aux_zipf=True),
     # section 4.4: Feature Choice trains without the auxiliary losses
     "feature_choice": Sparsifier(lambda z_pre, k, m: feature_choice(z_pre, m), True, aux=False),
     "relu": Sparsifier(lambda z_pre, k, m: relu(z_pre), aux=False, l1=True),

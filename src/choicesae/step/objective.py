@@ -42,7 +42,20 @@ class Want(NamedTuple):
     rows: slice = slice(None)
 
 
-AUX = {"aux_k": ("aux_k_coeff", "dead"), "aux_zipf": ("aux_zipf_coeff", "dying")}
+AUX_MASKS = {"aux_k": "dead", "aux_zipf": "dying"}  # the latents each aux loss acts on
+AUX_ZIPF_DEFAULT = 1 / 32  # --aux-zipf-coeff -1, where the registry turns aux_zipf on
+
+
+def aux_coeffs(cfg, sparsifier: str) -> dict[str, float]:
+    """The weights of the aux losses `sparsifier` trains with (none for Feature Choice and
+    relu); aux_zipf left at -1 takes the registry's default for the sparsifier."""
+    rule = SPARSIFIERS[sparsifier]
+    if not rule.aux:
+        return {}
+    zipf = cfg.aux_zipf_coeff
+    if zipf == -1:
+        zipf = AUX_ZIPF_DEFAULT if rule.aux_zipf else 0.0
+    return {name: c for name, c in (("aux_k", cfg.aux_k_coeff), ("aux_zipf", zipf)) if c}
 
 
 def wanted(cfg, sparsifier: str, k: int, masks: Masks) -> dict[str, Want]:
@@ -51,11 +64,10 @@ def wanted(cfg, sparsifier: str, k: int, masks: Masks) -> dict[str, Want]:
     want = {"mse": Want(k)}
     if cfg.multi_topk:  # Gao et al. 5.3.1: L(k) + L(4k)/8
         want["mse_4k"] = Want(4 * k)
-    if SPARSIFIERS[sparsifier].aux:
-        for name, (coeff, mask) in AUX.items():
-            mask = getattr(masks, mask)
-            if getattr(cfg, coeff) and mask.any():  # a sync point, one scalar per mask
-                want[name] = Want(cfg.k_aux, mask, aux_rows(k, cfg.k_aux))
+    for name in aux_coeffs(cfg, sparsifier):
+        mask = getattr(masks, AUX_MASKS[name])
+        if mask.any():  # a sync point, one scalar per mask
+            want[name] = Want(cfg.k_aux, mask, aux_rows(k, cfg.k_aux))
     return want
 
 
@@ -75,15 +87,15 @@ def objective(
         terms["mse_4k"] = mse(ops.decode(sae, codes["mse_4k"]) + sae.b_dec, x) / 8
     if rule.l1:
         terms["l1"] = cfg.l1_coeff * ops.l1(sae, codes["mse"], x.shape[0])
-    if rule.aux:
+    aux = aux_coeffs(cfg, sparsifier)
+    if aux:
         rows = aux_rows(k, cfg.k_aux)  # the aux losses read a bounded sample of tokens
         residual = (x - x_hat).detach()[rows]  # they only move the latents they select
-        for name, (coeff, _) in AUX.items():
-            if getattr(cfg, coeff):
-                aux = x.new_zeros(())  # no dead (or dying) latent: nothing to reconstruct with
-                if name in codes:
-                    aux = unexplained(residual, ops.decode(sae, codes[name], rows))
-                terms[name] = getattr(cfg, coeff) * aux
+    for name, coeff in aux.items():
+        term = x.new_zeros(())  # no dead (or dying) latent: nothing to reconstruct with
+        if name in codes:
+            term = unexplained(residual, ops.decode(sae, codes[name], rows))
+        terms[name] = coeff * term
     terms |= nfm_terms(sae.W_dec, cfg, step)
     return StepOut(sum(terms.values()), terms, ops.acts(codes["mse"]), x_hat)
 
