@@ -6,6 +6,7 @@ import sys
 import torch
 
 from choicesae.bench.paper import BenchConfig, bench
+from choicesae.bench.synthsaebench import SynthSAEBenchConfig, synthsaebench
 from choicesae.core.config import TrainConfig, add_arguments, file_defaults, from_arguments
 from choicesae.data.harvest import HarvestConfig, harvest
 from choicesae.data.hooks import HookpointsConfig, load_model, module_table
@@ -31,6 +32,10 @@ def _train(cfg: TrainConfig) -> None:
 
 def _bench(cfg: BenchConfig) -> None:
     print(f"wrote {bench(cfg)} and the plots beside it")
+
+
+def _synthsaebench(cfg: SynthSAEBenchConfig) -> None:
+    print(f"wrote {synthsaebench(cfg)}")
 
 
 def _synthetic(cfg: SyntheticConfig) -> None:
@@ -85,7 +90,20 @@ COMMANDS = {
     "eval": (EvalConfig, _eval, "Evaluate a run on a held-out store; thresholds and report."),
     "compare": (CompareConfig, _compare, "Pareto plot and table of evaluated runs."),
     "browse": (BrowseConfig, _browse, "Static HTML pages of a run's top features."),
-    "bench": (BenchConfig, _bench, "Compare every sparsifier at matched L0 (docs/results.md)."),
+    "bench": (
+        BenchConfig,
+        _bench,
+        "Compare every sparsifier at matched L0 (docs/results.md); `bench synthsaebench "
+        "--help`: on SAELens's SynthSAEBench.",
+    ),
+}
+# `bench TARGET`: targets with settings of their own, in place of the paper bench's
+BENCH_TARGETS = {
+    "synthsaebench": (
+        SynthSAEBenchConfig,
+        _synthsaebench,
+        "The bench on SAELens's SynthSAEBench (`choicesae bench synthsaebench`).",
+    ),
 }
 # commands whose main setting may also be given positionally: `choicesae hookpoints MODEL`
 POSITIONAL = {
@@ -98,12 +116,22 @@ POSITIONAL = {
 VARIADIC = {"compare": "runs"}  # several positional values, joined with commas
 
 
-def parser(defaults: dict[str, dict] | None = None) -> argparse.ArgumentParser:
-    """The CLI; `defaults` = {command: {setting: value}} replaces the dataclass defaults (with
-    the values of a --config file, which flags then override)."""
+def command_table(argv: list[str]) -> dict:
+    """COMMANDS, with bench's settings and function a target's when argv reads `bench TARGET`."""
+    if len(argv) > 1 and argv[0] == "bench" and argv[1] in BENCH_TARGETS:
+        return COMMANDS | {"bench": BENCH_TARGETS[argv[1]]}
+    return COMMANDS
+
+
+def parser(
+    defaults: dict[str, dict] | None = None, table: dict | None = None
+) -> argparse.ArgumentParser:
+    """The CLI of the commands `table` (COMMANDS); `defaults` = {command: {setting: value}}
+    replaces the dataclass defaults (with the values of a --config file, which flags then
+    override)."""
     top = argparse.ArgumentParser(prog="choicesae", description=__doc__)
     commands = top.add_subparsers(dest="command", required=True)
-    for name, (cls, _, text) in COMMANDS.items():
+    for name, (cls, _, text) in (table or COMMANDS).items():
         sub = commands.add_parser(name, help=text, description=f"{text} {cls.__doc__}")
         add_arguments(sub, cls)
         sub.add_argument(
@@ -124,22 +152,24 @@ def parser(defaults: dict[str, dict] | None = None) -> argparse.ArgumentParser:
     return top
 
 
-def parse(argv: list[str] | None = None) -> argparse.Namespace:
+def parse(argv: list[str]) -> argparse.Namespace:
     """Parse the command line; with --config FILE, again with the file's settings as defaults."""
-    args = parser().parse_args(argv)
+    table = command_table(argv)
+    args = parser(table=table).parse_args(argv)
     if args.config:
-        cls = COMMANDS[args.command][0]
-        args = parser({args.command: file_defaults(cls, args.config)}).parse_args(argv)
+        cls = table[args.command][0]
+        args = parser({args.command: file_defaults(cls, args.config)}, table).parse_args(argv)
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     try:
         args = parse(argv)
     except ChoiceSAEError as e:  # an unreadable or invalid --config file
         print(f"choicesae: error: {e}", file=sys.stderr)
         return 2
-    cls, run, _ = COMMANDS[args.command]
+    cls, run, _ = command_table(argv)[args.command]
     if args.command in VARIADIC and args.positional:
         setattr(args, VARIADIC[args.command], ",".join(args.positional))
     elif getattr(args, "positional", None):
