@@ -18,7 +18,8 @@ all of them trained on the same batches in the same order. One CPU thread each (
   topk, mutual_choice, feature_choice, relu
                   choicesae.training.loop with every setting at its default but sparsifier, k, F,
                   batch size, steps and seed, trained in segments of --eval-every steps, each
-                  extending the last with resume=True (which continues a finished run exactly)
+                  extending the last with resume=True (which continues a finished run exactly),
+                  each segment's schedule the whole run's phases cut at its end
   mutual_choice +θ, feature_choice +θ
                   the same two SAEs with single-token JumpReLU inference (appendix B): one
                   threshold per feature, estimated on the last --calibration training rows
@@ -198,13 +199,14 @@ def choicesae_run(name: str, rows: SameBatches, args: argparse.Namespace) -> Ite
     """choicesae.training.loop at its defaults, one segment of --eval-every steps at a time."""
     out, seconds = args.out / "runs" / name, 0.0
     shutil.rmtree(out, ignore_errors=True)  # overwrite=True would keep an old run's checkpoints
+    sae_cfg = SAEConfig(sparsifier=name, k=args.k, num_latents=args.num_latents)
     for end in ends(args):
         cfg = TrainConfig(
             out=str(out),
             resume=end > args.eval_every,
-            sae=SAEConfig(sparsifier=name, k=args.k, num_latents=args.num_latents),
+            sae=sae_cfg,
             batch_size=args.batch_size,
-            steps=end,
+            schedule=segment(TrainConfig(sae=sae_cfg, steps=args.steps).phases(), end),
             seed=args.seed,
             progress=False,
             log_every=args.eval_every,
@@ -217,6 +219,17 @@ def choicesae_run(name: str, rows: SameBatches, args: argparse.Namespace) -> Ite
             calibrate_(sae, rows.x[-args.calibration :], args.batch_size)
             coders[f"{name} +θ"] = choicesae_coder(sae, threshold="feature")
         yield end, seconds, coders
+
+
+def segment(phases: list[tuple[str, int]], end: int) -> str:
+    """The whole run's phases cut after `end` steps, as a --schedule: each segment keeps the
+    run's phase switch (default Feature Choice trains Mutual Choice first)."""
+    parts, done = [], 0
+    for name, steps in phases:
+        if done < end:
+            parts.append(f"{name}:{min(steps, end - done)}")
+        done += steps
+    return ",".join(parts)
 
 
 def calibrate_(sae: SAE, x: Tensor, batch_size: int) -> None:

@@ -173,9 +173,10 @@ def short_capacity_warnings(record) -> list[str]:
 
 def test_capacities_short_of_the_budget_are_stated(synthetic, tmp_path):
     """Zipf capacities floor Algorithm 1's shares: they sum to less than k·B, so the mean L0
-    falls below k; the run says so once, when Feature Choice starts."""
+    falls below k; the run says so once, when Feature Choice starts (here at step 0, at the
+    ranks of feature index and the default beta)."""
     sae = {"capacities": "zipf"}
-    cfg = run_config(tmp_path, "feature_choice", steps=4, sae=sae)
+    cfg = run_config(tmp_path, "feature_choice", steps=4, sae=sae, mutual_choice_share=0)
     F, k, B = 4 * D, 4, cfg.batch_size
     m = feature_capacities(torch.arange(1, F + 1), k, B, 1.0, 6.8, 1, 0)
     assert int(m.sum()) < k * B

@@ -56,14 +56,15 @@ def test_every_method_gets_the_same_budget_and_its_own_sparsifier():
     assert {c.total_steps * c.batch_size for c in configs.values()} == {100 * cfg.batch_size}
     assert {c.sae.k for c in configs.values()} == {8} and {c.seed for c in configs.values()} == {1}
     zipf = configs["feature_choice_zipf"]
-    assert zipf.phases() == [("mutual_choice", 75), ("feature_choice", 25)]
-    assert zipf.sae.capacities == "zipf" and configs["feature_choice"].sae.capacities == "uniform"
+    assert zipf.phases() == [("mutual_choice", 90), ("feature_choice", 10)]
+    assert zipf.sae.capacities == "zipf"
+    default, uniform = configs["feature_choice"], configs["feature_choice_uniform"]
+    assert default.sae.capacities == "density" and default.phases() == zipf.phases()
+    assert uniform.sae.capacities == "uniform" and uniform.phases() == [("feature_choice", 100)]
     assert configs["mutual_choice_no_aux_zipf"].sae.sparsifier == "mutual_choice"
     assert configs["mutual_choice_no_aux_zipf"].aux_zipf_coeff == 0
     assert configs["mutual_choice"].aux_zipf_coeff == -1 and configs["relu"].l1_coeff == 0.2
     assert {c.k_aux for c in configs.values()} == {64}
-    density = run_config(cfg, "feature_choice_density", 8, 1, 0.2, 128)
-    assert density.phases() == zipf.phases() and density.sae.capacities == "density"
     alpha = run_config(cfg, "feature_choice_zipf_alpha", 8, 1, 0.2, 128)
     assert alpha.fit_alpha and not zipf.fit_alpha and alpha.sae.capacities == "zipf"
 

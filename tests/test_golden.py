@@ -59,12 +59,13 @@ TWO_PROCESSES = {
 
 def config(out: Path, name: str, sparsifier: str = "topk", **kw) -> TrainConfig:
     """30 steps with dead and dying latents early, so that both aux losses act (aux_zipf set
-    for TopK too: the weights were written when it was TopK's default)."""
-    kw = {"aux_zipf_coeff": 1 / 32} | kw
+    for TopK too, and Feature Choice uniform from the first step: the weights were written
+    when those were the defaults)."""
+    kw = {"aux_zipf_coeff": 1 / 32, "mutual_choice_share": 0.0} | kw
     return TrainConfig(
         activations=str(out / "x.npy"),
         out=str(out / name),
-        sae=SAEConfig(sparsifier=sparsifier, k=K, num_latents=F),
+        sae=SAEConfig(sparsifier=sparsifier, k=K, num_latents=F, capacities="uniform"),
         batch_size=B,
         steps=STEPS,
         lr=1e-2,

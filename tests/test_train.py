@@ -117,6 +117,31 @@ def test_topk_trains_with_aux_k_only_unless_aux_zipf_is_asked_for(synthetic):
         TrainConfig(aux_zipf_coeff=-0.5)
 
 
+def test_feature_choice_trains_after_mutual_choice_by_default(tmp_path, synthetic):
+    """--sparsifier feature_choice is phased by default (section 4.4): Mutual Choice for
+    --mutual-choice-share of the steps, then Feature Choice at density capacities; share 0 is
+    section 4.3's Feature Choice from the first step; a --schedule is read as given."""
+    fc = SAEConfig(sparsifier="feature_choice")
+    assert fc.capacities == "density"
+    assert TrainConfig(sae=fc, steps=1000).phases() == [
+        ("mutual_choice", 900),
+        ("feature_choice", 100),
+    ]
+    assert TrainConfig(sae=fc, steps=3, mutual_choice_share=0.1).phases() == [
+        ("feature_choice", 3)  # no step left to Mutual Choice
+    ]
+    assert TrainConfig(sae=fc, steps=10, mutual_choice_share=0).phases() == [("feature_choice", 10)]
+    assert TrainConfig(steps=10).phases() == [("topk", 10)]  # other sparsifiers: one phase
+    given = TrainConfig(sae=fc, schedule="topk:5,feature_choice:5")
+    assert given.phases() == [("topk", 5), ("feature_choice", 5)]
+    for bad in (1.0, -0.1):
+        with pytest.raises(ConfigError, match="mutual_choice_share must lie in"):
+            TrainConfig(mutual_choice_share=bad)
+    train(config(tmp_path, "feature_choice", steps=200, log_every=10), synthetic[0])
+    phases = [r["phase"] for r in records(tmp_path)]
+    assert phases == ["mutual_choice"] * 18 + ["feature_choice"] * 2
+
+
 def test_dead_latents_are_counted_in_tokens(tmp_path, synthetic):
     x, _ = synthetic
     # 4x more latents than true features, k = 2: many latents never win a slot
@@ -287,6 +312,8 @@ def test_resume_refuses_other_settings_or_no_checkpoint(tmp_path, synthetic):
     train(config(tmp_path, steps=5), x)
     with pytest.raises(ConfigError, match=r"settings differ.*'lr'"):
         train(config(tmp_path, steps=5, resume=True, lr=1e-3), x)
+    with pytest.raises(ConfigError, match=r"change the 5 steps already trained \(topk:5\)"):
+        train(config(tmp_path, "mutual_choice", steps=5, resume=True), x)
 
 
 def test_bad_schedule_is_refused():

@@ -9,12 +9,14 @@ threshold per feature, and the BatchTopK post's one global threshold):
   topk                 Token Choice (Gao et al.)
   mutual_choice        Mutual Choice = BatchTopK; its global-threshold column is BatchTopK
                        with the threshold at inference
-  feature_choice       Feature Choice, uniform capacities M/F (section 4.3)
+  feature_choice       Feature Choice as `choicesae train` trains it by default: phased,
+                       Mutual Choice for --switch of the steps (section 4.4), then capacities
+                       in proportion to Mutual Choice's densities
+  feature_choice_uniform  Feature Choice from the first step, uniform capacities M/F (4.3)
   feature_choice_zipf  phased: Mutual Choice, then Zipf Feature Choice (section 4.4)
   relu                 ReLU + L1, the L1 coefficient calibrated to reach L0 = k
   mutual_choice_no_aux_zipf   Mutual Choice with aux_k only (the aux_zipf ablation)
-and, not run by default, two other ways into the Feature Choice phase (docs/results.md):
-  feature_choice_density      phased, capacities in proportion to Mutual Choice's densities
+and, not run by default, another way into the Feature Choice phase (docs/results.md):
   feature_choice_zipf_alpha   phased Zipf, with the Zipf exponent alpha fitted too
 
 Results accumulate in OUT/results.jsonl (a run already there is not trained again), then
@@ -50,11 +52,12 @@ METHODS = (
     "topk",
     "mutual_choice",
     "feature_choice",
+    "feature_choice_uniform",
     "feature_choice_zipf",
     "relu",
     "mutual_choice_no_aux_zipf",
 )
-SWITCHES = ("feature_choice_density", "feature_choice_zipf_alpha")
+SWITCHES = ("feature_choice_zipf_alpha",)
 
 # each data set's default budget: long enough that training FVU has flattened, short enough
 # that the whole bench takes well under an hour on 2 CPU cores (docs/results.md)
@@ -92,8 +95,9 @@ class BenchConfig:
     num_latents: int = 0
     """Latents F of every SAE; 0: 768 on synthetic (1.5x the true features, so some can
     die), 1536 on minilm (4x its width)."""
-    switch: float = 0.75
-    """Share of feature_choice_zipf's steps spent in its Mutual Choice phase."""
+    switch: float = TrainConfig.mutual_choice_share
+    """Share of the phased Feature Choice methods' steps spent in their Mutual Choice phase
+    (feature_choice_uniform has none)."""
     train_tokens: int = 0
     """Training rows (synthetic: generated; minilm: harvested, first tokens kept); 0: 262144
     synthetic, 524288 minilm."""
@@ -202,10 +206,10 @@ def run_config(
     cfg: BenchConfig, method: str, k: int, seed: int, l1_coeff: float, d_in: int
 ) -> TrainConfig:
     """The TrainConfig of one bench run: the shared budget plus what the method changes."""
-    phased = method.startswith("feature_choice_")  # Mutual Choice first (section 4.4)
-    sparsifier = "feature_choice" if phased else method.removesuffix("_no_aux_zipf")
-    capacities = "density" if method == "feature_choice_density" else "zipf"
-    mc_steps = round(cfg.switch * cfg.steps)
+    fc = method.startswith("feature_choice")
+    sparsifier = "feature_choice" if fc else method.removesuffix("_no_aux_zipf")
+    variant = method.removeprefix("feature_choice").removeprefix("_")  # "": the default's
+    capacities = variant.removesuffix("_alpha") or SAEConfig.capacities
     return TrainConfig(
         out=str(cfg.folder / "runs" / f"{method}-k{k}-s{seed}"),
         overwrite=True,
@@ -213,13 +217,11 @@ def run_config(
             sparsifier=sparsifier,
             k=k,
             num_latents=cfg.num_latents,
-            capacities=capacities if phased else "uniform",
+            capacities=capacities if fc else SAEConfig.capacities,
         ),
         batch_size=cfg.batch_size,
         steps=cfg.steps,
-        schedule=f"mutual_choice:{mc_steps},feature_choice:{cfg.steps - mc_steps}"
-        if phased
-        else "",
+        mutual_choice_share=0.0 if variant == "uniform" else cfg.switch,  # section 4.3 or 4.4
         fit_alpha=method == "feature_choice_zipf_alpha",
         lr=cfg.lr,
         l1_coeff=l1_coeff,
@@ -373,6 +375,7 @@ def read_results(path: Path) -> list[dict]:
 BATCH_RULE = (
     "mutual_choice",
     "feature_choice",
+    "feature_choice_uniform",
     "feature_choice_zipf",
     "mutual_choice_no_aux_zipf",
     *SWITCHES,

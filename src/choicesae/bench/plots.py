@@ -12,10 +12,10 @@ METHOD_STYLE = {
     "topk": ("tab:blue", "o"),
     "mutual_choice": ("tab:orange", "s"),
     "feature_choice": ("tab:green", "^"),
+    "feature_choice_uniform": ("tab:olive", "P"),
     "feature_choice_zipf": ("tab:red", "v"),
     "relu": ("tab:gray", "D"),
     "mutual_choice_no_aux_zipf": ("tab:purple", "x"),
-    "feature_choice_density": ("tab:brown", "<"),
     "feature_choice_zipf_alpha": ("tab:pink", ">"),
 }
 

@@ -42,6 +42,7 @@ from choicesae.bench.paper import (
     read_results,
     run_config,
 )
+from choicesae.core.config import TrainConfig
 from choicesae.core.sae import SAE
 from choicesae.errors import ConfigError
 from choicesae.evaluation.evaluate import calibrate_thresholds_
@@ -50,7 +51,7 @@ from choicesae.training.loop import train
 
 PEERS = {"saelens_topk": "topk", "saelens_batchtopk": "batchtopk"}  # name -> SAELens architecture
 HELD_OUT_SEED = 2**31 - 1  # the scoring stream's seed; training streams take the seeds 0, 1, ...
-SETTINGS = ("scale", "hidden_dim", "k", "steps", "batch_size", "eval_samples")  # in every record
+SETTINGS = ("scale", "hidden_dim", "k", "steps", "batch_size", "eval_samples", "switch")
 
 
 @dataclass(frozen=True)
@@ -83,8 +84,9 @@ class SynthSAEBenchConfig:
     """Rows per step (SynthSAEBench's 1024), and the evaluator's batch."""
     eval_samples: int = 100_000
     """Held-out samples the evaluator scores (its default)."""
-    switch: float = 0.75
-    """Share of feature_choice_zipf's steps in its Mutual Choice phase (as in choicesae bench)."""
+    switch: float = TrainConfig.mutual_choice_share
+    """Share of the phased Feature Choice methods' steps in their Mutual Choice phase (as in
+    choicesae bench)."""
     device: str = "cpu"
     """Torch device."""
     progress: bool = False

@@ -50,11 +50,12 @@ class SAEConfig:
     norm (the paper's, section 5); dataset = one scale factor for the whole dataset giving unit
     mean norm; none = raw activations."""
 
-    capacities: Literal["uniform", "zipf", "density"] = "uniform"
-    """Feature Choice capacities m_i: uniform = floor(k*B/F) each (section 4.3), zipf =
-    Algorithm 1's capacity at the feature's density rank (Zipf Feature Choice), or density =
-    k*B shared in proportion to the features' measured densities (after a switch, the phase
-    before's; uniform until a density window has closed)."""
+    capacities: Literal["uniform", "zipf", "density"] = "density"
+    """Feature Choice capacities m_i: density = k*B shared in proportion to the features'
+    measured densities (after a switch, the phase before's; uniform until a density window has
+    closed), the default, chosen by the sweep in docs/training.md; uniform = floor(k*B/F) each
+    (section 4.3); zipf = Algorithm 1's capacity at the feature's density rank (Zipf Feature
+    Choice)."""
     zipf_alpha: float = 1.0
     """Zipf exponent alpha of the capacities and of the dying-feature expectation (the paper
     fixes 1). Fitted values from training are stored with the weights and take precedence."""
@@ -133,7 +134,12 @@ class TrainConfig:
     """Phased training (section 4.4) as SPARSIFIER:STEPS,..., e.g.
     mutual_choice:8000,feature_choice:2000. Aux losses act outside feature_choice phases; on
     entering feature_choice the Zipf beta (and alpha with --fit-alpha) is fitted to the feature
-    densities of the phase before. Empty: --sparsifier for --steps."""
+    densities of the phase before. Empty: --sparsifier for --steps (feature_choice: after
+    --mutual-choice-share of them with Mutual Choice)."""
+    mutual_choice_share: float = 0.9
+    """Share of a --sparsifier feature_choice run's steps trained with Mutual Choice first, the
+    phased training of section 4.4 (the default, chosen by the sweep in docs/training.md); 0 =
+    Feature Choice from the first step (section 4.3). Not read with --schedule."""
     recipe: Literal["fast", "paper"] = "fast"
     """Optimisation recipe for the settings below left at their 'recipe' value: fast =
     schedule-free AdamW at 2e-3 / sqrt(F / 2^14), 50 warm-up steps, no decay (the default,
@@ -222,7 +228,11 @@ class TrainConfig:
     def phases(self) -> list[tuple[str, int]]:
         """[(sparsifier, steps)] of the run: the parsed --schedule, or one phase."""
         if not self.schedule:
-            return [(self.sae.sparsifier, self.steps or DEFAULT_STEPS)]
+            steps = self.steps or DEFAULT_STEPS
+            first = round(self.mutual_choice_share * steps)
+            if self.sae.sparsifier != "feature_choice" or not 0 < first < steps:
+                return [(self.sae.sparsifier, steps)]
+            return [("mutual_choice", first), ("feature_choice", steps - first)]
         phases = []
         for part in self.schedule.split(","):
             name, _, steps = part.strip().partition(":")
@@ -281,6 +291,10 @@ class TrainConfig:
             raise ConfigError(
                 f"decay_fraction must lie in [0, 1] (or be -1: the recipe's), got "
                 f"{self.decay_fraction}"
+            )
+        if not 0 <= self.mutual_choice_share < 1:
+            raise ConfigError(
+                f"mutual_choice_share must lie in [0, 1), got {self.mutual_choice_share}"
             )
         if self.warmup_steps < -1:
             raise ConfigError(

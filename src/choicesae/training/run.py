@@ -135,6 +135,8 @@ def check_resumable(saved: dict, cfg: TrainConfig, step: int) -> None:
     bit-exact with one trained at that length from the start (with --decay-fraction > 0 the
     decay moves with the end)."""
     new = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    # the model's sparsifier is the last phase's: the phases are compared below
+    new["sae"]["sparsifier"] = saved["sae"]["sparsifier"]
     changed = sorted(k for k in new if k not in RESUME_MAY_CHANGE and saved.get(k) != new[k])
     if changed:
         raise ConfigError(f"cannot resume {cfg.out}: settings differ from the run's ({changed})")
@@ -144,13 +146,16 @@ def check_resumable(saved: dict, cfg: TrainConfig, step: int) -> None:
             f"{step}; ask for at least {step}"
         )
     steps = 0 if saved["schedule"] else saved["steps"]  # older runs saved a default beside it
-    old = TrainConfig(steps=steps, schedule=saved["schedule"], sae=cfg.sae)
+    share = saved.get("mutual_choice_share", 0.0)  # older runs trained Feature Choice alone
+    sae = dataclasses.replace(cfg.sae, sparsifier=saved["sae"]["sparsifier"])
+    old = TrainConfig(steps=steps, schedule=saved["schedule"], sae=sae, mutual_choice_share=share)
     if [phase_at(s, old.phases())[1] for s in range(step)] != [
         phase_at(s, cfg.phases())[1] for s in range(step)
     ]:
+        trained = ",".join(f"{name}:{n}" for name, n in old.phases())
         raise ConfigError(
-            f"cannot resume {cfg.out}: --schedule {cfg.schedule!r} changes the phases of the "
-            f"{step} steps already trained ({saved['schedule']!r})"
+            f"cannot resume {cfg.out}: the phases asked for change the {step} steps already "
+            f"trained ({trained}); extend them with --schedule instead"
         )
 
 
