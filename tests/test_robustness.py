@@ -25,11 +25,13 @@ from choicesae.errors import ChoiceSAEError, ConfigError, NonFiniteError
 from choicesae.training import loop as train_module
 from choicesae.training.checkpoint import checkpoint_paths, load_checkpoint, read_checkpoint
 from choicesae.training.loop import train
+from choicesae.training.run import check_resumable, resolve
 
 
 def small(tmp_path, **kw):
     defaults = {"steps": 30, "batch_size": 256, "lr": 3e-3, "log_every": 5, "progress": False}
-    return TrainConfig(out=str(tmp_path / "run"), sae=SAEConfig(k=4, expansion=4), **defaults | kw)
+    defaults["sae"] = SAEConfig(k=4, expansion=4)
+    return TrainConfig(out=str(tmp_path / "run"), **defaults | kw)
 
 
 def test_last_k_checkpoints_are_kept(tmp_path, synthetic):
@@ -101,6 +103,26 @@ def test_resume_refuses_a_schedule_that_rewrites_the_past(tmp_path, synthetic):
     assert longer.cfg.sparsifier == "topk"
     with pytest.raises(ConfigError, match="change the .* steps already trained"):
         train(small(tmp_path, steps=0, schedule="mutual_choice:5,topk:30", resume=True), x)
+
+
+def test_a_default_feature_choice_run_is_extended_by_its_phases(tmp_path, synthetic):
+    """Default Feature Choice switches at a share of the steps: a longer --steps would move
+    the switch into the steps done, so it is refused; the same phases given as a --schedule
+    extend the run. A run saved before the share existed trained Feature Choice alone."""
+    x = synthetic[0]
+    fc = SAEConfig(sparsifier="feature_choice", k=4, expansion=4)
+    train(small(tmp_path, sae=fc, steps=20, checkpoint_every=20), x)  # 18 + 2 steps
+    with pytest.raises(ConfigError, match=r"20 steps already trained \(mutual_choice:18,"):
+        train(small(tmp_path, sae=fc, steps=40, resume=True), x)
+    schedule = "mutual_choice:18,feature_choice:22"
+    longer = train(small(tmp_path, sae=fc, steps=0, schedule=schedule, resume=True), x)
+    assert longer.cfg.sparsifier == "feature_choice"
+    cfg = resolve(small(tmp_path, sae=fc, steps=40, mutual_choice_share=0), 32)
+    saved = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    del saved["mutual_choice_share"]  # as an older run saved it
+    check_resumable(saved, cfg, 10)
+    with pytest.raises(ConfigError, match="change the 10 steps"):
+        check_resumable(saved, dataclasses.replace(cfg, mutual_choice_share=0.5), 10)
 
 
 def test_overwrite_removes_the_old_runs_checkpoints(tmp_path, synthetic):

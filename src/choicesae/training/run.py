@@ -124,6 +124,7 @@ def resume_(out: Path, cfg: TrainConfig, sae: SAE, optimizer, world: World = SIN
 RESUME_MAY_CHANGE = (  # how a run is watched, where it lives, and how long it goes on
     {"resume", "overwrite", "progress", "log", "log_every", "wandb_mode", "wandb_project"}
     | {"parallel", "checkpoint_every", "keep_checkpoints", "out", "steps", "schedule"}
+    | {"mutual_choice_share"}  # its phases are checked against the steps done
 )
 
 
