@@ -1,6 +1,7 @@
 """The bench (bench/paper.py): settings, the per-method runs, the L1 calibration, the table, and a
 tiny end-to-end run that is reused when run again."""
 
+import dataclasses
 import json
 import math
 
@@ -130,3 +131,11 @@ def test_tiny_synthetic_bench_end_to_end_and_reused(tmp_path):
     before = (tmp_path / "results.jsonl").read_text()
     bench(cfg)  # every run is in results.jsonl: nothing is trained again
     assert (tmp_path / "results.jsonl").read_text() == before
+
+
+def test_matryoshka_methods_nest_the_same_sae():
+    cfg = BenchConfig(steps=100, ks="8", num_latents=512)
+    for base in ("topk", "mutual_choice", "feature_choice"):
+        plain, nested = (run_config(cfg, m, 8, 0, 0.0, 128) for m in (base, f"{base}_matryoshka"))
+        assert nested.prefixes == [(32, 1.0), (128, 1.0)] and plain.prefixes == []
+        assert dataclasses.replace(nested, matryoshka="", out=plain.out) == plain

@@ -16,8 +16,10 @@ threshold per feature, and the BatchTopK post's one global threshold):
   feature_choice_zipf  phased: Mutual Choice, then Zipf Feature Choice (section 4.4)
   relu                 ReLU + L1, the L1 coefficient calibrated to reach L0 = k
   mutual_choice_no_aux_zipf   Mutual Choice with aux_k only (the aux_zipf ablation)
-and, not run by default, another way into the Feature Choice phase (docs/results.md):
+and, not run by default:
   feature_choice_zipf_alpha   phased Zipf, with the Zipf exponent alpha fitted too
+  topk_matryoshka, mutual_choice_matryoshka, feature_choice_matryoshka
+                       the same SAEs trained as Matryoshka SAEs, prefixes F/16 and F/4
 
 Results accumulate in OUT/results.jsonl (a run already there is not trained again), then
 OUT/table.md, OUT/pareto.png (L0-FVU), OUT/phase_switch.png (FVU across the switch to Feature
@@ -57,7 +59,8 @@ METHODS = (
     "relu",
     "mutual_choice_no_aux_zipf",
 )
-SWITCHES = ("feature_choice_zipf_alpha",)
+NESTED = ("topk", "mutual_choice", "feature_choice")  # METHOD_matryoshka: Matryoshka prefixes
+OPTIONAL = ("feature_choice_zipf_alpha", *(f"{m}_matryoshka" for m in NESTED))  # not by default
 
 # each data set's default budget: long enough that training FVU has flattened, short enough
 # that the whole bench takes well under an hour on 2 CPU cores (docs/results.md)
@@ -127,9 +130,9 @@ class BenchConfig:
         for name, value in DEFAULTS[self.data].items():
             if getattr(self, name) == 0:
                 object.__setattr__(self, name, value)  # frozen: filled in once, here
-        unknown = set(self.method_list) - set(METHODS + SWITCHES)
+        unknown = set(self.method_list) - set(METHODS + OPTIONAL)
         if unknown or not self.method_list:
-            names = ", ".join(METHODS + SWITCHES)
+            names = ", ".join(METHODS + OPTIONAL)
             raise ConfigError(f"methods must be among {names}, got {self.methods!r}")
         if not self.k_list or min(self.k_list) < 1 or max(self.k_list) >= self.num_latents:
             raise ConfigError(f"ks must be integers in [1, num_latents), got {self.ks!r}")
@@ -206,9 +209,11 @@ def run_config(
     cfg: BenchConfig, method: str, k: int, seed: int, l1_coeff: float, d_in: int
 ) -> TrainConfig:
     """The TrainConfig of one bench run: the shared budget plus what the method changes."""
-    fc = method.startswith("feature_choice")
-    sparsifier = "feature_choice" if fc else method.removesuffix("_no_aux_zipf")
-    variant = method.removeprefix("feature_choice").removeprefix("_")  # "": the default's
+    base = method.removesuffix("_matryoshka")
+    fc = base.startswith("feature_choice")
+    sparsifier = "feature_choice" if fc else base.removesuffix("_no_aux_zipf")
+    variant = base.removeprefix("feature_choice").removeprefix("_")  # "": the default's
+    F = cfg.num_latents
     capacities = variant.removesuffix("_alpha") or SAEConfig.capacities
     return TrainConfig(
         out=str(cfg.folder / "runs" / f"{method}-k{k}-s{seed}"),
@@ -223,6 +228,7 @@ def run_config(
         steps=cfg.steps,
         mutual_choice_share=0.0 if variant == "uniform" else cfg.switch,  # section 4.3 or 4.4
         fit_alpha=method == "feature_choice_zipf_alpha",
+        matryoshka=f"{F // 16},{F // 4}" if base != method else "",  # nested prefixes of F
         lr=cfg.lr,
         l1_coeff=l1_coeff,
         aux_zipf_coeff=0.0 if method.endswith("_no_aux_zipf") else -1.0,  # the defaults
@@ -372,14 +378,6 @@ def read_results(path: Path) -> list[dict]:
     return records
 
 
-BATCH_RULE = (
-    "mutual_choice",
-    "feature_choice",
-    "feature_choice_uniform",
-    "feature_choice_zipf",
-    "mutual_choice_no_aux_zipf",
-    *SWITCHES,
-)
 COLUMNS = {  # column title -> the value of a record
     "L0": lambda r: r["inference"]["batch"]["l0"],
     "FVU": lambda r: r["inference"]["batch"]["fvu"],
@@ -400,7 +398,8 @@ COLUMNS = {  # column title -> the value of a record
 def _threshold(record: dict, mode: str, key: str) -> float | None:
     """Single-token inference numbers, for the methods trained with a batch rule only (TopK
     and ReLU already encode each token on its own)."""
-    return record["inference"][mode][key] if record["method"] in BATCH_RULE else None
+    batch_rule = record["method"].startswith(("mutual_choice", "feature_choice"))
+    return record["inference"][mode][key] if batch_rule else None
 
 
 def aggregate(records: list[dict]) -> list[dict]:
@@ -420,7 +419,7 @@ def aggregate(records: list[dict]) -> list[dict]:
 
 
 def _order(method: str) -> int:
-    return (METHODS + SWITCHES).index(method)
+    return (METHODS + OPTIONAL).index(method)
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -459,7 +458,7 @@ def write_outputs(cfg: BenchConfig, records: list[dict]) -> Path:
     from choicesae.bench.plots import features_per_token_plot, pareto_plot, phase_switch_plot
 
     pareto_plot(rows, out / "pareto.png")
-    phased = ("mutual_choice", "feature_choice", "feature_choice_zipf", *SWITCHES)
+    phased = ("mutual_choice", "feature_choice", "feature_choice_zipf", "feature_choice_zipf_alpha")
     phase_switch_plot(cfg, out / "phase_switch.png", phased)
     features_per_token_plot(records, max(cfg.k_list), out / "features_per_token.png")
     return out / "table.md"

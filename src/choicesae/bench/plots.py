@@ -17,6 +17,9 @@ METHOD_STYLE = {
     "relu": ("tab:gray", "D"),
     "mutual_choice_no_aux_zipf": ("tab:purple", "x"),
     "feature_choice_zipf_alpha": ("tab:pink", ">"),
+    "topk_matryoshka": ("tab:cyan", "o"),
+    "mutual_choice_matryoshka": ("gold", "s"),
+    "feature_choice_matryoshka": ("lime", "^"),
 }
 
 

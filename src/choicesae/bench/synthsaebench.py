@@ -35,7 +35,7 @@ from torch import Tensor
 
 from choicesae.bench.paper import (
     METHODS,
-    SWITCHES,
+    OPTIONAL,
     BenchConfig,
     BenchData,
     calibrate_l1,
@@ -93,9 +93,9 @@ class SynthSAEBenchConfig:
     """Show each choicesae run's progress bar."""
 
     def __post_init__(self):
-        unknown = set(self.method_list) - set(METHODS + SWITCHES) - set(PEERS)
+        unknown = set(self.method_list) - set(METHODS + OPTIONAL) - set(PEERS)
         if unknown or not self.method_list:
-            names = ", ".join((*METHODS, *SWITCHES, *PEERS))
+            names = ", ".join((*METHODS, *OPTIONAL, *PEERS))
             raise ConfigError(f"methods must be among {names}, got {self.methods!r}")
         if self.scale not in [2**i for i in range(8)]:
             raise ConfigError(f"scale must be a power of two from 1 to 128, got {self.scale}")

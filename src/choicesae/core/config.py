@@ -8,6 +8,7 @@ import ast
 import dataclasses
 import importlib.util
 import inspect
+import itertools
 import json
 import textwrap
 import typing
@@ -194,6 +195,14 @@ class TrainConfig:
     """Skip (and count) batches whose loss is NaN or Inf instead of stopping the run."""
     resume: bool = False
     """Continue the run in --out from its checkpoint."""
+    matryoshka: str = ""
+    """Prefix sizes m_1 < m_2 < ... < F of a Matryoshka SAE (Bussmann et al. 2025), e.g.
+    256,1024: the code is selected once over all latents, then each prefix's latents (feature
+    index below m_j) reconstruct the input on their own, and their MSE joins the loss. Empty: a
+    plain SAE."""
+    matryoshka_weights: str = ""
+    """Comma-separated weight of each --matryoshka prefix's MSE (the whole dictionary's MSE
+    keeps weight 1); empty: 1 for every prefix."""
     multi_topk: bool = False
     """Add the Multi-TopK term L(4k)/8 (Gao et al. 5.3.1) for progressive codes."""
     log_every: int = 50
@@ -243,6 +252,26 @@ class TrainConfig:
                 )
             phases.append((name, int(steps)))
         return phases
+
+    @property
+    def prefixes(self) -> list[tuple[int, float]]:
+        """[(m_j, weight_j)] of --matryoshka and --matryoshka-weights; [] for a plain SAE."""
+        sizes = _numbers(self.matryoshka, int, "matryoshka")
+        weights = _numbers(self.matryoshka_weights, float, "matryoshka_weights")
+        F = self.sae.num_latents
+        if sizes and (sizes[0] < 1 or any(b <= a for a, b in itertools.pairwise(sizes))):
+            raise ConfigError(f"matryoshka prefix sizes must increase from 1, got {sizes}")
+        if F and sizes and sizes[-1] >= F:
+            raise ConfigError(
+                f"matryoshka prefix sizes must stay below num_latents ({F}), got {sizes}"
+            )
+        if self.matryoshka_weights and len(weights) != len(sizes):
+            raise ConfigError(
+                f"matryoshka_weights needs one weight per prefix ({len(sizes)}), got {weights}"
+            )
+        if any(w < 0 for w in weights):
+            raise ConfigError(f"matryoshka_weights must not be negative, got {weights}")
+        return list(zip(sizes, weights or [1.0] * len(sizes), strict=True))
 
     @property
     def total_steps(self) -> int:
@@ -313,7 +342,16 @@ class TrainConfig:
                 f"multi_topk needs 4k <= num_latents, got k={self.sae.k} and "
                 f"num_latents={self.sae.num_latents}"
             )
+        self.prefixes  # noqa: B018 -- parsed and checked here, once
         check_feature_parallel(self)
+
+
+def _numbers(text: str, kind: type, name: str) -> list:
+    """The comma-separated numbers of a setting; a clear error for anything else."""
+    try:
+        return [kind(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"{name} must be comma-separated numbers, got {text!r}") from None
 
 
 def check_feature_parallel(cfg: "TrainConfig") -> None:
@@ -323,6 +361,7 @@ def check_feature_parallel(cfg: "TrainConfig") -> None:
     missing = {
         "--distributed-selection local": cfg.distributed_selection == "local",
         "nfm_coeff / nfm_inf_coeff": bool(cfg.nfm_coeff or cfg.nfm_inf_coeff),
+        "--matryoshka": bool(cfg.matryoshka),
     }
     refused = [name for name, used in missing.items() if used]
     if refused:

@@ -2,7 +2,8 @@
 
     z' = affinities(x);  the selections: the code at budget k (and 4k, Multi-TopK), and each
          auxiliary loss's latents;  x̂ = decode(code) + b_dec
-    loss = |x − x̂|²  [+ |x − x̂_4k|²/8]  [+ λ·L1 (relu)]  [+ aux_k + aux_zipf]  [+ NFM]
+    loss = |x − x̂|²  [+ Σ_j w_j |x − x̂_{<m_j}|² (Matryoshka)]  [+ |x − x̂_4k|²/8]
+           [+ λ·L1 (relu)]  [+ aux_k + aux_zipf]  [+ NFM]
 
 Which terms a sparsifier trains with comes from its entry in the registry
 (`sparsifiers.SPARSIFIERS`). How a selection is made and decoded comes from the ops: the dense
@@ -83,6 +84,8 @@ def objective(
         return objective(sae, x, cfg, sparsifier, masks, step, ops.reference)
     x_hat = ops.decode(sae, codes["mse"]) + sae.b_dec
     terms = {"mse": mse(x_hat, x)}
+    for m, weight in cfg.prefixes:  # Matryoshka: the code's pairs with feature index < m
+        terms[f"mse_{m}"] = weight * mse(ops.decode(sae, codes["mse"], below=m) + sae.b_dec, x)
     if cfg.multi_topk:
         terms["mse_4k"] = mse(ops.decode(sae, codes["mse_4k"]) + sae.b_dec, x) / 8
     if rule.l1:

@@ -99,11 +99,14 @@ class Dense:
             return DenseCode(rule.reference(z, want.k, m).acts)
         return DenseCode(dense_acts(z, pairs))
 
-    def decode(self, sae, code: DenseCode, rows: slice | None = None) -> Tensor:
-        """acts @ W_dec [B, d] without the bias (at the tokens `rows` when given)."""
+    def decode(
+        self, sae, code: DenseCode, rows: slice | None = None, below: int | None = None
+    ) -> Tensor:
+        """acts @ W_dec [B, d] without the bias (at the tokens `rows` when given; with the
+        latents of index below `below` alone when given, a Matryoshka prefix)."""
         if code.cut:
             return code.acts @ sae.W_dec
-        x_hat = self.backend.sum_shards(code.acts @ sae.W_dec)
+        x_hat = self.backend.sum_shards(code.acts[:, :below] @ sae.W_dec[:below])
         return x_hat if rows is None else x_hat[rows]
 
     def l1(self, sae, code: DenseCode, batch_size: int) -> Tensor:
@@ -158,8 +161,14 @@ class Sparse:
         chosen = backend.select(sparsifier, z, want.k, m)
         return kernels.INDEX[sparsifier](z, want.k, m) if chosen is None else chosen
 
-    def decode(self, sae, code: SparseCode, rows: slice | None = None) -> Tensor:
-        x_hat = self.backend.sum_shards(kernels.decode_pairs(code.pairs, code.acts, sae.W_dec))
+    def decode(
+        self, sae, code: SparseCode, rows: slice | None = None, below: int | None = None
+    ) -> Tensor:
+        pairs, acts = code
+        if below is not None:  # a Matryoshka prefix: its pairs alone, no dense product
+            keep = pairs.feature < below
+            pairs, acts = Pairs(pairs.token[keep], pairs.feature[keep], pairs.shape), acts[keep]
+        x_hat = self.backend.sum_shards(kernels.decode_pairs(pairs, acts, sae.W_dec))
         return x_hat if rows is None else x_hat[rows]
 
     def l1(self, sae, code: SparseCode, batch_size: int) -> Tensor:
