@@ -30,20 +30,21 @@ TINY = dict(scale=64, hidden_dim=32, k=4, seeds=1, steps=30, batch_size=256, eva
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     out = tmp_path_factory.mktemp("synthsaebench")
-    cfg = SynthSAEBenchConfig(out=str(out), methods="mutual_choice,saelens_topk", **TINY)
+    methods = "mutual_choice,saelens_topk,saelens_matryoshka_batchtopk"
+    cfg = SynthSAEBenchConfig(out=str(out), methods=methods, **TINY)
     return cfg, synthsaebench(cfg)
 
 
 def test_every_method_is_scored_in_the_table(tiny):
     cfg, table = tiny
     records = read_results(cfg.folder / "results.jsonl")
-    assert sorted(r["method"] for r in records) == ["mutual_choice", "saelens_topk"]
+    assert sorted(r["method"] for r in records) == sorted(cfg.method_list)
     for r in records:
         scores = (r["eval"]["mcc"], r["eval"]["classification"]["f1_score"], r["fvu"])
         assert all(math.isfinite(v) for v in scores), r
         assert 0 < r["eval"]["sae_l0"] and 0 < r["eval"]["mcc"] <= 1
     text = table.read_text()
-    assert "| mutual_choice | 1 |" in text and "| saelens_topk | 1 |" in text
+    assert all(f"| {method} | 1 |" in text for method in cfg.method_list)
     assert "nan" not in text
 
 

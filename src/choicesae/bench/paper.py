@@ -205,6 +205,11 @@ def minilm_data(cfg: BenchConfig) -> BenchData:
     return BenchData(x[cfg.eval_tokens :], x[:n_test][order], first[order], store=store)
 
 
+def prefixes(num_latents: int) -> list[int]:
+    """The Matryoshka methods' prefix sizes: F/16 and F/4 (the whole dictionary is the last)."""
+    return [num_latents // 16, num_latents // 4]
+
+
 def run_config(
     cfg: BenchConfig, method: str, k: int, seed: int, l1_coeff: float, d_in: int
 ) -> TrainConfig:
@@ -213,7 +218,6 @@ def run_config(
     fc = base.startswith("feature_choice")
     sparsifier = "feature_choice" if fc else base.removesuffix("_no_aux_zipf")
     variant = base.removeprefix("feature_choice").removeprefix("_")  # "": the default's
-    F = cfg.num_latents
     capacities = variant.removesuffix("_alpha") or SAEConfig.capacities
     return TrainConfig(
         out=str(cfg.folder / "runs" / f"{method}-k{k}-s{seed}"),
@@ -228,7 +232,7 @@ def run_config(
         steps=cfg.steps,
         mutual_choice_share=0.0 if variant == "uniform" else cfg.switch,  # section 4.3 or 4.4
         fit_alpha=method == "feature_choice_zipf_alpha",
-        matryoshka=f"{F // 16},{F // 4}" if base != method else "",  # nested prefixes of F
+        matryoshka=",".join(map(str, prefixes(cfg.num_latents))) if base != method else "",
         lr=cfg.lr,
         l1_coeff=l1_coeff,
         aux_zipf_coeff=0.0 if method.endswith("_no_aux_zipf") else -1.0,  # the defaults

@@ -1,5 +1,5 @@
-"""`choicesae bench synthsaebench`: the paper bench's methods and SAELens's own TopK and BatchTopK,
-trained on SAELens's SynthSAEBench synthetic model and scored by SAELens's own evaluator,
+"""`choicesae bench synthsaebench`: the paper bench's methods and SAELens's own TopK, BatchTopK and
+Matryoshka BatchTopK, trained on SAELens's SynthSAEBench synthetic model and scored by SAELens's own evaluator,
 `sae_lens.synthetic.eval_sae_on_synthetic_data` (MCC, F1, explained variance, L0, dead latents).
 
 The data: SynthSAEBench-16k's published configuration (SAELens's docs/synth_sae_bench.md: 16,384
@@ -12,8 +12,9 @@ every method is scored on one held-out stream of another seed.
 The methods: the paper bench's (bench/paper.py METHODS and run_config, so that a method is one
 thing in the repository), trained by choicesae's train and exported to SAELens by
 interop/saelens.py, Mutual and Feature Choice as JumpReLU at per-feature thresholds fitted on the
-training rows (appendix B); and SAELens's TopK and BatchTopK, trained by SAELens's SAETrainer with
-its synthetic runner's defaults (SyntheticSAERunnerConfig) on the same rows.
+training rows (appendix B); and SAELens's TopK, BatchTopK and Matryoshka BatchTopK (at the
+Matryoshka methods' prefixes), trained by SAELens's SAETrainer with its synthetic runner's
+defaults (SyntheticSAERunnerConfig) on the same rows.
 
 Results accumulate in OUT/results.jsonl (a run already there is not trained again), then
 OUT/table.md: mean ± std over seeds. sae-lens (the interop extra) is imported inside the functions
@@ -39,6 +40,7 @@ from choicesae.bench.paper import (
     BenchConfig,
     BenchData,
     calibrate_l1,
+    prefixes,
     read_results,
     run_config,
 )
@@ -49,7 +51,11 @@ from choicesae.evaluation.evaluate import calibrate_thresholds_
 from choicesae.interop.saelens import saelens_form, to_saelens
 from choicesae.training.loop import train
 
-PEERS = {"saelens_topk": "topk", "saelens_batchtopk": "batchtopk"}  # name -> SAELens architecture
+PEERS = {  # name -> SAELens architecture
+    "saelens_topk": "topk",
+    "saelens_batchtopk": "batchtopk",
+    "saelens_matryoshka_batchtopk": "matryoshka_batchtopk",  # the Matryoshka methods' prefixes
+}
 HELD_OUT_SEED = 2**31 - 1  # the scoring stream's seed; training streams take the seeds 0, 1, ...
 SETTINGS = ("scale", "hidden_dim", "k", "steps", "batch_size", "eval_samples", "switch")
 
@@ -63,7 +69,8 @@ class SynthSAEBenchConfig:
     """Folder of the runs, results.jsonl and table.md; empty: runs/bench-synthsaebench."""
     methods: str = ",".join((*METHODS, *PEERS))
     """Comma-separated methods: the paper bench's (see `choicesae bench --help`), and
-    saelens_topk, saelens_batchtopk (SAELens's own SAEs, trained by SAELens)."""
+    saelens_topk, saelens_batchtopk, saelens_matryoshka_batchtopk (SAELens's own SAEs, trained
+    by SAELens)."""
     scale: int = 8
     """Divides SynthSAEBench-16k's 16384 true features, 128 hierarchy trees, correlation rank 25
     and recommended SAE width 4096: 8 gives 2048 features and SAE width 512. A power of two, at
@@ -232,7 +239,9 @@ def train_peer(cfg: SynthSAEBenchConfig, model, method: str, seed: int, rows: Te
     from sae_lens.training.sae_trainer import SAETrainer
 
     sae_class, sae_config = get_sae_training_class(PEERS[method])
-    sae_cfg = sae_config(k=cfg.k, d_in=cfg.hidden_dim, d_sae=cfg.num_latents, device=cfg.device)
+    F, nested = cfg.num_latents, PEERS[method] == "matryoshka_batchtopk"
+    widths = {"matryoshka_widths": [*prefixes(F), F]} if nested else {}
+    sae_cfg = sae_config(k=cfg.k, d_in=cfg.hidden_dim, d_sae=F, device=cfg.device, **widths)
     runner = SyntheticSAERunnerConfig(
         synthetic_model=model.cfg,
         sae=sae_cfg,
