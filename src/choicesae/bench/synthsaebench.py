@@ -1,6 +1,7 @@
 """`choicesae bench synthsaebench`: the paper bench's methods and SAELens's own TopK, BatchTopK and
-Matryoshka BatchTopK, trained on SAELens's SynthSAEBench synthetic model and scored by SAELens's own evaluator,
-`sae_lens.synthetic.eval_sae_on_synthetic_data` (MCC, F1, explained variance, L0, dead latents).
+Matryoshka BatchTopK, trained on SAELens's SynthSAEBench synthetic model and scored by SAELens's
+own evaluator, `sae_lens.synthetic.eval_sae_on_synthetic_data` (MCC, F1, explained variance, L0,
+dead latents).
 
 The data: SynthSAEBench-16k's published configuration (SAELens's docs/synth_sae_bench.md: 16,384
 true features in 768 dimensions, Zipfian firing, 128 hierarchy trees with mutually exclusive
@@ -62,8 +63,9 @@ SETTINGS = ("scale", "hidden_dim", "k", "steps", "batch_size", "eval_samples", "
 
 @dataclass(frozen=True)
 class SynthSAEBenchConfig:
-    """Train the paper bench's methods and SAELens's TopK and BatchTopK on SAELens's SynthSAEBench
-    model, scaled down; SAELens's evaluator scores each (MCC, F1, FVU); table over seeds."""
+    """Train the paper bench's methods and SAELens's TopK, BatchTopK and Matryoshka BatchTopK on
+    SAELens's SynthSAEBench model, scaled down; SAELens's evaluator scores each (MCC, F1, FVU);
+    table over seeds."""
 
     out: str = ""
     """Folder of the runs, results.jsonl and table.md; empty: runs/bench-synthsaebench."""

@@ -1,6 +1,7 @@
 """Command line: `choicesae COMMAND --flags`; a command parses its config, calls one function."""
 
 import argparse
+import dataclasses
 import sys
 
 import torch
@@ -141,11 +142,13 @@ def parser(
             "config.json); flags given on the command line override it",
         )
         sub.set_defaults(**(defaults or {}).get(name, {}))
-        if name in POSITIONAL:
+        if name in POSITIONAL and POSITIONAL[name] in {f.name for f in dataclasses.fields(cls)}:
             field = POSITIONAL[name]
             sub.add_argument(
                 "positional", nargs="?", metavar=field.upper(), help=f"same as --{field}"
             )
+        elif name in POSITIONAL:  # `bench TARGET`, whose settings these are
+            sub.add_argument("positional", choices=list(BENCH_TARGETS), metavar="TARGET")
         if name in VARIADIC:
             field = VARIADIC[name]
             sub.add_argument("positional", nargs="*", metavar="RUN", help=f"same as --{field}")
