@@ -115,8 +115,7 @@ class SynthSAEBenchConfig:
         for name in ("seeds", "steps", "batch_size", "eval_samples"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not 0 < self.switch < 1 or round(self.switch * self.steps) in (0, self.steps):
-            raise ConfigError(f"switch must leave both phases steps, got {self.switch}")
+        paper_config(self)  # the paper bench's checks of the settings it shares (the switch)
 
     @property
     def method_list(self) -> list[str]:
