@@ -6,6 +6,7 @@ Settings that cannot work are refused here, in __post_init__, with the setting n
 import argparse
 import ast
 import dataclasses
+import functools
 import importlib.util
 import inspect
 import itertools
@@ -253,7 +254,7 @@ class TrainConfig:
             phases.append((name, int(steps)))
         return phases
 
-    @property
+    @functools.cached_property  # parsed once per config, not at every step's objective
     def prefixes(self) -> list[tuple[int, float]]:
         """[(m_j, weight_j)] of --matryoshka and --matryoshka-weights; [] for a plain SAE."""
         sizes = _numbers(self.matryoshka, int, "matryoshka")
