@@ -83,9 +83,13 @@ def platform() -> str:
 
 
 def fingerprint(sae: SAE) -> dict:
-    """SHA-256 over the state dict's names and bytes, and each tensor's sum."""
+    """SHA-256 over the state dict's names and bytes, and each tensor's sum; a transcoder's
+    target scale, added after the golden weights were written, is left out (an autoencoder's
+    is always 1)."""
     digest, sums = hashlib.sha256(), {}
-    for name, tensor in sorted(sae.state_dict().items()):
+    state = sae.state_dict()
+    assert float(state.pop("scale_out")) == 1.0
+    for name, tensor in sorted(state.items()):
         digest.update(name.encode() + tensor.contiguous().numpy().tobytes())
         sums[name] = float(tensor.double().nansum())
     return {"sha256": digest.hexdigest(), "sums": sums}

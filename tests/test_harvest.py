@@ -3,6 +3,7 @@ import itertools
 import json
 import os
 import pydoc_data.topics
+import re
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from tiny_models import save_tiny_model
+from torch import Tensor
 
 import choicesae.data.store as store_module
 from choicesae.cli.main import main, parser
@@ -40,6 +42,20 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module", params=["gpt2", "bert"])
 def tiny(request, tmp_path_factory):
     return save_tiny_model(request.param, tmp_path_factory.mktemp(request.param))
+
+
+TRANSCODERS = {  # arch: (hookpoint, target), an MLP's input and its output
+    "gpt2": ("h.1.ln_2", "h.1.mlp"),
+    "bert": ("encoder.layer.1.attention.output", "encoder.layer.1.intermediate"),  # 32 -> 64
+}
+
+
+@pytest.fixture(scope="module", params=list(TRANSCODERS))
+def transcoder(request, tmp_path_factory):
+    """(model folder, hookpoint, target, target's width)."""
+    folder, _ = save_tiny_model(request.param, tmp_path_factory.mktemp(request.param))
+    hookpoint, target = TRANSCODERS[request.param]
+    return folder, hookpoint, target, 64 if target.endswith("intermediate") else 32
 
 
 def config(model, hookpoint, text, out, **kw) -> HarvestConfig:
@@ -71,6 +87,73 @@ def test_harvest_matches_the_model_and_repeats_byte_for_byte(tiny, corpus, tmp_p
         rows = store[np.arange(63 * c, min(63 * (c + 1), 1000))]
         torch.testing.assert_close(rows, hidden[1 : 1 + len(rows)], atol=1e-5, rtol=1e-4)
     assert torch.equal(again[:], store[:])
+
+
+def outputs_by_hand(folder, text, modules, tokens, drop_first) -> tuple[Tensor, np.ndarray]:
+    """(rows [tokens, sum of widths]: the outputs of `modules` side by side, token ids) of
+    the contexts of `text`, each run alone through the whole model with forward hooks."""
+    model, tokenizer = load_model(str(folder))
+    seen = {}
+    for name in modules:
+        model.get_submodule(name).register_forward_hook(
+            lambda _m, _i, out, name=name: seen.__setitem__(name, out.clone())
+        )
+    rows, ids = [], []
+    for ctx in contexts(documents(text), tokenizer, 64):
+        with torch.no_grad():
+            model(input_ids=torch.tensor([ctx]))
+        rows.append(torch.cat([seen[name][0] for name in modules], -1)[int(drop_first) :])
+        ids += ctx[int(drop_first) :]
+        if len(ids) >= tokens:
+            break
+    return torch.cat(rows)[:tokens], np.array(ids[:tokens])
+
+
+@pytest.mark.parametrize("drop_first", [True, False])
+def test_a_target_harvest_stores_hookpoint_and_target_side_by_side(
+    transcoder, corpus, tmp_path, drop_first
+):
+    folder, hookpoint, target, d_target = transcoder
+    text = f"{corpus / 'a.txt'},{corpus / 'b.txt'}"
+    cfg = config(folder, hookpoint, text, tmp_path / "s", dtype="float32", target=target)
+    store = harvest(dataclasses.replace(cfg, drop_first=drop_first))
+    assert store.shape == (1000, 32 + d_target) and store.num_shards > 2
+    assert (store.d_model, store.d_target) == (32, d_target)
+    assert {k: store.manifest[k] for k in ("hookpoint", "target", "d_model", "d_target")} == {
+        "hookpoint": hookpoint,
+        "target": target,
+        "d_model": 32,
+        "d_target": d_target,
+    }
+    rows, ids = outputs_by_hand(folder, text, [hookpoint, target], 1000, drop_first)
+    assert np.array_equal(store.tokens(), ids)
+    torch.testing.assert_close(store[:], rows, atol=1e-5, rtol=1e-4)
+
+
+def test_online_target_activations_are_the_stored_pairs(transcoder, corpus, tmp_path):
+    folder, hookpoint, target, d_target = transcoder
+    cfg = config(folder, hookpoint, corpus / "a.txt", tmp_path / "s", dtype="float32")
+    cfg = dataclasses.replace(cfg, target=target)
+    stored = harvest(cfg)[:]
+    online = OnlineActivations(cfg)
+    assert online.shape == (1000, 32 + d_target) and online.d_target == d_target
+    batch = next(online.batches(batch_size=100, seed=0))  # [100, 32 + d_target]
+    distance = (batch[:, None] - stored[None]).abs().amax(-1).min(dim=1).values  # [100]
+    assert distance.max() < 1e-5
+
+
+def test_bad_targets_are_clear_errors(transcoder, corpus, tmp_path):
+    folder, hookpoint, target, _ = transcoder
+    text, out = corpus / "a.txt", tmp_path / "s"
+    pattern = re.escape(f"unknown hookpoint '{target}x'") + ".*closest: .*" + re.escape(target)
+    with pytest.raises(ConfigError, match=pattern):
+        harvest(config(folder, hookpoint, text, out, target=target + "x"))
+    with pytest.raises(ConfigError, match="target .* is the hookpoint"):
+        config(folder, hookpoint, text, out, target=hookpoint)
+    blocks = target.split(".1.")[0]  # h or encoder.layer: a list of blocks, never called
+    with pytest.raises(ConfigError, match=r"not \[batch, tokens, width\]"):
+        harvest(config(folder, hookpoint, text, out, target=blocks))
+    assert not out.exists()
 
 
 def test_the_last_context_is_short_and_padding_never_stored(tiny, corpus, tmp_path):
@@ -146,10 +229,8 @@ class Killed(BaseException):
     """Stands for SIGKILL: nothing of the harvest's own error handling runs."""
 
 
-def test_an_interrupted_harvest_resumes_to_the_same_store(tiny, corpus, tmp_path, monkeypatch):
-    folder, hookpoint = tiny
-    text = corpus / "a.txt"
-    full = harvest(config(folder, hookpoint, text, tmp_path / "full"))
+def interrupt(cfg: HarvestConfig, monkeypatch) -> None:
+    """Harvest cfg until it dies half-way through writing its third shard."""
     save, calls = store_module._save, []
 
     def dies_in_the_third_shard(path, array):
@@ -160,16 +241,56 @@ def test_an_interrupted_harvest_resumes_to_the_same_store(tiny, corpus, tmp_path
         save(path, array)
 
     monkeypatch.setattr(store_module, "_save", dies_in_the_third_shard)
-    cfg = config(folder, hookpoint, text, tmp_path / "cut")
     with pytest.raises(Killed):
         harvest(cfg)
+    monkeypatch.setattr(store_module, "_save", save)
+
+
+def check_resumes_to_the_same_store(cfg: HarvestConfig, tmp_path, monkeypatch) -> None:
+    full = harvest(dataclasses.replace(cfg, out=str(tmp_path / "full")))
+    cfg = dataclasses.replace(cfg, out=str(tmp_path / "cut"))
+    interrupt(cfg, monkeypatch)
     assert (tmp_path / "cut" / "shard-00002.tmp" / "acts.npy").exists()
     partial = Store(tmp_path / "cut")  # a reader sees the two complete shards only
     assert partial.num_shards == 2 and torch.equal(partial[:], full[: len(partial)])
-    monkeypatch.setattr(store_module, "_save", save)
     resumed = harvest(cfg)
     assert files(tmp_path / "cut") == files(tmp_path / "full")
     assert resumed.manifest == full.manifest
+
+
+def test_an_interrupted_harvest_resumes_to_the_same_store(tiny, corpus, tmp_path, monkeypatch):
+    folder, hookpoint = tiny
+    cfg = config(folder, hookpoint, corpus / "a.txt", tmp_path / "unused")
+    check_resumes_to_the_same_store(cfg, tmp_path, monkeypatch)
+
+
+def test_an_interrupted_target_harvest_resumes_to_the_same_store(
+    transcoder, corpus, tmp_path, monkeypatch
+):
+    folder, hookpoint, target, _ = transcoder
+    cfg = config(folder, hookpoint, corpus / "a.txt", tmp_path / "unused", target=target)
+    check_resumes_to_the_same_store(cfg, tmp_path, monkeypatch)
+
+
+def test_resuming_with_another_target_or_none_is_refused(
+    transcoder, corpus, tmp_path, monkeypatch, capsys
+):
+    folder, hookpoint, target, _ = transcoder
+    other = target.rsplit(".", 1)[0]  # the block: h.1 or encoder.layer.1
+    cfg = config(folder, hookpoint, corpus / "a.txt", tmp_path / "s", target=target)
+    interrupt(cfg, monkeypatch)
+    argv = ["harvest", "--model", str(folder), "--hookpoint", hookpoint, "--text", cfg.text]
+    argv += ["--tokens", "1000", "--shard-tokens", "200", "--batch-size", "4", "--no-progress"]
+    argv += ["--out", cfg.out]
+    for wrong in (other, ""):
+        assert main([*argv, "--target", wrong]) == 2
+        assert f"holds a harvest with target={target!r}, not {wrong!r}" in capsys.readouterr().err
+    assert main(argv) == 2  # no --target at all
+    assert f"target={target!r}, not ''" in capsys.readouterr().err
+    assert main([*argv, "--target", target]) == 0  # the same target resumes
+    interrupt(dataclasses.replace(cfg, target="", out=str(tmp_path / "sae")), monkeypatch)
+    with pytest.raises(ConfigError, match=re.escape(f"target='', not '{target}'")):
+        harvest(dataclasses.replace(cfg, out=str(tmp_path / "sae")))
 
 
 def test_a_harvest_killed_by_a_signal_resumes_to_the_same_store(tmp_path):

@@ -1,8 +1,9 @@
 import pytest
 import torch
 from tiny_models import ARCHITECTURES, save_tiny_model
+from torch import nn
 
-from choicesae.data.hooks import capture, find_module, hookpoints, load_model
+from choicesae.data.hooks import capture, capture_all, find_module, hookpoints, load_model
 from choicesae.errors import ChoiceSAEError, ConfigError, DataError
 
 
@@ -23,6 +24,47 @@ def test_capture_equals_the_models_hidden_states(tiny):
         reference = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
     assert got.shape == (2, ids.shape[1], 32)
     torch.testing.assert_close(got, reference.hidden_states[2])
+
+
+def test_capture_all_runs_once_in_any_order_and_stops_after_the_last(tiny):
+    model, tokenizer, hookpoint = tiny
+    ids = torch.tensor([tokenizer("the quick brown fox jumps over the lazy dog")["input_ids"]] * 2)
+    mask = torch.ones_like(ids)
+    block0, block1, block2 = (find_module(model, hookpoint.replace("1", n)) for n in "012")
+    with torch.no_grad():
+        hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    calls = []
+    handle = block2.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        got = capture_all(model, [block1, block0], ids, mask)  # given late-first: order kept
+    finally:
+        handle.remove()
+    assert not calls  # the forward stopped after block 1, the last of the two to run
+    torch.testing.assert_close(got[0], hidden[2])
+    torch.testing.assert_close(got[1], hidden[1])
+    got = capture_all(model, [block0, block1], ids, mask)  # the run order given
+    torch.testing.assert_close(got[0], hidden[1])
+    torch.testing.assert_close(got[1], hidden[2])
+
+
+class WritesInPlace(nn.Module):
+    """A model whose second layer adds into the first one's output tensor, as an in-place
+    residual add would."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = nn.Identity(), nn.Identity()
+
+    def forward(self, input_ids, attention_mask):
+        x = self.first(input_ids[..., None].float())  # [B, T, 1]
+        x += 1
+        return self.second(x)
+
+
+def test_capture_all_keeps_an_output_that_a_later_layer_overwrites():
+    model, ids = WritesInPlace(), torch.arange(6).reshape(2, 3)
+    first, second = capture_all(model, [model.first, model.second], ids, torch.ones_like(ids))
+    assert torch.equal(first[..., 0], ids.float()) and torch.equal(second[..., 0], ids + 1.0)
 
 
 def test_hookpoints_list_the_blocks(tiny):

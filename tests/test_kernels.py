@@ -132,21 +132,24 @@ def test_feature_choice_with_every_capacity_zero_selects_nothing():
         assert len(pairs.token) == len(pairs.feature) == 0 and tuple(pairs.shape) == (8, 6)
 
 
-def test_encode_and_decode_gradients_match_dense_autograd():
+@pytest.mark.parametrize("transcoder", [False, True])
+def test_encode_and_decode_gradients_match_dense_autograd(transcoder):
+    """Also for a transcoder, whose encoder reads x without b_dec (b_in None)."""
     g = torch.Generator().manual_seed(0)
     B, d, F = 12, 6, 20
     x, W_enc, b_enc, b_dec = (torch.randn(*s, generator=g) for s in ([B, d], [d, F], [F], [d]))
     W_dec = torch.randn(F, d, generator=g)
     params = [t.requires_grad_() for t in (x, W_enc, b_enc, b_dec, W_dec)]
-    z = (x - b_dec) @ W_enc + b_enc
+    b_in = None if transcoder else b_dec
+    z = (x if transcoder else x - b_dec) @ W_enc + b_enc
     pairs = kernels.select_mutual_choice(z.detach(), 3)
     weights = torch.randn(B, d, generator=g)
 
-    ref = (dense(pairs, z) @ W_dec * weights).sum()  # dense() ReLUs, as the step does
+    ref = ((dense(pairs, z) @ W_dec + b_dec) * weights).sum()  # dense() ReLUs, as the step does
     ref_grads = torch.autograd.grad(ref, params)
-    sae = type("Enc", (), {"W_enc": W_enc, "b_enc": b_enc, "b_dec": b_dec})
+    sae = type("Enc", (), {"W_enc": W_enc, "b_enc": b_enc, "b_dec": b_dec, "b_in": b_in})
     values = kernels.encode_pairs(sae, x, z.detach(), pairs)
-    ours = (kernels.decode_pairs(pairs, values.relu(), W_dec) * weights).sum()
+    ours = ((kernels.decode_pairs(pairs, values.relu(), W_dec) + b_dec) * weights).sum()
     for a, b in zip(torch.autograd.grad(ours, params), ref_grads, strict=True):
         torch.testing.assert_close(a, b)
 

@@ -97,6 +97,38 @@ def test_missing_store_and_unfinished_shards_are_not_read(tmp_path):
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
+def test_a_transcoder_store_holds_hookpoint_then_target_columns(tmp_path):
+    meta = META | {"target": "t", "d_target": 4}
+    writer = StoreWriter(tmp_path / "s", meta)
+    x = torch.randn(10, 12)  # [rows, d_model + d_target]
+    writer.write_shard(x, np.zeros(10))
+    writer.finish()
+    store = Store(tmp_path / "s")
+    assert store.shape == (10, 12) and (store.d_model, store.d_target) == (8, 4)
+    assert torch.equal(store[:], x)
+    with pytest.raises(ConfigError, match="target='t', not ''"):  # resuming as an SAE harvest
+        StoreWriter(tmp_path / "s", META | {"target": "", "d_target": 0})
+    writer = StoreWriter(tmp_path / "narrow", meta)
+    writer.write_shard(torch.randn(10, 8), np.zeros(10))  # the hookpoint's columns alone
+    with pytest.raises(DataError, match=r"shard-00000 .* has shape \(10, 8\), not \(10, 12\)"):
+        Store(tmp_path / "narrow").shard(0)
+
+
+def test_manifests_without_a_target_read_as_sae_stores(tmp_path):
+    write_store(tmp_path / "s", [10], d=8)  # META has neither target nor d_target
+    file = tmp_path / "s" / "manifest.json"
+    manifest = json.loads(file.read_text())
+    assert "target" not in manifest and "d_target" not in manifest
+    store = Store(tmp_path / "s")
+    assert store.shape == (10, 8) and (store.d_model, store.d_target) == (8, 0)
+    assert store.manifest["target"] == ""
+    StoreWriter(tmp_path / "s", META | {"target": "", "d_target": 0})  # an SAE harvest resumes
+    for bad in (-1, "4", 1.5, None):
+        file.write_text(json.dumps(manifest | {"d_target": bad}))
+        with pytest.raises(DataError, match="damaged"):
+            Store(tmp_path / "s")
+
+
 def test_a_full_disk_keeps_the_written_shards(tmp_path, monkeypatch):
     import errno
 

@@ -8,6 +8,7 @@ import torch
 
 from choicesae.bench.paper import BenchConfig, bench
 from choicesae.bench.synthsaebench import SynthSAEBenchConfig, synthsaebench
+from choicesae.bench.transcoder import TranscoderBenchConfig, transcoder_bench
 from choicesae.core.config import TrainConfig, add_arguments, file_defaults, from_arguments
 from choicesae.data.harvest import HarvestConfig, harvest
 from choicesae.data.hooks import HookpointsConfig, load_model, module_table
@@ -39,6 +40,10 @@ def _synthsaebench(cfg: SynthSAEBenchConfig) -> None:
     print(f"wrote {synthsaebench(cfg)}")
 
 
+def _transcoder_bench(cfg: TranscoderBenchConfig) -> None:
+    print(f"wrote {transcoder_bench(cfg)}")
+
+
 def _synthetic(cfg: SyntheticConfig) -> None:
     x_path, dict_path = write_synthetic(cfg)
     print(f"wrote {cfg.tokens} activations to {x_path} and the true dictionary to {dict_path}")
@@ -46,8 +51,11 @@ def _synthetic(cfg: SyntheticConfig) -> None:
 
 def _harvest(cfg: HarvestConfig) -> None:
     store = harvest(cfg)
-    rows, d_model = store.shape
-    print(f"{cfg.out}: {rows} activations [{d_model}] of {cfg.model} at {cfg.hookpoint}")
+    pairs = f", targets [{store.d_target}] at {cfg.target}" if cfg.target else ""
+    print(
+        f"{cfg.out}: {len(store)} activations [{store.d_model}] of {cfg.model} at "
+        f"{cfg.hookpoint}{pairs}"
+    )
 
 
 def _hookpoints(cfg: HookpointsConfig) -> None:
@@ -95,7 +103,8 @@ COMMANDS = {
         BenchConfig,
         _bench,
         "Compare every sparsifier at matched L0 (docs/results.md); `bench synthsaebench "
-        "--help`: on SAELens's SynthSAEBench.",
+        "--help`: on SAELens's SynthSAEBench; `bench transcoder --help`: transcoders "
+        "against SAEs.",
     ),
 }
 # `bench TARGET`: targets with settings of their own, in place of the paper bench's
@@ -104,6 +113,11 @@ BENCH_TARGETS = {
         SynthSAEBenchConfig,
         _synthsaebench,
         "The bench on SAELens's SynthSAEBench (`choicesae bench synthsaebench`).",
+    ),
+    "transcoder": (
+        TranscoderBenchConfig,
+        _transcoder_bench,
+        "Transcoders of an MLP against SAEs of its output (`choicesae bench transcoder`).",
     ),
 }
 # commands whose main setting may also be given positionally: `choicesae hookpoints MODEL`

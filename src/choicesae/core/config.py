@@ -26,7 +26,7 @@ from choicesae.errors import ConfigError
 LOGGERS = ("jsonl", "tensorboard", "wandb")  # the metrics writers (training/loggers.py)
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}  # the package each one needs
 DEFAULT_STEPS = 10_000  # a run's length when neither --steps nor --schedule gives one
-Normalize = Literal["token", "dataset", "none"]
+Normalize = Literal["auto", "token", "dataset", "none"]
 SparsifierName = Literal[TRAINABLE]  # the registry's names (sparsifiers.SPARSIFIERS)
 
 
@@ -47,10 +47,14 @@ class SAEConfig:
     """Number of latents F; 0 means expansion * d_in."""
     d_in: int = 0
     """Input width; 0 means taken from the activations."""
-    normalize: Normalize = "token"
+    d_out: int = 0
+    """Output width of a transcoder (the target hookpoint's); 0 for an autoencoder, whose
+    output is its input. Taken from the store by train --transcoder."""
+    normalize: Normalize = "auto"
     """Input preprocessing: token = subtract each token's mean over d_in and scale it to unit L2
     norm (the paper's, section 5); dataset = one scale factor for the whole dataset giving unit
-    mean norm; none = raw activations."""
+    mean norm; none = raw activations; auto = token for an SAE, dataset for a transcoder (a
+    token's norm is information its target depends on: docs/training.md)."""
 
     capacities: Literal["uniform", "zipf", "density"] = "density"
     """Feature Choice capacities m_i: density = k*B shared in proportion to the features'
@@ -76,14 +80,19 @@ class SAEConfig:
     """The module path of those activations (SAELens's hook_name); filled in from the store."""
     context: int = 0
     """Tokens per context of the harvest (SAELens's context_size); filled in from the store."""
+    target: str = ""
+    """A transcoder's target hookpoint, whose output it predicts (SAELens's hook_name_out);
+    filled in from the store."""
 
     def __post_init__(self):
         if self.sparsifier not in TRAINABLE:
             raise ConfigError(
                 f"unknown sparsifier {self.sparsifier!r}; choose one of {', '.join(TRAINABLE)}"
             )
-        if self.normalize not in ("token", "dataset", "none"):
-            raise ConfigError(f"normalize must be token, dataset or none, not {self.normalize!r}")
+        if self.normalize not in ("auto", "token", "dataset", "none"):
+            raise ConfigError(
+                f"normalize must be auto, token, dataset or none, not {self.normalize!r}"
+            )
         for name in ("k", "expansion"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -93,7 +102,7 @@ class SAEConfig:
             )
         if self.zipf_alpha <= 0 or self.zipf_beta < 0:
             raise ConfigError("zipf_alpha must be positive and zipf_beta not negative")
-        for name in ("num_latents", "d_in", "m_min", "m_max", "context"):
+        for name in ("num_latents", "d_in", "d_out", "m_min", "m_max", "context"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be positive (or 0 for the default)")
         if self.num_latents and self.sparsifier != "relu" and self.k >= self.num_latents:
@@ -101,12 +110,32 @@ class SAEConfig:
                 f"k={self.k} must be smaller than the number of latents ({self.num_latents})"
             )
 
-    def resolve(self, d_in: int) -> "SAEConfig":
-        """This config with the input width and the number of latents filled in."""
-        if self.d_in and self.d_in != d_in:
-            raise ConfigError(f"d_in={self.d_in} does not match the activations' width {d_in}")
+    @property
+    def transcoder(self) -> bool:
+        """Whether this maps one hookpoint to another (d_out set) rather than autoencoding."""
+        return self.d_out > 0
+
+    @property
+    def d_target(self) -> int:
+        """Width of what is reconstructed: d_out for a transcoder, else d_in."""
+        return self.d_out or self.d_in
+
+    def resolve(self, d_in: int, d_out: int = 0) -> "SAEConfig":
+        """This config with the input (and a transcoder's output) width, the number of latents
+        and the normalisation filled in."""
+        for name, width in (("d_in", d_in), ("d_out", d_out)):
+            if getattr(self, name) and getattr(self, name) != width:
+                raise ConfigError(
+                    f"{name}={getattr(self, name)} does not match the activations' width {width}"
+                )
+        auto = "dataset" if d_out else "token"
+        normalize = auto if self.normalize == "auto" else self.normalize
         return dataclasses.replace(
-            self, d_in=d_in, num_latents=self.num_latents or self.expansion * d_in
+            self,
+            d_in=d_in,
+            d_out=d_out,
+            num_latents=self.num_latents or self.expansion * d_in,
+            normalize=normalize,
         )
 
 
@@ -204,6 +233,10 @@ class TrainConfig:
     matryoshka_weights: str = ""
     """Comma-separated weight of each --matryoshka prefix's MSE (the whole dictionary's MSE
     keeps weight 1); empty: 1 for every prefix."""
+    transcoder: bool = False
+    """Train a transcoder: read the store's --hookpoint rows and predict its --target rows
+    (`choicesae harvest --target`); b_dec is then an output bias the encoder does not
+    subtract, and the target is scaled by one dataset factor, as it is unknown at inference."""
     multi_topk: bool = False
     """Add the Multi-TopK term L(4k)/8 (Gao et al. 5.3.1) for progressive codes."""
     log_every: int = 50
@@ -363,6 +396,7 @@ def check_feature_parallel(cfg: "TrainConfig") -> None:
         "--distributed-selection local": cfg.distributed_selection == "local",
         "nfm_coeff / nfm_inf_coeff": bool(cfg.nfm_coeff or cfg.nfm_inf_coeff),
         "--matryoshka": bool(cfg.matryoshka),
+        "--transcoder": cfg.transcoder,
     }
     refused = [name for name, used in missing.items() if used]
     if refused:

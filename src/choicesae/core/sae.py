@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from choicesae.core.allocation import density_capacities, feature_capacities
 from choicesae.core.config import SAEConfig, from_dict
-from choicesae.core.preprocess import denormalize, estimate_dataset_scale, normalize
+from choicesae.core.preprocess import Stats, denormalize, estimate_dataset_scale, normalize
 from choicesae.core.sparsifiers import SPARSIFIERS, Sparse, jumprelu, sparsify, uniform_capacities
 from choicesae.errors import ConfigError, DataError
 
@@ -47,7 +47,9 @@ def init_decoder(
 class SAE(nn.Module):
     """x̂ = σ_s((x − b_dec) W_enc + b_enc) W_dec + b_dec, rows of W_dec unit-norm.
 
-    Shapes follow SAELens: W_enc [d_in, F], W_dec [F, d_in].
+    Shapes follow SAELens: W_enc [d_in, F], W_dec [F, d_in]. A transcoder (cfg.d_out set) reads
+    one hookpoint and predicts another, ŷ = σ_s(x W_enc + b_enc) W_dec + b_dec with W_dec
+    [F, d_out]: b_dec is an output bias only, as in SAELens's and sparsify's transcoders.
     """
 
     def __init__(
@@ -62,19 +64,25 @@ class SAE(nn.Module):
         training passes one seeded with its seed, so that it leaves the caller's RNG alone and
         every rank draws the same weights."""
         super().__init__()
-        if not (cfg.d_in and cfg.num_latents):
+        if not (cfg.d_in and cfg.num_latents) or cfg.normalize == "auto":
             raise ConfigError("SAE needs a resolved config: call cfg.resolve(d_in) first")
         self.cfg = cfg
-        F, d = cfg.num_latents, cfg.d_in
-        W_dec = init_decoder(F, d, slice(0, F) if latents is None else latents, generator)
+        F, d = cfg.num_latents, cfg.d_target
+        latents = slice(0, F) if latents is None else latents
+        W_dec = init_decoder(F, d, latents, generator)
         self.W_dec = nn.Parameter(W_dec)
-        self.W_enc = nn.Parameter(W_dec.T.clone())  # tied initialisation (Gao et al.)
+        # tied initialisation (Gao et al.); a transcoder's encoder reads another space, so it
+        # gets unit columns of its own
+        W_enc = init_decoder(F, cfg.d_in, latents, generator) if cfg.transcoder else W_dec
+        self.W_enc = nn.Parameter(W_enc.T.clone())
         self.b_enc = nn.Parameter(torch.zeros(len(W_dec)))
         self.b_dec = nn.Parameter(torch.zeros(d))
         # state learnt in training and saved with the weights: the dataset-level normalisation
-        # factor (normalize="dataset"), the Zipf (alpha, beta) in use, each feature's density
-        # rank (Zipf Feature Choice) and the densities of the last window (NaN: none yet)
+        # factors of the input (normalize="dataset") and of a transcoder's target, the Zipf
+        # (alpha, beta) in use, each feature's density rank (Zipf Feature Choice) and the
+        # densities of the last window (NaN: none yet)
         self.register_buffer("scale", torch.ones(()))
+        self.register_buffer("scale_out", torch.ones(()))
         self.register_buffer("zipf", torch.tensor([cfg.zipf_alpha, cfg.zipf_beta]).double())
         self.register_buffer("feature_rank", torch.arange(1, F + 1))
         self.register_buffer("density", torch.full((F,), float("nan")))
@@ -85,9 +93,19 @@ class SAE(nn.Module):
         self.register_buffer("threshold", torch.full((F,), float("nan")))
         self.register_buffer("threshold_global", torch.tensor(float("nan")))
 
+    @property
+    def b_in(self) -> Tensor | None:
+        """The bias subtracted from the input before encoding: b_dec for an autoencoder, none
+        for a transcoder (its b_dec lives in the output space)."""
+        return None if self.cfg.transcoder else self.b_dec
+
+    def centred(self, x: Tensor) -> Tensor:
+        """x − b_dec [B, d_in] for an autoencoder, x itself for a transcoder."""
+        return x if self.b_in is None else x - self.b_in
+
     def pre_acts(self, x: Tensor) -> Tensor:
         """Affinities z' [B, F] of normalized inputs x [B, d_in]."""
-        return (x - self.b_dec) @ self.W_enc + self.b_enc
+        return self.centred(x) @ self.W_enc + self.b_enc
 
     def encode(self, x: Tensor, k: int | None = None, threshold: Inference = None) -> Sparse:
         """Sparse codes of normalized x [B, d_in] with the model's sparsifier; `k` overrides the
@@ -132,7 +150,7 @@ class SAE(nn.Module):
         return uniform_capacities(k, batch_size, c.num_latents).to(device)
 
     def decode(self, acts: Tensor) -> Tensor:
-        """Reconstruction [B, d_in] (normalized space) of activations [B, F]."""
+        """Reconstruction [B, d_target] (normalized space) of activations [B, F]."""
         return acts @ self.W_dec + self.b_dec
 
     def forward(self, x: Tensor, threshold: Inference = None) -> Tensor:
@@ -156,19 +174,50 @@ class SAE(nn.Module):
         return indices, values
 
     def reconstruct(self, x: Tensor, threshold: Inference = None) -> Tensor:
-        """Raw model activations x [B, d_in] -> reconstruction in the same (raw) space; with
-        `threshold` ("feature" or "global") each token is encoded on its own (JumpReLU)."""
-        x_n, stats = normalize(x, self.cfg.normalize, self.scale)
-        return denormalize(self(x_n, threshold), stats)
+        """Raw model activations x [B, d_in] -> reconstruction (a transcoder's prediction of
+        its target [B, d_out]) in the model's raw space; with `threshold` ("feature" or
+        "global") each token is encoded on its own (JumpReLU)."""
+        x_n, _ = normalize(x, self.cfg.normalize, self.scale)
+        return denormalize(self(x_n, threshold), self.output_stats(x))
+
+    def output_stats(self, x: Tensor) -> Stats:
+        """What maps the normalized reconstruction of raw inputs x [B, d_in] back to the raw
+        target space: the input's own normalisation for an SAE, the one dataset factor
+        scale_out for a transcoder (its prediction lives in the target's space)."""
+        if self.cfg.transcoder:
+            return Stats(torch.zeros_like(self.scale_out), self.scale_out)
+        return normalize(x, self.cfg.normalize, self.scale)[1]
+
+    def split(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """Raw rows [B, d_in (+ d_out)] -> (input x [B, d_in], target [B, d_target]): a
+        transcoder's store rows hold [hookpoint | target], an autoencoder's target is x."""
+        c = self.cfg
+        if rows.shape[-1] != c.d_in + c.d_out:
+            what = f"d_in {c.d_in} + d_out {c.d_out}" if c.transcoder else f"d_in {c.d_in}"
+            raise DataError(f"rows of width {rows.shape[-1]} given to an SAE that reads {what}")
+        x = rows[:, : c.d_in]
+        return x, (rows[:, c.d_in :] if c.transcoder else x)
+
+    def prepare(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """Raw rows [B, d_in (+ d_out)] -> (normalized input, normalized target): what the
+        training step reads and reconstructs. A transcoder's target is scaled by the one
+        dataset factor scale_out (1 with normalize="none"): its own norm is unknown at
+        inference, being what the transcoder predicts."""
+        x, y = self.split(rows)
+        x_n, _ = normalize(x, self.cfg.normalize, self.scale)
+        return x_n, (y * self.scale_out if self.cfg.transcoder else x_n)
 
     @torch.no_grad()
     def init_from_data_(self, sample: Tensor) -> None:
-        """Set the dataset scale (normalize="dataset") and b_dec to the mean of the normalized
-        sample [N, d_in] of raw activations, so that training starts centred on the data."""
+        """Set the dataset scales (normalize="dataset"; a transcoder's target always but with
+        normalize="none") and b_dec to the mean of the normalized target, from a sample [N,
+        d_in (+ d_out)] of raw rows, so that training starts centred on the data."""
+        x, y = self.split(sample)
         if self.cfg.normalize == "dataset":
-            self.scale.fill_(estimate_dataset_scale(sample))
-        x_n, _ = normalize(sample, self.cfg.normalize, self.scale)
-        self.b_dec.copy_(x_n.mean(0))
+            self.scale.fill_(estimate_dataset_scale(x))
+        if self.cfg.transcoder and self.cfg.normalize != "none":
+            self.scale_out.fill_(estimate_dataset_scale(y))
+        self.b_dec.copy_(self.prepare(sample)[1].mean(0))
 
     @torch.no_grad()
     def unit_norm_decoder_(self) -> None:
@@ -202,6 +251,7 @@ class SAE(nn.Module):
         except (OSError, ValueError, SafetensorError) as e:  # ConfigError is a ValueError
             raise DataError(f"cannot load an SAE from {path}: {e}") from e
         state.setdefault("threshold_global", torch.tensor(float("nan")))  # saved before it
+        state.setdefault("scale_out", torch.ones(()))  # saved before transcoders
         sae = cls(cfg, generator=torch.Generator()).to(device)  # the caller's RNG untouched
         sae.load_state_dict(state)
         return sae

@@ -89,6 +89,16 @@ def check_activations(rows: Rows, name: str = "activations") -> Rows:
     return rows
 
 
+def paired(x: Rows, y: Rows) -> Tensor:
+    """A transcoder's in-memory training rows [N, d_in + d_out]: inputs x [N, d_in] and
+    targets y [N, d_out] side by side, as a store harvested with --target holds them."""
+    x = _tensor(check_activations(x, "inputs"))
+    y = _tensor(check_activations(y, "targets"))
+    if len(x) != len(y):
+        raise DataError(f"inputs hold {len(x)} rows but targets {len(y)}; give one target per row")
+    return torch.cat([x.float(), y.float()], 1)
+
+
 def _tensor(rows: Rows) -> Tensor:
     """Rows as a tensor; a read-only slice of a memory map is copied into memory first."""
     if isinstance(rows, Tensor):

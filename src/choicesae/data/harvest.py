@@ -2,8 +2,10 @@
 
 Text is cut into contexts of `context` tokens, run through the model in batches, and the output
 of the hookpoint module is kept for every real token (never padding; optionally not the first,
-BOS/CLS, token of each context). Shards hold whole batches, so a resumed harvest runs exactly
-the batches an uninterrupted one would and writes byte-identical shards.
+BOS/CLS, token of each context). A transcoder harvest keeps the output of a second, target,
+module from the same forward pass beside it: each row is [hookpoint | target]. Shards hold
+whole batches, so a resumed harvest runs exactly the batches an uninterrupted one would and
+writes byte-identical shards.
 """
 
 import itertools
@@ -16,7 +18,13 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from choicesae.data.hooks import DEFAULT_HOOKPOINT, DEFAULT_MODEL, capture, find_module, load_model
+from choicesae.data.hooks import (
+    DEFAULT_HOOKPOINT,
+    DEFAULT_MODEL,
+    capture_all,
+    find_module,
+    load_model,
+)
 from choicesae.data.store import DTYPES, Store, StoreWriter, shuffled
 from choicesae.data.text import contexts, documents
 from choicesae.errors import ConfigError, DataError
@@ -34,6 +42,10 @@ class HarvestConfig:
     hookpoint: str = DEFAULT_HOOKPOINT
     """Module path whose output is captured, e.g. encoder.layer.3 (BERT), h.3 (GPT-2),
     layers.3 (Llama, GPT-NeoX); `choicesae hookpoints MODEL` lists them."""
+    target: str = ""
+    """Module path whose output is the transcoder's target (e.g. the MLP's output when
+    --hookpoint is its input); empty: an SAE harvest of the hookpoint alone. Rows then hold
+    [hookpoint | target]."""
     text: str = "default"
     """Comma-separated text sources: .txt/.md/.rst(.gz) files, .jsonl files, folders of them,
     hf:DATASET (a Hugging Face dataset folder or hub name), or default (docs/data.md)."""
@@ -70,6 +82,8 @@ class HarvestConfig:
             raise ConfigError(f"context must be at least 2 tokens, got {self.context}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        if self.target == self.hookpoint:
+            raise ConfigError(f"target {self.target!r} is the hookpoint; pick another module")
 
     @property
     def rows_per_context(self) -> int:
@@ -82,14 +96,22 @@ class HarvestConfig:
 
 
 class Harvester:
-    """A loaded model with its hookpoint module: contexts in, activation rows out."""
+    """A loaded model with its hookpoint module (and target module): contexts in, activation
+    rows out."""
 
     def __init__(self, cfg: HarvestConfig):
         self.cfg = cfg
         self.model, self.tokenizer = load_model(cfg.model, cfg.device)
-        self.module = find_module(self.model, cfg.hookpoint)
+        paths = [cfg.hookpoint] + ([cfg.target] if cfg.target else [])
+        self.modules = [find_module(self.model, path) for path in paths]
         probe = torch.tensor([[self.tokenizer.all_special_ids[0]] * 2])
-        self.d_model = capture(self.model, self.module, probe, torch.ones_like(probe)).shape[-1]
+        outs = capture_all(self.model, self.modules, probe, torch.ones_like(probe))
+        self.d_model, self.d_target = outs[0].shape[-1], sum(o.shape[-1] for o in outs[1:])
+
+    @property
+    def module(self):
+        """The hookpoint's module (the target's, if any, is modules[1])."""
+        return self.modules[0]
 
     def contexts(self) -> Iterator[list[int]]:
         """Contexts of token ids for cfg.tokens rows at most; an error if there are none."""
@@ -104,20 +126,22 @@ class Harvester:
         return itertools.islice(itertools.chain([first], stream), limit)
 
     def rows(self, group: list[list[int]]) -> tuple[Tensor, Tensor]:
-        """(activations [rows, d_model] float32, token ids [rows]) of contexts `group`, batch
-        by batch; padding and (with drop_first) each context's first token are left out."""
+        """(activations [rows, d_model + d_target] float32, token ids [rows]) of contexts
+        `group`, batch by batch; padding and (with drop_first) each context's first token are
+        left out."""
         acts, ids = [], []
         for batch in batched(group, self.cfg.batch_size):
             input_ids, mask = pad(batch, self.cfg.context, self.tokenizer.pad_token_id or 0)
             inputs = input_ids.to(self.cfg.device), mask.to(self.cfg.device)
-            out = capture(self.model, self.module, *inputs)  # [B, T, d]
+            out = torch.cat(capture_all(self.model, self.modules, *inputs), -1)  # [B, T, d]
             keep = mask.bool()
             keep[:, : int(self.cfg.drop_first)] = False
             acts.append(out[keep.to(out.device)].cpu())  # [rows, d]
             ids.append(input_ids[keep])
         acts_all = torch.cat(acts)
         if not torch.isfinite(acts_all).all():
-            raise DataError(f"the model produced NaN or Inf at hookpoint {self.cfg.hookpoint}")
+            where = " or ".join(filter(None, (self.cfg.hookpoint, self.cfg.target)))
+            raise DataError(f"the model produced NaN or Inf at {where}")
         return acts_all, torch.cat(ids)
 
 
@@ -149,7 +173,8 @@ def harvest(cfg: HarvestConfig, harvester: Harvester | None = None) -> Store:
         )
     harvester = harvester or Harvester(cfg)
     stream = harvester.contexts()  # checks that the text is not empty before writing
-    writer = StoreWriter(cfg.out, store_meta(cfg, harvester.d_model), cfg.overwrite)
+    meta = store_meta(cfg, harvester.d_model, harvester.d_target)
+    writer = StoreWriter(cfg.out, meta, cfg.overwrite)
     if writer.manifest["complete"]:
         return Store(cfg.out)
     bar = tqdm(
@@ -172,11 +197,13 @@ def harvest(cfg: HarvestConfig, harvester: Harvester | None = None) -> Store:
     return Store(cfg.out)
 
 
-def store_meta(cfg: HarvestConfig, d_model: int) -> dict:
-    """What the manifest records of a harvest; resuming with any of it changed is refused."""
+def store_meta(cfg: HarvestConfig, d_model: int, d_target: int = 0) -> dict:
+    """What the manifest records of a harvest (cfg.target among it); resuming with any of it
+    changed is refused."""
     meta = {k: v for k, v in asdict(cfg).items() if k not in SETTINGS_NOT_RECORDED}
     meta["max_tokens"] = meta.pop("tokens")  # the manifest's "tokens" counts rows written
-    return meta | {"d_model": d_model, "contexts_per_shard": cfg.contexts_per_shard}
+    widths = {"d_model": d_model, "d_target": d_target}
+    return meta | widths | {"contexts_per_shard": cfg.contexts_per_shard}
 
 
 SETTINGS_NOT_RECORDED = ("out", "overwrite", "progress", "device", "shard_tokens")
@@ -186,18 +213,20 @@ ONLINE_SHUFFLE_ROWS = 1 << 16  # smaller than a store's: it fills before the fir
 class OnlineActivations:
     """Model activations fed straight to the trainer without storing them: pass one as the
     activations of `train`. Each pass over the text gives cfg.tokens rows, then it starts
-    again; rows go through a shuffle buffer as a store's do."""
+    again; rows go through a shuffle buffer as a store's do. Rows are [hookpoint | target], as
+    a store's, with d_model and d_target their widths."""
 
     def __init__(self, cfg: HarvestConfig):
         self.harvester = Harvester(cfg)
-        self.shape = (cfg.tokens, self.harvester.d_model)
+        self.d_model, self.d_target = self.harvester.d_model, self.harvester.d_target
+        self.shape = (cfg.tokens, self.d_model + self.d_target)
         self.cfg = cfg
 
     def __len__(self) -> int:
         return self.shape[0]
 
     def blocks(self) -> Iterator[Tensor]:
-        """Endless activations [rows, d_model], one batch of contexts at a time."""
+        """Endless activations [rows, d_model + d_target], one batch of contexts at a time."""
         while True:
             for group in batched(self.harvester.contexts(), self.cfg.batch_size):
                 yield self.harvester.rows(group)[0]

@@ -1,4 +1,4 @@
-"""Hookpoints of Hugging Face models, and the capture of one module's output.
+"""Hookpoints of Hugging Face models, and the capture of modules' outputs.
 
 A hookpoint is a module path of the model that `AutoModel` loads (the base model, without a
 language-model head): `encoder.layer.3` for BERT, `h.3` for GPT-2, `layers.3` for GPT-NeoX and
@@ -72,32 +72,54 @@ def find_module(model: nn.Module, hookpoint: str) -> nn.Module:
 
 
 class _Captured(Exception):
-    """Raised by the hook to stop the forward pass once the hookpoint has run: the layers
-    after it would only cost time."""
+    """Raised by a hook to stop the forward pass once every captured module has run: the
+    layers after them would only cost time."""
+
+
+def capture(model: nn.Module, module: nn.Module, input_ids: Tensor, attention_mask: Tensor):
+    """The output of `module` [B, T, d] for input_ids and attention_mask [B, T]."""
+    return capture_all(model, [module], input_ids, attention_mask)[0]
 
 
 @torch.no_grad()
-def capture(model: nn.Module, module: nn.Module, input_ids: Tensor, attention_mask: Tensor):
-    """The output of `module` [B, T, d] for input_ids and attention_mask [B, T]."""
-    seen = []
+def capture_all(
+    model: nn.Module, modules: list[nn.Module], input_ids: Tensor, attention_mask: Tensor
+) -> list[Tensor]:
+    """The outputs of `modules` ([B, T, d_i] each, in the order given) from one forward pass
+    over input_ids and attention_mask [B, T], stopped once the last of them to run has run."""
+    seen: dict[int, object] = {}
 
-    def hook(_module, _inputs, output):
-        seen.append(output[0] if isinstance(output, tuple) else output)
-        raise _Captured
+    def hook_for(i: int):
+        def hook(_module, _inputs, output):
+            if i in seen:  # a module called twice: its first output counts
+                return
+            out = output[0] if isinstance(output, tuple) else output
+            last = len(seen) == len(modules) - 1
+            # the forward goes on after all but the last, and its layers may write into `out`
+            seen[i] = out if last or not isinstance(out, Tensor) else out.clone()
+            if last:
+                raise _Captured
 
-    handle = module.register_forward_hook(hook)
+        return hook
+
+    handles = [m.register_forward_hook(hook_for(i)) for i, m in enumerate(modules)]
     try:
         model(input_ids=input_ids, attention_mask=attention_mask)
     except _Captured:
         pass
     finally:
-        handle.remove()
-    out = seen[0] if seen else None
-    if not isinstance(out, Tensor) or out.shape[:2] != input_ids.shape:
+        for handle in handles:
+            handle.remove()
+    return [_checked(seen.get(i), m, input_ids) for i, m in enumerate(modules)]
+
+
+def _checked(out: object, module: nn.Module, input_ids: Tensor) -> Tensor:
+    """`out` as float32 if it is [batch, tokens, width]; else an error naming the module."""
+    if not isinstance(out, Tensor) or out.ndim != 3 or out.shape[:2] != input_ids.shape:
         got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise ConfigError(
-            f"the hookpoint's output is {got}, not [batch, tokens, width]; pick a block, "
-            "an attention or MLP output (see `choicesae hookpoints MODEL`)"
+            f"the output of the hooked {type(module).__name__} is {got}, not [batch, tokens, "
+            "width]; pick a block, an attention or MLP output (see `choicesae hookpoints MODEL`)"
         )
     return out.float()
 

@@ -1,7 +1,9 @@
 """The activation store: sharded, memory-mapped arrays on disk with a manifest.
 
-    STORE/manifest.json            model, hookpoint, d_model, dtype, context, tokens, shards
-    STORE/shard-00000/acts.npy     [rows, d_model] activations (bfloat16 kept as raw uint16 bits)
+    STORE/manifest.json            model, hookpoint, d_model, target, d_target, dtype, context,
+                                   tokens, shards
+    STORE/shard-00000/acts.npy     [rows, d_model + d_target] activations: the hookpoint's, then
+                                   (transcoder harvests) the target's; bfloat16 as uint16 bits
     STORE/shard-00000/tokens.npy   [rows] int32 token id of each row, rows in context order
 
 A shard is written under a temporary name, renamed when complete, and only then listed in the
@@ -28,6 +30,8 @@ from choicesae.errors import ConfigError, DataError
 FORMAT = 1
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _NUMPY = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}  # bf16 as bits
+LATER_FIELDS = {"target": "", "d_target": 0}
+"""Manifest fields added after the first stores, with what their absence means: no target."""
 BLOCK_ROWS = 4096  # contiguous rows read at once: long sequential reads, shuffled afterwards
 
 
@@ -56,6 +60,7 @@ def read_manifest(path: str | Path) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else manifest
         raise DataError(f"store {path} has format {found!r}, expected {FORMAT}")
+    manifest = LATER_FIELDS | manifest
     if not _well_formed(manifest):
         raise DataError(f"the manifest of the store {path} is damaged (fields missing or wrong)")
     return manifest
@@ -64,11 +69,13 @@ def read_manifest(path: str | Path) -> dict:
 def _well_formed(manifest: dict) -> bool:
     """The fields a reader relies on have the right types."""
     shards = manifest.get("shards")
-    d_model = manifest.get("d_model")
+    d_model, d_target = manifest.get("d_model"), manifest.get("d_target")
     return (
         manifest.get("dtype") in DTYPES
         and isinstance(d_model, int)
         and d_model > 0
+        and isinstance(d_target, int)
+        and d_target >= 0
         and isinstance(shards, list)
         and all(
             isinstance(s, dict)
@@ -135,7 +142,7 @@ class StoreWriter:
                 shutil.rmtree(folder)
 
     def write_shard(self, acts: Tensor, tokens: np.ndarray) -> None:
-        """Add one shard: acts [rows, d_model], tokens [rows]. Visible once complete."""
+        """Add one shard: acts [rows, d_model + d_target], tokens [rows]. Visible once complete."""
         name = f"shard-{self.done:05d}"
         tmp = self.path / f"{name}.tmp"
         rows = to_numpy(acts, self.manifest["dtype"])
@@ -206,7 +213,18 @@ class Store:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return int(self.offsets[-1]), self.manifest["d_model"]
+        """(rows, d_model + d_target): a row is [hookpoint | target]."""
+        return int(self.offsets[-1]), self.d_model + self.d_target
+
+    @property
+    def d_model(self) -> int:
+        """Width of the hookpoint's activations: the first d_model columns of a row."""
+        return self.manifest["d_model"]
+
+    @property
+    def d_target(self) -> int:
+        """Width of the target's activations, the last columns of a row; 0: an SAE store."""
+        return self.manifest["d_target"]
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -216,7 +234,8 @@ class Store:
         return len(self.manifest["shards"])
 
     def shard(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """(acts [rows, d_model] raw storage dtype, tokens [rows]) of shard i, memory-mapped."""
+        """(acts [rows, d_model + d_target] raw storage dtype, tokens [rows]) of shard i,
+        memory-mapped."""
         if i not in self._open:
             self._open[i] = self._load(self.manifest["shards"][i])
         return self._open[i]
@@ -249,7 +268,7 @@ class Store:
         return i, row - int(self.offsets[i])
 
     def __getitem__(self, index) -> Tensor:
-        """Rows as float32 [n, d_model], for a slice or an array of row numbers."""
+        """Rows as float32 [n, d_model + d_target], for a slice or an array of row numbers."""
         rows = np.arange(self.shape[0])[index]
         out = torch.empty(len(rows), self.shape[1])
         shard_of = np.searchsorted(self.offsets, rows, side="right") - 1
@@ -264,7 +283,7 @@ class Store:
         return np.concatenate([self.shard(i)[1] for i in range(self.num_shards)])
 
     def blocks(self, seed: int) -> Iterator[Tensor]:
-        """Endless blocks of up to BLOCK_ROWS contiguous rows [n, d_model] in the storage dtype,
+        """Endless blocks of up to BLOCK_ROWS contiguous rows [n, d] in the storage dtype,
         visiting every block of every shard once per epoch in a fresh random order."""
         spans = [
             (i, start)
@@ -280,7 +299,7 @@ class Store:
     def batches(
         self, batch_size: int, seed: int, device: str = "cpu", start: int = 0
     ) -> Iterator[Tensor]:
-        """Endless shuffled float32 batches [batch_size, d_model] (see `shuffled`)."""
+        """Endless shuffled float32 batches [batch_size, d_model + d_target] (see `shuffled`)."""
         if batch_size > self.shape[0]:
             raise DataError(
                 f"batch_size {batch_size} exceeds the {self.shape[0]} rows of {self.path}"

@@ -16,10 +16,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from choicesae.core.preprocess import normalize  # noqa: E402
 from choicesae.data.store import Store  # noqa: E402
 from choicesae.errors import ConfigError, DataError  # noqa: E402
-from choicesae.evaluation.evaluate import load_run, whole_batches  # noqa: E402
+from choicesae.evaluation.evaluate import check_rows, load_run, whole_batches  # noqa: E402
 from choicesae.evaluation.report import embed, page, save, table  # noqa: E402
 
 
@@ -70,9 +69,10 @@ def parse_features(spec: str, num_latents: int) -> list[int]:
 
 @torch.no_grad()
 def feature_activations(sae, x: Tensor, batch_size: int, features: list[int] | None) -> Tensor:
-    """Batch-inference activations of raw rows x [N, d_in]: [F] firing counts if `features`
-    is None, else the columns [N, len(features)] of those features (on the CPU: never N x F)."""
-    x_n, _ = normalize(x, sae.cfg.normalize, sae.scale)
+    """Batch-inference activations of raw rows x [N, d_in (+ d_out)]: [F] firing counts if
+    `features` is None, else the columns [N, len(features)] of those features (on the CPU:
+    never N x F). A transcoder's features read its input, as an SAE's."""
+    x_n, _ = sae.prepare(x)
     parts = []
     for batch in x_n.split(batch_size):
         acts = sae.encode(batch).acts  # [B, F]
@@ -159,8 +159,9 @@ def browse(cfg: BrowseConfig) -> Path:
 
     sae, train_cfg = load_run(cfg.run, cfg.device)
     store = Store(cfg.store)
-    if store.shape[1] != sae.cfg.d_in or not isinstance(store.manifest.get("context"), int):
-        raise DataError(f"store {cfg.store} is not a harvest of width {sae.cfg.d_in}")
+    check_rows(store, sae, f"store {cfg.store}")
+    if not isinstance(store.manifest.get("context"), int):
+        raise DataError(f"store {cfg.store} records no context length: not a harvest")
     asked = parse_features(cfg.features, sae.cfg.num_latents)
     B = int(train_cfg.get("batch_size", 1536))
     x = whole_batches(store, cfg.max_tokens, B, f"store {cfg.store}").to(cfg.device)

@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from choicesae.core.preprocess import normalize
+from choicesae.core.config import SAEConfig
 from choicesae.core.sae import SAE
 from choicesae.core.sparsifiers import jumprelu, topk
-from choicesae.data.activations import Rows, load_activations
-from choicesae.data.hooks import capture, find_module
+from choicesae.data.activations import Rows, load_activations, paired
+from choicesae.data.hooks import capture_all, find_module
 from choicesae.data.store import Store
 from choicesae.errors import ConfigError, DataError
 from choicesae.evaluation import metrics, splice
@@ -79,12 +79,40 @@ def load_run(run: str | Path, device: str = "cpu") -> tuple[SAE, dict]:
     return SAE.from_pretrained(run / "sae", device), json.loads((run / "config.json").read_text())
 
 
-def check_width(rows: Rows, d_in: int, what: str) -> None:
-    """Rows must be [tokens, d_in] for the SAE's d_in."""
-    if len(rows.shape) != 2 or rows.shape[1] != d_in:
+def check_rows(rows: Rows, sae: SAE, what: str) -> None:
+    """Rows must be [tokens, d_in] for an autoencoder, [tokens, d_in + d_out] (input, then
+    target) for a transcoder; a store must also hold targets exactly when the SAE is a
+    transcoder, and those of its target hookpoint."""
+    if getattr(rows, "manifest", None) is not None:  # a store says what its columns are
+        check_targets(rows, sae.cfg, what)
+    c = sae.cfg
+    if len(rows.shape) != 2 or rows.shape[1] != c.d_in + c.d_out:
+        reads = f"[tokens, {c.d_in} + {c.d_out}]" if c.transcoder else f"[tokens, {c.d_in}]"
         raise DataError(
-            f"{what} has shape {tuple(rows.shape)}, the SAE reads [tokens, {d_in}]: use "
-            "activations of its training hookpoint"
+            f"{what} has shape {tuple(rows.shape)}, the SAE reads {reads}: use activations of "
+            "its training hookpoint" + (" and target" if c.transcoder else "")
+        )
+
+
+def check_targets(store: Store, c: SAEConfig, what: str) -> None:
+    """A transcoder needs a store harvested with --target (its own target), an autoencoder one
+    without: the widths alone could match by chance."""
+    target = store.manifest.get("target") or ""
+    if c.transcoder and not target:
+        raise DataError(
+            f"{what} holds no targets and the SAE is a transcoder: harvest (input, target) "
+            f"pairs with `choicesae harvest --hookpoint {c.hookpoint or 'A'} --target "
+            f"{c.target or 'B'}`"
+        )
+    if target and not c.transcoder:
+        raise DataError(
+            f"{what} holds (hookpoint, target {target}) pairs for a transcoder and the SAE is an "
+            "autoencoder: evaluate it on a harvest of its hookpoint alone (no --target)"
+        )
+    if c.target and target != c.target:
+        raise DataError(
+            f"{what} holds targets of {target}, the transcoder predicts {c.target}: harvest "
+            f"with --target {c.target}"
         )
 
 
@@ -104,19 +132,28 @@ def whole_batches(
 
 
 def calibrate_thresholds_(
-    sae: SAE, activations: Rows, batch_size: int, tokens: int = 32_768, seed: int = 0
+    sae: SAE,
+    activations: Rows | tuple[Rows, Rows],
+    batch_size: int,
+    tokens: int = 32_768,
+    seed: int = 0,
 ) -> dict:
-    """Estimate the JumpReLU thresholds for single-token inference (appendix B) on raw
-    activations [N, d_in] (an array, tensor or Store), store them in the SAE, and return what
-    they were fitted to. They imitate batch inference, which depends on the batch, so they are
-    fitted on whole batches of the training `batch_size`: `tokens` rows drawn at random
-    (seeded), like training batches rather than consecutive tokens of a few contexts."""
-    check_width(activations, sae.cfg.d_in, "calibration data")
+    """Estimate the JumpReLU thresholds for single-token inference (appendix B) on raw rows
+    [N, d_in] (a transcoder's [N, d_in + d_out] or a pair (inputs, targets): only the inputs
+    count; an array, tensor or Store), store them in the SAE, and return what they were fitted
+    to. They imitate batch inference, which depends on the batch, so they are fitted on whole
+    batches of the training `batch_size`: `tokens` rows drawn at random (seeded), like training
+    batches rather than consecutive tokens of a few contexts."""
+    activations = as_rows(activations)
+    what = "calibration data"
+    if isinstance(activations, Store):
+        what = f"calibration store {activations.path}"
+    check_rows(activations, sae, what)
     rng = np.random.default_rng(seed)
     N = len(activations)
     pick = np.sort(rng.choice(N, min(tokens, N), replace=False))
-    x = whole_batches(activations, 0, batch_size, "calibration data", pick)
-    x_n, _ = normalize(x.to(sae.W_enc.device), sae.cfg.normalize, sae.scale)
+    rows = whole_batches(activations, 0, batch_size, what, pick)
+    x_n, _ = sae.prepare(rows.to(sae.W_enc.device))  # thresholds live on the input's z'
     return estimate_thresholds_(sae, list(x_n.split(batch_size)))
 
 
@@ -149,8 +186,8 @@ def selectors(sae: SAE) -> dict[str, metrics.Select]:
 
 
 def compare_inference(sae: SAE, x: Tensor, batch_size: int) -> tuple[dict, metrics.Pass]:
-    """L0, MSE, FVU of each inference mode on raw rows x [N, d_in], and how closely each
-    single-token mode keeps the per-feature densities of batch inference."""
+    """L0, MSE, FVU of each inference mode on raw rows x [N, d_in (+ d_out)], and how closely
+    each single-token mode keeps the per-feature densities of batch inference."""
     passes = {name: metrics.sae_pass(sae, x, batch_size, s) for name, s in selectors(sae).items()}
     batch, N = passes["batch"], len(x)
     result = {}
@@ -201,26 +238,34 @@ def training_curves(run: Path | None) -> dict[str, list]:
     return {key: [r.get(key) for r in records] for key in keys}
 
 
-def splice_metrics(sae: SAE, store: Store, x_mean: Tensor, contexts: int, batch_size: int) -> dict:
+def splice_metrics(sae: SAE, store: Store, y_mean: Tensor, contexts: int, batch_size: int) -> dict:
     """Downstream losses and loss recovered (splice.py) on the store's first `contexts`
     contexts, run about one training batch of tokens at a time, so that batch inference sees
-    batches like those it was trained on."""
+    batches like those it was trained on. `y_mean` [d_target]: the mean held-out target, for
+    mean ablation. A transcoder replaces its target module's output by its prediction from
+    the hookpoint's output in the same forward pass; an SAE, the hookpoint's own output."""
     model, base, tokenizer, kind = splice.load_spliceable(store.manifest["model"])
-    model.to(x_mean.device)
-    module = find_module(base, store.manifest["hookpoint"])
+    model.to(y_mean.device)
+    hookpoint = find_module(base, store.manifest["hookpoint"])
+    target = find_module(base, store.manifest["target"]) if sae.cfg.transcoder else None
     ids, where = splice.store_contexts(store, tokenizer, contexts)
     per_batch = max(1, batch_size // int(where[0].sum()))
     keep = max(len(ids) // per_batch * per_batch, min(len(ids), per_batch))  # whole batches
-    ids, where = ids[:keep].to(x_mean.device), where[:keep].to(x_mean.device)
-    check_rows_match(model, module, ids[:per_batch], where[:per_batch], store)
-    replacements = {
+    ids, where = ids[:keep].to(y_mean.device), where[:keep].to(y_mean.device)
+    check_rows_match(model, hookpoint, ids[:per_batch], where[:per_batch], store, target)
+    replacements = {  # hookpoint rows [n, d_in] -> the replaced module's rows [n, d_target]
         "sae": sae.reconstruct,
         "sae_feature_threshold": lambda h: sae.reconstruct(h, threshold="feature"),
         "sae_global_threshold": lambda h: sae.reconstruct(h, threshold="global"),
-        "zero_ablation": torch.zeros_like,
-        "mean_ablation": lambda h: x_mean.expand_as(h),
+        "zero_ablation": lambda h: y_mean.new_zeros(len(h), len(y_mean)),
+        "mean_ablation": lambda h: y_mean.expand(len(h), -1),
     }
-    losses = splice.downstream_losses(model, kind, module, ids, where, replacements, per_batch)
+    # an SAE replaces the hookpoint's own output; a transcoder its target's, read from the
+    # hookpoint's output earlier in the same forward pass
+    module, source = (hookpoint, None) if target is None else (target, hookpoint)
+    losses = splice.downstream_losses(
+        model, kind, module, ids, where, replacements, per_batch, source
+    )
     clean, zero, mean = losses["clean"], losses["zero_ablation"], losses["mean_ablation"]
     recovered = {
         name: splice.loss_recovered(losses[name], clean, zero)
@@ -236,17 +281,23 @@ def splice_metrics(sae: SAE, store: Store, x_mean: Tensor, contexts: int, batch_
     }
 
 
-def check_rows_match(model, module, ids: Tensor, where: Tensor, store: Store) -> None:
+def check_rows_match(model, module, ids: Tensor, where: Tensor, store: Store, target=None) -> None:
     """The hookpoint's clean output at the spliced positions must be the store's rows (up to
-    the storage dtype): otherwise the contexts were rebuilt wrong or the model differs."""
-    hidden = capture(model, module, ids, torch.ones_like(ids))[where]  # [n, d]
-    rows = store[np.arange(len(hidden))].to(hidden.device)
-    error = float((hidden - rows).norm() / rows.norm().clamp_min(1e-12))
-    if error > 0.02:
-        raise DataError(
-            f"the model's activations at {store.manifest['hookpoint']} differ from the store's "
-            f"rows (relative error {error:.3g}): the store was not harvested from this model"
-        )
+    the storage dtype), and the `target` module's (if given) their target half: otherwise the
+    contexts were rebuilt wrong or the model differs."""
+    rows = store[np.arange(int(where.sum()))].to(ids.device)  # [n, d_model (+ d_target)]
+    x, y = rows.split([store.d_model, store.d_target], -1)
+    checks = [(store.manifest["hookpoint"], module, x)]
+    if target is not None:
+        checks.append((store.manifest["target"], target, y))
+    outs = capture_all(model, [m for _, m, _ in checks], ids, torch.ones_like(ids))  # [C, T, d]
+    for (name, _, part), out in zip(checks, outs, strict=True):
+        error = float((out[where] - part).norm() / part.norm().clamp_min(1e-12))
+        if error > 0.02:
+            raise DataError(
+                f"the model's activations at {name} differ from the store's rows (relative "
+                f"error {error:.3g}): the store was not harvested from this model"
+            )
 
 
 def evaluate(
@@ -260,8 +311,9 @@ def evaluate(
     OUT/metrics.json (and the report) and return the metrics: the CLI's path and Python's.
 
     The SAE is the run's (cfg.run; the thresholds are saved with it) or `sae` (they are set in
-    it); the held-out rows [N, d_in] are `activations` (an array, tensor or Store) or
-    cfg.store; the calibration rows `calibrate`, cfg.calibrate or the run's training data.
+    it); the held-out rows [N, d_in] (a transcoder's [N, d_in + d_out], or a pair (inputs,
+    targets) as `train` takes) are `activations` (an array, tensor or Store) or cfg.store; the
+    calibration rows `calibrate`, cfg.calibrate or the run's training data.
     Results are written to cfg.out, else RUN/eval, else (no run) not at all. The loss recovered
     needs a store's contexts and model, so rows given as an array skip it."""
     run = Path(cfg.run) if cfg.run else None
@@ -269,10 +321,10 @@ def evaluate(
     B = cfg.batch_size or train_cfg.get("batch_size", 0)
     if not B:
         raise ConfigError("an SAE without its run needs EvalConfig(batch_size=its training's)")
-    rows = Store(cfg.store) if activations is None else activations
+    rows = Store(cfg.store) if activations is None else as_rows(activations)
     what = f"store {cfg.store}" if activations is None else "held-out activations"
-    check_width(rows, sae.cfg.d_in, what)
-    source = calibration_source(cfg, train_cfg) if calibrate is None else calibrate
+    check_rows(rows, sae, what)
+    source = calibration_source(cfg, train_cfg) if calibrate is None else as_rows(calibrate)
     fitted = calibrate_thresholds_(sae, source, B, cfg.calibration_tokens, cfg.seed)
     if run:
         sae.save_pretrained(run / "sae")  # the thresholds travel with the model
@@ -281,10 +333,17 @@ def evaluate(
     result = {"run": cfg.run, "store": cfg.store if activations is None else "", **result}
     result |= {"thresholds": fitted, "training": training_curves(run)}
     if cfg.splice_contexts and isinstance(rows, Store):
-        result["splice"] = splice_metrics(sae, rows, x.mean(0), cfg.splice_contexts, B)
+        y_mean = sae.split(x)[1].mean(0)  # mean ablation: the mean held-out target
+        result["splice"] = splice_metrics(sae, rows, y_mean, cfg.splice_contexts, B)
     if cfg.out or run:
         write_results(result, Path(cfg.out or run / "eval"), cfg.report)
     return result
+
+
+def as_rows(rows: Rows | tuple[Rows, Rows]) -> Rows:
+    """Rows as given, or a transcoder's pair (inputs, targets) side by side as a store holds
+    them."""
+    return paired(*rows) if isinstance(rows, tuple) else rows
 
 
 def sae_to_evaluate(cfg: EvalConfig, sae: SAE | None) -> tuple[SAE, dict]:
@@ -297,9 +356,15 @@ def sae_to_evaluate(cfg: EvalConfig, sae: SAE | None) -> tuple[SAE, dict]:
 
 
 def measure(sae: SAE, x: Tensor, batch_size: int, manifest: dict) -> dict:
-    """Everything measured on the held-out rows x [N, d_in] (raw, whole batches), the SAE's
-    thresholds estimated already; `manifest`: the store's, if they came from one."""
+    """Everything measured on the held-out rows x [N, d_in (+ d_out)] (raw, whole batches),
+    the SAE's thresholds estimated already; `manifest`: the store's, if they came from one.
+    A transcoder's MSE and FVU measure its prediction of the target; L0 and the densities are
+    of its codes of the input, as for an SAE."""
     inference, batch = compare_inference(sae, x, batch_size)
+    c = sae.cfg
+    names = {"hookpoint": c.hookpoint or manifest.get("hookpoint") or ""}
+    names["target"] = c.target or manifest.get("target") or ""
+    transcoder = {"transcoder": names | {"d_out": c.d_out}} if c.transcoder else {}
     return {
         "model": manifest.get("model"),
         "hookpoint": manifest.get("hookpoint"),
@@ -307,6 +372,7 @@ def measure(sae: SAE, x: Tensor, batch_size: int, manifest: dict) -> dict:
         "k": sae.cfg.k,
         "num_latents": sae.cfg.num_latents,
         "d_in": sae.cfg.d_in,
+        **transcoder,
         "batch_size": batch_size,
         "tokens": len(x),
         **batch.summary(),
@@ -330,9 +396,17 @@ def write_results(result: dict, out: Path, report: bool) -> None:
         write_report(result, out)
 
 
+def transcoder_label(t: dict) -> str:
+    """The label "A -> B (d_out N)" of metrics.json's "transcoder" entry; "?" for a name not
+    known (a transcoder trained and evaluated on in-memory rows)."""
+    return f"{t['hookpoint'] or '?'} -> {t['target'] or '?'} (d_out {t['d_out']})"
+
+
 def summary_line(result: dict) -> str:
     """One line for the terminal."""
-    line = f"L0 {result['l0']:.2f}  FVU {result['fvu']:.4f}  dead {result['allocation']['dead']}"
+    t = result.get("transcoder")
+    line = f"transcoder {transcoder_label(t)}  " if t else ""
+    line += f"L0 {result['l0']:.2f}  FVU {result['fvu']:.4f}  dead {result['allocation']['dead']}"
     if "splice" in result:
         line += f"  loss recovered {100 * result['splice']['loss_recovered']['sae']:.2f}%"
     return line

@@ -2,7 +2,9 @@
 
 One pass encodes rows [N, d_in] a batch at a time with a selection rule (the model's batch
 sparsifier, test-time TopK(k'), JumpReLU(θ)) and measures L0, MSE and FVU over all N rows:
-FVU = Σ|x − x̂|² / Σ|x − mean(x)|², the mean taken over the whole held-out set.
+FVU = Σ|y − ŷ|² / Σ|y − mean(y)|², the mean taken over the whole held-out set, where the
+target y is the input x for an SAE and the target hookpoint's output for a transcoder (rows
+[N, d_in + d_out]); L0 and the firing counts are of the codes of x either way.
 """
 
 from collections.abc import Callable
@@ -13,7 +15,7 @@ import torch
 from torch import Tensor
 
 from choicesae.core.allocation import dying_features, fit_zipf, middle_segment, rank_order
-from choicesae.core.preprocess import Stats, denormalize, normalize
+from choicesae.core.preprocess import Stats, denormalize
 from choicesae.core.sae import SAE
 
 Select = Callable[[Tensor], Tensor]  # affinities z' [B, F] -> activations [B, F]
@@ -24,7 +26,7 @@ class Pass(NamedTuple):
 
     l0: Tensor  # [N] active features per token
     counts: Tensor  # [F] tokens each feature fired on
-    mse: float  # mean over tokens of |x − x̂|², normalized space (the training loss term)
+    mse: float  # mean over tokens of |y − ŷ|², normalized space (the training loss term)
     fvu: float  # normalized space, as training logs it
     fvu_raw: float  # in the model's own activation space
 
@@ -49,23 +51,26 @@ def _slice(stats: Stats, rows: slice) -> Stats:
 
 
 @torch.no_grad()
-def sae_pass(sae: SAE, x: Tensor, batch_size: int, select: Select) -> Pass:
-    """Encode raw rows x [N, d_in] `batch_size` rows at a time with `select`, decode, measure."""
-    x_n, stats = normalize(x, sae.cfg.normalize, sae.scale)
+def sae_pass(sae: SAE, rows: Tensor, batch_size: int, select: Select) -> Pass:
+    """Encode raw rows [N, d_in (+ d_out)] `batch_size` rows at a time with `select`, decode,
+    and measure the reconstruction of the target (sae.split: x itself for an SAE)."""
+    x, y = sae.split(rows)
+    x_n, y_n = sae.prepare(rows)
+    stats = sae.output_stats(x)
     l0, counts = [], torch.zeros(sae.cfg.num_latents, dtype=torch.long, device=x.device)
     sse = sse_raw = 0.0
     for start in range(0, len(x), batch_size):
-        rows = slice(start, start + batch_size)
-        acts = select(sae.pre_acts(x_n[rows]))  # [B, F]
-        x_hat = sae.decode(acts)  # [B, d_in]
-        sse += float((x_hat - x_n[rows]).double().pow(2).sum())
-        x_hat_raw = denormalize(x_hat, _slice(stats, rows))
-        sse_raw += float((x_hat_raw - x[rows]).double().pow(2).sum())
+        b = slice(start, start + batch_size)
+        acts = select(sae.pre_acts(x_n[b]))  # [B, F]
+        y_hat = sae.decode(acts)  # [B, d_target]
+        sse += float((y_hat - y_n[b]).double().pow(2).sum())
+        y_hat_raw = denormalize(y_hat, _slice(stats, b))
+        sse_raw += float((y_hat_raw - y[b]).double().pow(2).sum())
         fired = acts != 0
         l0.append(fired.sum(-1))
         counts += fired.sum(0)
     N = len(x)
-    return Pass(torch.cat(l0), counts, sse / N, sse / variance(x_n), sse_raw / variance(x))
+    return Pass(torch.cat(l0), counts, sse / N, sse / variance(y_n), sse_raw / variance(y))
 
 
 def density_agreement(reference: Tensor, other: Tensor, tokens: int) -> dict:

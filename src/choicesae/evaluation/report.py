@@ -150,6 +150,11 @@ def summary_rows(result: dict) -> list[list]:
             f"{result['sparsifier']}, {result['k']}, {result['num_latents']}",
         ],
         ["held-out tokens", result["tokens"]],
+    ]
+    if t := result.get("transcoder"):  # MSE and FVU below are of its prediction of the target
+        rows.append(["transcoder (input -> target)", f"{t['hookpoint']} -> {t['target']}"])
+        rows.append(["target width d_out", t["d_out"]])
+    rows += [
         ["L0 (mean ± std)", f"{result['l0']:.3f} ± {result['l0_std']:.3f}"],
         ["MSE (normalized)", result["mse"]],
         ["FVU (normalized)", result["fvu"]],

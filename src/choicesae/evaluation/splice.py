@@ -1,5 +1,7 @@
 """Downstream loss recovered: the model run on held-out contexts with its hookpoint's output
-replaced (by the SAE's reconstruction, zeros, or the mean activation).
+replaced (by the SAE's reconstruction, zeros, or the mean activation). A transcoder's target
+module B has its output replaced instead, by the transcoder's prediction from the hookpoint A's
+output at the same positions, captured earlier in the same forward pass (A runs before B).
 
 The contexts are rebuilt from the store's token ids (rows are whole contexts in order; a first
 token the harvest dropped is the tokenizer's BOS/CLS, put back and left unreplaced: the SAE
@@ -24,7 +26,7 @@ from choicesae.data.store import Store
 from choicesae.data.text import special_tokens
 from choicesae.errors import ConfigError, DataError
 
-Replace = Callable[[Tensor], Tensor]  # hookpoint rows [n, d] -> replacement rows [n, d]
+Replace = Callable[[Tensor], Tensor]  # source rows [n, d_in] -> replacement rows [n, d_out]
 
 
 def load_spliceable(name: str) -> tuple[nn.Module, nn.Module, object, str]:
@@ -73,22 +75,44 @@ def store_contexts(store: Store, tokenizer, max_contexts: int) -> tuple[Tensor, 
 
 
 @contextlib.contextmanager
-def spliced_into(module: nn.Module, where: Tensor, replace: Replace | None):
-    """Within the block, `module`'s output [C, T, d] has the positions `where` [C, T] replaced
-    by `replace` of those rows (None: left clean)."""
+def spliced_into(
+    module: nn.Module, where: Tensor, replace: Replace | None, source: nn.Module | None = None
+):
+    """Within the block, `module`'s output [C, T, d_out] has the positions `where` [C, T]
+    replaced by `replace` of the rows there of `source`'s output [C, T, d_in] (a transcoder's
+    input, which must run before `module` in the forward pass), or of `module`'s own output
+    when `source` is None (an SAE). `replace` None: left clean."""
+    seen: list[Tensor] = []  # the source's rows at `where`, from this forward pass
+
+    def read(_module, _inputs, output):
+        seen[:] = [_hidden(output)[where]]
 
     def hook(_module, _inputs, output):
-        h = output[0] if isinstance(output, tuple) else output  # [C, T, d]
+        h = _hidden(output)  # [C, T, d_out]
+        if source is not None and not seen:
+            raise ConfigError(
+                f"the transcoder's input module ({type(source).__name__}) did not run before "
+                f"its target ({type(module).__name__}): pick a target downstream of the hookpoint"
+            )
+        rows = h[where] if source is None else seen.pop()  # [n, d_in]
         new = h.clone()
-        new[where] = replace(h[where]).to(h.dtype)
+        new[where] = replace(rows).to(h.dtype)
         return (new, *output[1:]) if isinstance(output, tuple) else new
 
-    handle = module.register_forward_hook(hook) if replace is not None else None
+    handles = []
+    if replace is not None:
+        handles += [source.register_forward_hook(read)] if source is not None else []
+        handles.append(module.register_forward_hook(hook))
     try:
         yield
     finally:
-        if handle is not None:
+        for handle in handles:
             handle.remove()
+
+
+def _hidden(output) -> Tensor:
+    """A module's hidden states [C, T, d]: its output, or the first element of a tuple."""
+    return output[0] if isinstance(output, tuple) else output
 
 
 def model_output(model: nn.Module, kind: str, ids: Tensor) -> Tensor:
@@ -118,9 +142,11 @@ def downstream_losses(
     spliced: Tensor,
     replacements: dict[str, Replace],
     contexts_per_batch: int,
+    source: nn.Module | None = None,
 ) -> dict[str, float]:
     """Mean downstream loss over the contexts ids [C, T] when `module`'s output at `spliced`
-    [C, T] is replaced by each of `replacements`, and "clean" (untouched)."""
+    [C, T] is replaced by each of `replacements` (of `source`'s rows there, for a transcoder;
+    see `spliced_into`), and "clean" (untouched)."""
     if kind not in ("causal", "encoder"):
         raise ConfigError(f"kind must be causal or encoder, not {kind!r}")
     losses = {name: [] for name in ("clean", *replacements)}
@@ -128,7 +154,7 @@ def downstream_losses(
         clean = model_output(model, kind, ids[batch])
         losses["clean"].append(context_loss(kind, clean, clean))
         for name, replace in replacements.items():
-            with spliced_into(module, spliced[batch], replace):
+            with spliced_into(module, spliced[batch], replace, source):
                 out = model_output(model, kind, ids[batch])
             losses[name].append(context_loss(kind, out, clean))
     return {name: float(torch.cat(v).double().mean()) for name, v in losses.items()}

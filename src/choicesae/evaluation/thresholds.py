@@ -9,7 +9,8 @@ in. Appendix B imputes a threshold and swaps the sparsifier for JumpReLU, z = z'
   calibration tokens as batch inference selects it for, so that single-token inference keeps
   every feature's density, and hence the L0 (= Σ_i density_i), of batch inference.
 
-Both live on z' of normalized inputs, in the SAE's buffers `threshold_global` [] and
+Both live on z' of normalized inputs (a transcoder's too: its codes read its input hookpoint,
+whatever it predicts), in the SAE's buffers `threshold_global` [] and
 `threshold` [F]; `sae.encode(x, threshold="feature" | "global")` uses them. The functions here
 take normalized batches; `evaluate.calibrate_thresholds_` fits them on raw activations (an
 array, tensor or store), and `choicesae eval` calls it.
@@ -48,7 +49,7 @@ def feature_thresholds(sae: SAE, x: Tensor, counts: Tensor, chunk: int = 512) ->
     z'_i > θ_i (ties aside): the (counts[i]+1)-th largest z'_i, floored at 0 as ReLU is.
     A feature never selected gets its largest z' (it then never fires on these tokens)."""
     N, F = x.shape[0], sae.cfg.num_latents
-    centred = x - sae.b_dec
+    centred = sae.centred(x)
     theta = torch.empty(F, dtype=x.dtype, device=x.device)
     for start in range(0, F, chunk):  # N x chunk at a time, never the whole N x F
         cols = slice(start, min(start + chunk, F))

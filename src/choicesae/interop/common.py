@@ -15,9 +15,14 @@ as ours does (sparsify stores W_enc transposed, as nn.Linear's weight). Two thin
   with fold=False, and the exported SAE expects inputs already normalised by
   `choicesae.core.preprocess.normalize`. Folding the factor g (the format sees u = g·x_n) keeps z'
   exactly: W_enc/g, W_dec·g, b_dec·g.
+- Transcoders (ŷ_n = σ(x_n W_enc + b_enc) W_dec + b_dec, W_dec [F, d_out], no b_dec subtracted
+  from the input). Both formats normalise only the input of a transcoder and return its output
+  as it is, so the output has a factor of its own: the format sees u = g_in·x_n and returns
+  g_out·ŷ_n, with g_out = 1/scale_out (the raw target) when folding. An autoencoder's output lives
+  where its input does (g_out = g_in) and the format's own denormalisation maps it back.
 
 What neither format holds travels in the same folder: our SAEConfig under the key "choicesae"
-of cfg.json, and the SAE's buffers (dataset scale, Zipf fit, feature ranks, densities, both
+of cfg.json, and the SAE's buffers (dataset scales, Zipf fit, feature ranks, densities, both
 thresholds) in choicesae.safetensors, so that ours -> theirs -> ours gives back the same model.
 """
 
@@ -25,6 +30,7 @@ import dataclasses
 import json
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import SafetensorError
@@ -44,7 +50,35 @@ SAELENS_WEIGHTS, SPARSIFY_WEIGHTS = "sae_weights.safetensors", "sae.safetensors"
 WEIGHT_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
 
 
-BUFFER_NAMES = ("scale", "zipf", "feature_rank", "density", "threshold", "threshold_global")
+BUFFER_NAMES = (
+    "scale",
+    "scale_out",
+    "zipf",
+    "feature_rank",
+    "density",
+    "threshold",
+    "threshold_global",
+)
+
+
+class Factors(NamedTuple):
+    """The exported model sees u = g_in·x_n and returns g_out·x̂_n, x_n and x̂_n our normalized
+    input and output (a transcoder's ŷ_n)."""
+
+    g_in: float
+    g_out: float
+
+    def inverse(self) -> "Factors":
+        return Factors(1 / self.g_in, 1 / self.g_out)
+
+
+def fold_factors(sae: SAE, fold: bool, fmt: str) -> tuple[Factors, str]:
+    """(g_in, g_out) and the format's normalize_activations for exporting `sae`."""
+    g_in, normalization = input_factor(sae, fold, fmt)
+    if not sae.cfg.transcoder:  # the format's denormalisation maps g_in·x̂_n back to raw
+        return Factors(g_in, g_in), normalization
+    # the formats leave a transcoder's output alone: folded, it must be the raw target
+    return Factors(g_in, 1 / float(sae.scale_out) if fold else 1.0), normalization
 
 
 def input_factor(sae: SAE, fold: bool, fmt: str) -> tuple[float, str]:
@@ -63,24 +97,26 @@ def input_factor(sae: SAE, fold: bool, fmt: str) -> tuple[float, str]:
     )
 
 
-def scaled(w: dict[str, Tensor], g: float, dtype: torch.dtype) -> dict[str, Tensor]:
-    """Weights for inputs u = g·x_n: W_enc/g, W_dec·g, b_dec·g, so z' is unchanged and the
-    reconstruction is g·x̂_n. In float64, so that g = 1 gives the weights bit for bit."""
-    factor = {"W_enc": 1 / g, "b_enc": 1.0, "W_dec": g, "b_dec": g}
+def scaled(w: dict[str, Tensor], f: Factors, dtype: torch.dtype) -> dict[str, Tensor]:
+    """Weights for inputs u = g_in·x_n: W_enc/g_in, W_dec·g_out, b_dec·g_out, so z' is
+    unchanged and the output is g_out·x̂_n. In float64, so that factors 1 give the weights bit
+    for bit. (An autoencoder's b_dec also centres the input: g_out = g_in keeps that.)"""
+    factor = {"W_enc": 1 / f.g_in, "b_enc": 1.0, "W_dec": f.g_out, "b_dec": f.g_out}
     return {n: (w[n].detach().cpu().double() * factor[n]).to(dtype).contiguous() for n in factor}
 
 
-def folded(sae: SAE, g: float) -> dict[str, Tensor]:
-    """Our weights W_enc [d, F], b_enc [F], W_dec [F, d], b_dec [d] for inputs g·x_n."""
-    return scaled({n: getattr(sae, n) for n in WEIGHT_NAMES}, g, sae.W_enc.dtype)
+def folded(sae: SAE, f: Factors) -> dict[str, Tensor]:
+    """Our weights W_enc [d_in, F], b_enc [F], W_dec [F, d_out], b_dec [d_out] for inputs
+    g_in·x_n and outputs g_out·x̂_n."""
+    return scaled({n: getattr(sae, n) for n in WEIGHT_NAMES}, f, sae.W_enc.dtype)
 
 
-def unfolded(w: dict[str, Tensor], g: float) -> dict[str, Tensor]:
-    """The inverse of `folded`: weights for our normalized inputs x_n, float32."""
-    return scaled(w, 1 / g, torch.float32)
+def unfolded(w: dict[str, Tensor], f: Factors) -> dict[str, Tensor]:
+    """The inverse of `folded`: weights for our normalized inputs and outputs, float32."""
+    return scaled(w, f.inverse(), torch.float32)
 
 
-def provenance(sae: SAE, g: float, normalization: str, fold: bool) -> dict:
+def provenance(sae: SAE, f: Factors, normalization: str, fold: bool) -> dict:
     """Our config and how the exported weights relate to ours, kept in the target's cfg.json."""
     mode = sae.cfg.normalize
     expects = "raw activations"
@@ -88,20 +124,27 @@ def provenance(sae: SAE, g: float, normalization: str, fold: bool) -> dict:
         expects = (
             f"activations normalised by choicesae.core.preprocess.normalize(x, {mode!r}, scale)"
         )
-    return {
+    entry = {
         "config": dataclasses.asdict(sae.cfg),
-        "input_factor": g,
+        "input_factor": f.g_in,
+        "output_factor": f.g_out,
         "normalize_activations": normalization,
         "inputs": expects,
     }
+    if sae.cfg.transcoder:  # unfolded, the prediction is of the target times scale_out
+        c = float(sae.scale_out)
+        entry["outputs"] = "raw target activations" if fold or c == 1 else f"the target times {c!r}"
+    return entry
 
 
-def our_config(ours: dict) -> tuple[SAEConfig, float]:
-    """The SAEConfig and input factor g that our export left in a cfg.json."""
-    g = ours.get("input_factor") if isinstance(ours, dict) else None
-    if not isinstance(g, int | float) or not g > 0:
+def our_config(ours: dict) -> tuple[SAEConfig, Factors]:
+    """The SAEConfig and factors that our export left in a cfg.json (exports made before
+    transcoders have no output factor: an autoencoder's is its input factor)."""
+    g_in = ours.get("input_factor") if isinstance(ours, dict) else None
+    g_out = ours.get("output_factor", g_in) if isinstance(ours, dict) else None
+    if not all(isinstance(g, int | float) and g > 0 for g in (g_in, g_out)):
         raise DataError(f"the choicesae entry of this cfg.json is damaged: {ours!r:.200}")
-    return from_dict(SAEConfig, ours.get("config")), float(g)
+    return from_dict(SAEConfig, ours.get("config")), Factors(float(g_in), float(g_out))
 
 
 def write_buffers(sae: SAE, path: Path) -> None:

@@ -1,4 +1,5 @@
-"""`choicesae export` and `choicesae import`: an SAE to or from SAELens's or sparsify's format."""
+"""`choicesae export` and `choicesae import`: an SAE or transcoder to or from SAELens's or
+sparsify's format."""
 
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +23,12 @@ class ExportConfig:
     out: str = ""
     """Folder to write."""
     threshold: Literal["feature", "global"] = "feature"
-    """Mutual/Feature Choice as JumpReLU: per-feature thresholds or the global one."""
+    """Mutual/Feature Choice (and a TopK transcoder) as JumpReLU: per-feature thresholds or the
+    global one."""
     form: str = ""
     """SAELens architecture for a Mutual Choice SAE: jumprelu (single-token inference) or
-    batchtopk (batch inference, a SAELens training SAE); empty: jumprelu."""
+    batchtopk (batch inference, a SAELens training SAE); empty: jumprelu. A transcoder has one
+    form: transcoder (relu) or jumprelu_transcoder (the others, at the thresholds)."""
     fold: bool = True
     """Fold the preprocessing into the exported SAE so it takes raw activations (SAELens:
     layer_norm for --normalize token); --no-fold writes our weights unchanged, for inputs

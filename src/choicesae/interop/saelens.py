@@ -1,5 +1,6 @@
-"""SAELens's on-disk format (its `standard`, `topk`, `batchtopk` and `jumprelu` SAEs): export and
-import (interop/common.py says what the formats share and how they differ from ours)."""
+"""SAELens's on-disk format (its `standard`, `topk`, `batchtopk` and `jumprelu` SAEs, and its
+`transcoder` and `jumprelu_transcoder`): export and import (interop/common.py says what the
+formats share and how they differ from ours)."""
 
 import json
 import math
@@ -16,9 +17,10 @@ from choicesae.interop.common import (
     CFG,
     SAELENS_WEIGHTS,
     WEIGHT_NAMES,
+    Factors,
     build,
+    fold_factors,
     folded,
-    input_factor,
     our_config,
     provenance,
     read_buffers_,
@@ -40,14 +42,32 @@ SAELENS_FORMS = {
 }
 
 
+# SAELens's transcoders are ReLU or JumpReLU only: TopK, like Mutual and Feature Choice, runs
+# there per token at our thresholds
+SAELENS_TRANSCODER_FORMS = {
+    "topk": ("jumprelu_transcoder",),
+    "relu": ("transcoder",),
+    "mutual_choice": ("jumprelu_transcoder",),
+    "feature_choice": ("jumprelu_transcoder",),
+}
+
+
+JUMPRELU = ("jumprelu", "jumprelu_transcoder")
+
+
+TRANSCODERS = ("transcoder", "jumprelu_transcoder")  # SAELens's, without skip connection
+
+
 def saelens_form(sae: SAE, form: str) -> str:
     """The SAELens architecture to export as; `form` empty picks the default."""
-    forms = SAELENS_FORMS[sae.cfg.sparsifier]
+    c = sae.cfg
+    forms = (SAELENS_TRANSCODER_FORMS if c.transcoder else SAELENS_FORMS)[c.sparsifier]
     if not form:
         return forms[0]
     if form not in forms:
+        kind = "transcoder" if c.transcoder else "SAE"
         raise ConfigError(
-            f"a {sae.cfg.sparsifier} SAE exports to SAELens as {' or '.join(forms)}, not {form!r}"
+            f"a {c.sparsifier} {kind} exports to SAELens as {' or '.join(forms)}, not {form!r}"
         )
     return form
 
@@ -55,12 +75,12 @@ def saelens_form(sae: SAE, form: str) -> str:
 def saelens_fields(sae: SAE, arch: str, threshold: str) -> tuple[dict, dict[str, Tensor]]:
     """The architecture's own cfg.json fields and extra weights."""
     F, k = sae.cfg.num_latents, sae.cfg.k
-    if arch == "standard":
+    if arch in ("standard", "transcoder"):
         return {}, {}
     if arch == "topk":
         return {"k": k, "rescale_acts_by_decoder_norm": False}, {}
     theta = sae.thresholds(threshold).detach().cpu().to(sae.W_enc.dtype)  # [] or [F]
-    if arch == "jumprelu":
+    if arch in JUMPRELU:
         return {}, {"threshold": theta.expand(F).contiguous()}
     # batchtopk, a SAELens training SAE: BatchTopK(k) on the batch; its topk_threshold (the
     # global threshold) becomes the JumpReLU threshold when SAELens saves it for inference
@@ -79,10 +99,12 @@ def to_saelens(
     sae: SAE, path: str | Path, *, threshold: str = "feature", form: str = "", fold: bool = True
 ) -> Path:
     """Write `sae` as a SAELens SAE folder (cfg.json, sae_weights.safetensors); load it with
-    sae_lens.SAE.load_from_disk (TrainingSAE.load_from_disk for form="batchtopk")."""
+    sae_lens.SAE.load_from_disk (TrainingSAE.load_from_disk for form="batchtopk"). A transcoder
+    becomes a SAELens `transcoder` (ReLU) or `jumprelu_transcoder` (the others, at our
+    thresholds), whose folded output is the raw target."""
     arch = saelens_form(sae, form)
     fields, extra = saelens_fields(sae, arch, threshold)
-    g, normalization = input_factor(sae, fold, "saelens")
+    factors, normalization = fold_factors(sae, fold, "saelens")
     c = sae.cfg
     metadata = {
         "sae_lens_version": SAELENS_VERSION,
@@ -90,15 +112,18 @@ def to_saelens(
         "hook_name": c.hookpoint or None,  # a Hugging Face module path, not a TransformerLens one
         "context_size": c.context or None,
         "model_from_pretrained_kwargs": {},
-        "choicesae": provenance(sae, g, normalization, fold),
+        "choicesae": provenance(sae, factors, normalization, fold),
     }
+    if c.transcoder:  # widths and hook of the target; SAELens refuses b_dec on the input
+        fields |= {"d_out": c.d_out}
+        metadata |= {"hook_name_out": c.target or None}
     cfg = {
         "architecture": arch,
         "d_in": c.d_in,
         "d_sae": c.num_latents,
         "dtype": str(sae.W_enc.dtype).removeprefix("torch."),
         "device": "cpu",
-        "apply_b_dec_to_input": True,
+        "apply_b_dec_to_input": not c.transcoder,
         "normalize_activations": normalization,
         "reshape_activations": "none",
         **fields,
@@ -106,22 +131,30 @@ def to_saelens(
     }
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    save_file(folded(sae, g) | extra, path / SAELENS_WEIGHTS)
+    save_file(folded(sae, factors) | extra, path / SAELENS_WEIGHTS)
     (path / CFG).write_text(json.dumps(cfg, indent=2) + "\n")
     write_buffers(sae, path)
     return path
 
 
-def saelens_config(cfg: dict, state: dict[str, Tensor]) -> tuple[SAEConfig, float]:
-    """Our SAEConfig and input factor g for a SAELens cfg.json written by someone else."""
+FOREIGN_SPARSIFIERS = {  # SAELens architecture -> ours (JumpReLU: Mutual Choice's thresholds)
+    "topk": "topk",
+    "standard": "relu",
+    "jumprelu": "mutual_choice",
+    "batchtopk": "mutual_choice",
+    "transcoder": "relu",
+    "jumprelu_transcoder": "mutual_choice",
+}
+
+
+def saelens_config(cfg: dict, state: dict[str, Tensor]) -> tuple[SAEConfig, Factors]:
+    """Our SAEConfig and factors for a SAELens cfg.json written by someone else."""
     arch, norm = cfg.get("architecture"), cfg.get("normalize_activations", "none")
-    sparsifier = {"topk": "topk", "standard": "relu", "jumprelu": "mutual_choice"}.get(arch)
-    if arch == "batchtopk":
-        sparsifier = "mutual_choice"
+    sparsifier = FOREIGN_SPARSIFIERS.get(arch)
     if sparsifier is None:
         raise ConfigError(
             f"cannot import SAELens architecture {arch!r}: choicesae reads "
-            "topk, standard, jumprelu and batchtopk"
+            f"{', '.join(FOREIGN_SPARSIFIERS)}"
         )
     if norm not in ("none", "expected_average_only_in", "layer_norm"):
         raise ConfigError(
@@ -131,27 +164,34 @@ def saelens_config(cfg: dict, state: dict[str, Tensor]) -> tuple[SAEConfig, floa
     if cfg.get("reshape_activations", "none") != "none":
         raise ConfigError("cannot import reshape_activations other than none")
     d_in, F = state["W_enc"].shape
+    transcoder = arch in TRANSCODERS
     meta = cfg.get("metadata") or {}
     sae_cfg = SAEConfig(
         sparsifier=sparsifier,
         k=int(cfg.get("k") or min(32, F - 1)),
         num_latents=F,
         d_in=d_in,
+        d_out=state["W_dec"].shape[1] if transcoder else 0,
         normalize="token" if norm == "layer_norm" else "none",
         model=meta.get("model_name") or "",
         hookpoint=meta.get("hook_name") or "",
         context=meta.get("context_size") or 0,
+        target=(meta.get("hook_name_out") or "") if transcoder else "",
     )
-    return sae_cfg, math.sqrt(d_in - 1) if norm == "layer_norm" else 1.0
+    g_in = math.sqrt(d_in - 1) if norm == "layer_norm" else 1.0
+    # SAELens denormalises an SAE's output but leaves a transcoder's raw (scale_out stays 1)
+    return sae_cfg, Factors(g_in, 1.0 if transcoder else g_in)
 
 
 @torch.no_grad()
 def foreign_weights(cfg: dict, state: dict[str, Tensor]) -> dict[str, Tensor]:
     """Bring a SAELens SAE's options into our form: apply_b_dec_to_input=False (z' = x W_enc +
-    b_enc) moves b_dec·W_enc into b_enc; rescale_acts_by_decoder_norm (z' scaled by the decoder
-    row norms n) moves n into the encoder and divides it out of the decoder."""
+    b_enc) moves b_dec·W_enc into b_enc (an SAE's; a transcoder's b_dec is an output bias, as
+    ours); rescale_acts_by_decoder_norm (z' scaled by the decoder row norms n) moves n into the
+    encoder and divides it out of the decoder."""
     w = {name: state[name].double() for name in WEIGHT_NAMES}
-    if not cfg.get("apply_b_dec_to_input", True):
+    transcoder = cfg.get("architecture") in TRANSCODERS
+    if not cfg.get("apply_b_dec_to_input", True) and not transcoder:
         w["b_enc"] = w["b_enc"] + w["b_dec"] @ w["W_enc"]
     if cfg.get("rescale_acts_by_decoder_norm", False):
         n = w["W_dec"].norm(dim=-1)  # [F]
@@ -160,8 +200,9 @@ def foreign_weights(cfg: dict, state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def from_saelens(path: str | Path) -> SAE:
-    """Read a SAELens SAE folder (ours or anyone's) into our SAE. A jumprelu SAE becomes a
-    Mutual Choice SAE whose thresholds are the file's: run it with encode(x, threshold=...)."""
+    """Read a SAELens SAE or transcoder folder (ours or anyone's) into our SAE. A jumprelu SAE
+    (jumprelu_transcoder) becomes a Mutual Choice SAE (transcoder) whose thresholds are the
+    file's: run it with encode(x, threshold=...)."""
     path = Path(path)
     cfg = read_json(path)
     state = read_tensors(path / SAELENS_WEIGHTS)
@@ -170,11 +211,11 @@ def from_saelens(path: str | Path) -> SAE:
         raise DataError(f"{path / SAELENS_WEIGHTS} lacks {', '.join(sorted(missing))}")
     ours = (cfg.get("metadata") or {}).get("choicesae")
     if ours:
-        sae_cfg, g = our_config(ours)
+        sae_cfg, factors = our_config(ours)
     else:
-        sae_cfg, g = saelens_config(cfg, state)
+        sae_cfg, factors = saelens_config(cfg, state)
         state |= foreign_weights(cfg, state)
-    sae = build(sae_cfg, unfolded(state, g))
+    sae = build(sae_cfg, unfolded(state, factors))
     theta = state.get("threshold", state.get("topk_threshold"))
     if theta is not None:  # the format's thresholds, unless our buffers below say more
         set_thresholds_(sae, theta)

@@ -109,8 +109,8 @@ class DataParallel(Local):
         form = GLOBAL[name]
         return None if form is None else form(z_pre, k, m, self.world)
 
-    def reduce(self, sae, result, x: Tensor, fired: Tensor, cfg):
-        return reduce_step(sae, result, x, self.world, fired, aux_rows(sae.cfg.k, cfg.k_aux))
+    def reduce(self, sae, result, y: Tensor, fired: Tensor, cfg):
+        return reduce_step(sae, result, y, self.world, fired, aux_rows(sae.cfg.k, cfg.k_aux))
 
 
 # ---- the global loss, gradients and statistics -----------------------------------------------
@@ -138,7 +138,8 @@ def contributions(
 def reduce_step(sae, result, x: Tensor, world: World, fired: Tensor, rows: slice):
     """Backward through this rank's shares, then sum over ranks the gradients (one flat
     all_reduce) and the statistics: the loss terms, firing counts fired [F] and the sums the
-    FVU needs (`rows`: the tokens the aux losses read). Returns the global StepOut, fired
+    FVU needs (`rows`: the tokens the aux losses read; x: the targets, a transcoder's other
+    hookpoint). Returns the global StepOut, fired
     counts [F] and metrics."""
     shares = contributions(result.terms, x, result.x_hat, world, rows)
     sum(shares.values()).backward()

@@ -219,10 +219,12 @@ class _EncodePairs(torch.autograd.Function):
         with _no_autocast(grad):
             grad_b_enc = grad.new_zeros(F).index_add_(0, feature, grad)  # [F]
             offsets, token_f, grad_f = _by(feature, F, token, grad)
-            xc = (x - b_dec).float()  # [B, d]
+            xc = (x if b_dec is None else x - b_dec).float()  # [B, d]
             # [d, F] as a transposed [F, d]: the layout SAE gives W_enc (a clone of W_decᵀ)
             grad_W_enc = _bag(token_f, xc, offsets, grad_f).t()
-            grad_b_dec = -(W_enc.float() @ grad_b_enc)  # ∂z'/∂b_dec = −W_enc, summed
+            grad_b_dec = None  # a transcoder's encoder reads no b_dec
+            if b_dec is not None:
+                grad_b_dec = -(W_enc.float() @ grad_b_enc)  # ∂z'/∂b_dec = −W_enc, summed
             grad_x = None
             if ctx.needs_input_grad[1]:
                 offsets, feature_t, grad_t = _by(token, B, feature, grad)
@@ -265,7 +267,7 @@ def pre_acts(sae, x: Tensor, feature_major: bool = False) -> Tensor:
     Feature Choice's per-feature top-k reads contiguous rows. The bias is added in place: on CPU
     addmm's broadcast copy of it costs several times more."""
     with torch.no_grad():
-        xc = x - sae.b_dec  # [B, d]
+        xc = sae.centred(x)  # [B, d]
         if feature_major:
             return torch.mm(sae.W_enc.t(), xc.t()).add_(sae.b_enc[:, None]).t()
         return torch.mm(xc, sae.W_enc).add_(sae.b_enc)
@@ -275,9 +277,9 @@ def encode_pairs(
     sae, x: Tensor, z_pre: Tensor, pairs: Pairs, b_dec: Tensor | None = None
 ) -> Tensor:
     """[n] float32 affinities z'[pairs] (z_pre from `pre_acts`), differentiable in the SAE's
-    encoder and in x through the sparse backward. `b_dec` stands for sae.b_dec (parallel/features.py
-    passes one whose gradient sums over the ranks' shards)."""
-    b_dec = sae.b_dec if b_dec is None else b_dec
+    encoder and in x through the sparse backward. `b_dec` stands for sae.b_in (parallel/features.py
+    passes one whose gradient sums over the ranks' shards; a transcoder has none)."""
+    b_dec = sae.b_in if b_dec is None else b_dec
     return _EncodePairs.apply(z_pre, x, sae.W_enc, sae.b_enc, b_dec, pairs)
 
 

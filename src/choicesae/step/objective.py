@@ -2,8 +2,10 @@
 
     z' = affinities(x);  the selections: the code at budget k (and 4k, Multi-TopK), and each
          auxiliary loss's latents;  x̂ = decode(code) + b_dec
-    loss = |x − x̂|²  [+ Σ_j w_j |x − x̂_{<m_j}|² (Matryoshka)]  [+ |x − x̂_4k|²/8]
+    loss = |y − x̂|²  [+ Σ_j w_j |y − x̂_{<m_j}|² (Matryoshka)]  [+ |y − x̂_4k|²/8]
            [+ λ·L1 (relu)]  [+ aux_k + aux_zipf]  [+ NFM]
+
+with the target y = x for an autoencoder, and another hookpoint's activations for a transcoder.
 
 Which terms a sparsifier trains with comes from its entry in the registry
 (`sparsifiers.SPARSIFIERS`). How a selection is made and decoded comes from the ops: the dense
@@ -73,27 +75,36 @@ def wanted(cfg, sparsifier: str, k: int, masks: Masks) -> dict[str, Want]:
 
 
 def objective(
-    sae, x: Tensor, cfg, sparsifier: str, masks: Masks, step: int = 0, ops=None
+    sae,
+    x: Tensor,
+    cfg,
+    sparsifier: str,
+    masks: Masks,
+    step: int = 0,
+    ops=None,
+    target: Tensor | None = None,
 ) -> StepOut:
     """The loss terms of normalized inputs x [B, d_in] (this process's rows or the whole batch,
-    as the backend of `ops` holds them), with the ops given or the dense reference."""
+    as the backend of `ops` holds them) against the normalized `target` [B, d_target] (None:
+    x itself, an autoencoder), with the ops given or the dense reference."""
     rule, k, ops = SPARSIFIERS[sparsifier], sae.cfg.k, ops or Dense()
+    y = x if target is None else target
     z = ops.affinities(sae, x, sparsifier)  # [B, F] (this process's latents)
     codes = ops.codes(sae, x, z, sparsifier, wanted(cfg, sparsifier, k, masks))
     if codes is None:  # no sparse form for this batch: the dense reference step
-        return objective(sae, x, cfg, sparsifier, masks, step, ops.reference)
+        return objective(sae, x, cfg, sparsifier, masks, step, ops.reference, target)
     x_hat = ops.decode(sae, codes["mse"]) + sae.b_dec
-    terms = {"mse": mse(x_hat, x)}
+    terms = {"mse": mse(x_hat, y)}
     for m, weight in cfg.prefixes:  # Matryoshka: the code's pairs with feature index < m
-        terms[f"mse_{m}"] = weight * mse(ops.decode(sae, codes["mse"], below=m) + sae.b_dec, x)
+        terms[f"mse_{m}"] = weight * mse(ops.decode(sae, codes["mse"], below=m) + sae.b_dec, y)
     if cfg.multi_topk:
-        terms["mse_4k"] = mse(ops.decode(sae, codes["mse_4k"]) + sae.b_dec, x) / 8
+        terms["mse_4k"] = mse(ops.decode(sae, codes["mse_4k"]) + sae.b_dec, y) / 8
     if rule.l1:
         terms["l1"] = cfg.l1_coeff * ops.l1(sae, codes["mse"], x.shape[0])
     aux = aux_coeffs(cfg, sparsifier)
     if aux:
         rows = aux_rows(k, cfg.k_aux)  # the aux losses read a bounded sample of tokens
-        residual = (x - x_hat).detach()[rows]  # they only move the latents they select
+        residual = (y - x_hat).detach()[rows]  # they only move the latents they select
     for name, coeff in aux.items():
         term = x.new_zeros(())  # no dead (or dying) latent: nothing to reconstruct with
         if name in codes:

@@ -44,11 +44,12 @@ class Local:
     def sum_shards(self, t: Tensor) -> Tensor:
         return t
 
-    def reduce(self, sae, result, x: Tensor, fired: Tensor, cfg) -> tuple:
-        """Backward, and the batch's totals: (StepOut, fired [F], metrics)."""
+    def reduce(self, sae, result, y: Tensor, fired: Tensor, cfg) -> tuple:
+        """Backward, and the batch's totals: (StepOut, fired [F], metrics), the FVU against
+        the normalized targets y [B, d_target] (an autoencoder's: its inputs)."""
         result.loss.backward()
         with torch.no_grad():
-            metrics = {"fvu": fvu(result.x_hat, x), "l0": fired.sum() / x.shape[0]}
+            metrics = {"fvu": fvu(result.x_hat, y), "l0": fired.sum() / y.shape[0]}
         return result, fired, metrics
 
     def clip_grad_norm_(self, sae, max_norm: float) -> None:
@@ -80,7 +81,7 @@ class Dense:
         return self
 
     def affinities(self, sae, x: Tensor, sparsifier: str) -> Tensor:
-        return self.backend.replicated(x - sae.b_dec) @ sae.W_enc + sae.b_enc  # SAE.pre_acts
+        return self.backend.replicated(sae.centred(x)) @ sae.W_enc + sae.b_enc  # SAE.pre_acts
 
     def codes(self, sae, x: Tensor, z: Tensor, sparsifier: str, wanted: dict) -> dict:
         return {name: self.code(sae, z, sparsifier, want) for name, want in wanted.items()}
@@ -141,8 +142,9 @@ class Sparse:
             if chosen is None:
                 return None
             pairs[name] = chosen
-        b_dec = self.backend.replicated(sae.b_dec)  # its encoder-side use, one per shard
-        values = kernels.encode_pairs(sae, x, z, kernels.concat(list(pairs.values())), b_dec)
+        b_in = sae.b_in  # b_dec's encoder-side use, one per shard; a transcoder has none
+        b_in = None if b_in is None else self.backend.replicated(b_in)
+        values = kernels.encode_pairs(sae, x, z, kernels.concat(list(pairs.values())), b_in)
         acts = kernels.split(values.relu(), pairs)  # [n_i] activations of each selection
         return {name: SparseCode(p, acts[name]) for name, p in pairs.items()}
 

@@ -23,10 +23,15 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from choicesae.core.config import TrainConfig
-from choicesae.core.preprocess import normalize
 from choicesae.core.sae import SAE
 from choicesae.core.schedule import lr_at, phase_at
-from choicesae.data.activations import Rows, batches, check_activations, load_activations
+from choicesae.data.activations import (
+    Rows,
+    batches,
+    check_activations,
+    load_activations,
+    paired,
+)
 from choicesae.data.store import Store
 from choicesae.errors import Interrupted, NonFiniteError
 from choicesae.parallel import comm, features
@@ -37,21 +42,26 @@ from choicesae.step.ops import LOCAL, Dense, Sparse
 from choicesae.threads import warn_if_spinning
 from choicesae.training.checkpoint import save_checkpoint
 from choicesae.training.loggers import Loggers, open_loggers
-from choicesae.training.run import checkpoint_state, prepare_run, record_source, resolve, resume_
+from choicesae.training.run import (
+    check_targets,
+    checkpoint_state,
+    prepare_run,
+    record_source,
+    resolve,
+    resume_,
+)
 from choicesae.training.state import TrainState, adopt_zipf_fit_, advance, warn_if_short
 
 
-def train(cfg: TrainConfig, activations: Rows | None = None) -> SAE:
-    """Train an SAE on `activations` [N, d_in] (or cfg.activations / cfg.store) and save it to
-    cfg.out/sae. Every setting and the data are checked before anything is written. Under
+def train(cfg: TrainConfig, activations: Rows | tuple[Rows, Rows] | None = None) -> SAE:
+    """Train an SAE on `activations` [N, d_in] (or cfg.activations / cfg.store; a transcoder,
+    cfg.transcoder, on a pair (inputs [N, d_in], targets [N, d_out]) or a store harvested
+    with --target) and save it to cfg.out/sae. Every setting and the data are checked before
+    anything is written. Under
     torchrun with --parallel features, rank 0 returns the whole SAE on its CPU and the other
     ranks their shard."""
-    if activations is None:
-        key = cfg.activations_key
-        rows = Store(cfg.store) if cfg.store else load_activations(cfg.activations, key)
-    else:
-        rows = check_activations(activations)
-    cfg = resolve(record_source(cfg, rows), rows.shape[1])
+    rows, d_out = open_rows(cfg, activations)
+    cfg = resolve(record_source(cfg, rows), rows.shape[1] - d_out, d_out)
     warn_if_spinning(cfg.device)
     batches(rows, cfg.batch_size, cfg.seed, cfg.device)  # checks the batch size
     world = comm.init_from_env(cfg.device)  # under torchrun: this process's rank
@@ -86,6 +96,22 @@ def train(cfg: TrainConfig, activations: Rows | None = None) -> SAE:
         # the last fit, dead and dying counts travel with the model
         (out / "sae" / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     return sae
+
+
+def open_rows(cfg: TrainConfig, activations) -> tuple[Rows, int]:
+    """(the training rows, checked, the width d_out of the targets they end with: 0 for an
+    autoencoder's rows); refuses targets without --transcoder and the reverse."""
+    if activations is None:
+        key = cfg.activations_key
+        rows = Store(cfg.store) if cfg.store else load_activations(cfg.activations, key)
+    elif isinstance(activations, tuple):
+        rows = paired(*activations)
+    else:
+        rows = check_activations(activations)
+    d_out = activations[1].shape[1] if isinstance(activations, tuple) else 0
+    d_out = getattr(rows, "d_target", d_out)  # a store's (or an online harvest's) targets
+    check_targets(cfg, d_out)
+    return rows, d_out
 
 
 def run_loop(
@@ -161,10 +187,11 @@ def lr_of(cfg: TrainConfig, step: int) -> float:
 
 
 def train_step(
-    sae: SAE, optimizer, x: Tensor, cfg: TrainConfig, state: TrainState, ops=None, world=SINGLE
+    sae: SAE, optimizer, rows: Tensor, cfg: TrainConfig, state: TrainState, ops=None, world=SINGLE
 ) -> tuple[StepOut, dict[str, Tensor], Tensor] | None:
-    """One optimiser step on raw activations x [B, d_in] (under torchrun, this rank's slice of
-    the global batch) with the step's `ops` (`step_ops`, one process's by default); returns
+    """One optimiser step on raw rows [B, d_in] (a transcoder's [B, d_in + d_out]: input and
+    target; under torchrun, this rank's slice of the global batch) with the step's `ops`
+    (`step_ops`, one process's by default); returns
     the loss terms, the FVU and L0 of the (global) batch as metrics and the firing counts [F],
     or None for a skipped non-finite batch."""
     ops = ops or step_ops(cfg)
@@ -175,15 +202,16 @@ def train_step(
         warn_if_short(sae, cfg.batch_size)
     for group in optimizer.param_groups:
         group["lr"] = lr_of(cfg, state.step)
-    x, _ = normalize(x, cfg.sae.normalize, sae.scale)
-    result = objective(sae, x, cfg, sparsifier, state.masks(cfg.dead_tokens), state.step, ops)
+    x, y = sae.prepare(rows)  # normalized input and target (a transcoder's other hookpoint)
+    masks = state.masks(cfg.dead_tokens)
+    result = objective(sae, x, cfg, sparsifier, masks, state.step, ops, y)
     # backward, and the sums over ranks that give the global loss, counts and metrics
-    result, fired, metrics = ops.backend.reduce(sae, result, x, fired_counts(result.acts), cfg)
+    result, fired, metrics = ops.backend.reduce(sae, result, y, fired_counts(result.acts), cfg)
     if not torch.isfinite(result.loss):  # a sync point, so that NaN never reaches the weights
         optimizer.zero_grad(set_to_none=True)
         if cfg.skip_bad_batches:
             return None
-        cause = "" if torch.isfinite(x).all() else " (the batch holds NaN or Inf activations)"
+        cause = "" if torch.isfinite(rows).all() else " (the batch holds NaN or Inf activations)"
         raise NonFiniteError(
             f"the loss is NaN or Inf at step {state.step + 1}{cause}; stopped with the weights "
             f"of step {state.step} and the last checkpoint kept (--skip-bad-batches skips them)"

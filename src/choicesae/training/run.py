@@ -22,11 +22,11 @@ from choicesae.training.checkpoint import checkpoint_paths, load_checkpoint
 from choicesae.training.state import TrainState
 
 
-def resolve(cfg: TrainConfig, d_in: int) -> TrainConfig:
-    """Fill in the SAE's width, the number of steps and the recipe's settings; with a
-    schedule, the model's sparsifier is the last phase's. Refuses a Feature Choice batch too
-    small to give every feature a token (footnote 8)."""
-    sae = dataclasses.replace(cfg.sae.resolve(d_in), sparsifier=cfg.phases()[-1][0])
+def resolve(cfg: TrainConfig, d_in: int, d_out: int = 0) -> TrainConfig:
+    """Fill in the SAE's widths (d_out: a transcoder's target), the number of steps and the
+    recipe's settings; with a schedule, the model's sparsifier is the last phase's. Refuses a
+    Feature Choice batch too small to give every feature a token (footnote 8)."""
+    sae = dataclasses.replace(cfg.sae.resolve(d_in, d_out), sparsifier=cfg.phases()[-1][0])
     recipe = RECIPES[cfg.recipe]
     cfg = dataclasses.replace(  # re-validates with the width known
         cfg,
@@ -53,8 +53,24 @@ def record_source(cfg: TrainConfig, rows) -> TrainConfig:
     s = cfg.sae
     found = {"model": meta.get("model"), "hookpoint": meta.get("hookpoint")}
     found["context"] = meta.get("context")
+    found["target"] = meta.get("target")
     sae = dataclasses.replace(s, **{k: getattr(s, k) or v for k, v in found.items() if v})
     return dataclasses.replace(cfg, sae=sae)
+
+
+def check_targets(cfg: TrainConfig, d_out: int) -> None:
+    """A transcoder needs rows with targets (`harvest --target`); an SAE, rows without."""
+    source = f"the store {cfg.store}" if cfg.store else "the activations"
+    if cfg.transcoder and not d_out:
+        raise ConfigError(
+            f"--transcoder needs target rows and {source} holds none; harvest (input, target) "
+            "pairs with `choicesae harvest --hookpoint A --target B`"
+        )
+    if d_out and not cfg.transcoder:
+        raise ConfigError(
+            f"{source} holds (hookpoint, target) pairs for a transcoder; train one with "
+            "--transcoder, or harvest the hookpoint alone for an SAE"
+        )
 
 
 def check_capacities(sae: SAEConfig, batch_size: int) -> None:
