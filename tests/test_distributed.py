@@ -109,9 +109,16 @@ def worker(out: Path) -> None:
         setting = SETTINGS["-features-4k"]
         train(config(out, sparsifier, "sparse", "-features-4k", parallel="features", **setting), x)
     train(config(out, "mutual_choice", "sparse", "-local", distributed_selection="local"), x)
+    for sparsifier in SPARSIFIERS:  # transcoders: each rank's slice of (input, target) rows
+        train(config(out, sparsifier, "sparse", "-transcoder", transcoder=True), targets(x))
     # halfway checkpoints at another world size: resume one process's on two, and write one
     train(halfway(out, "mutual_choice", "-from1", parallel="features", resume=True), x)
     train(halfway(out, "topk", "-from2", parallel="features"), x)
+
+
+def targets(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) for a transcoder: a fixed nonlinear map of the inputs, 8 wide."""
+    return x, (x[:, :8] * 3).tanh() + x[:, 8:16]
 
 
 def halfway(out: Path, sparsifier: str, tag: str, **kw) -> TrainConfig:
@@ -175,13 +182,16 @@ def test_global_selection_equals_one_process(launched, name, ties, mode):
 RUNS_ALL = [(s, kernels, "") for s, kernels in RUNS]
 RUNS_ALL += [(s, kernels, "-features") for s, kernels in RUNS]
 RUNS_ALL += [(s, "sparse", "-features-4k") for s in SPARSIFIERS]
-SETTINGS = {"-features-4k": {"multi_topk": True}}  # besides the mode
+RUNS_ALL += [(s, "sparse", "-transcoder") for s in SPARSIFIERS]
+SETTINGS = {"-features-4k": {"multi_topk": True}, "-transcoder": {"transcoder": True}}
 
 
 @pytest.mark.parametrize(("sparsifier", "kernels", "tag"), RUNS_ALL)
 def test_twenty_steps_match_one_process(launched, tmp_path, sparsifier, kernels, tag):
     x = torch.from_numpy(np.load(launched / "x.npy"))
-    single = train(config(tmp_path, sparsifier, kernels, **SETTINGS.get(tag, {})), x)
+    settings = SETTINGS.get(tag, {})
+    rows = targets(x) if settings.get("transcoder") else x
+    single = train(config(tmp_path, sparsifier, kernels, **settings), rows)
     both = SAE.from_pretrained(launched / f"{sparsifier}-{kernels}{tag}" / "sae")
     for name, tensor in single.state_dict().items():
         torch.testing.assert_close(

@@ -11,12 +11,12 @@ from choicesae.core.config import SAEConfig
 from choicesae.core.preprocess import denormalize, normalize
 from choicesae.core.sae import SAE
 from choicesae.errors import ConfigError, DataError
+from choicesae.interop.common import BUFFER_NAMES as BUFFERS
+from choicesae.interop.common import WEIGHT_NAMES as WEIGHTS
 from choicesae.interop.saelens import from_saelens, to_saelens
 from choicesae.interop.sparsify import from_sparsify, to_sparsify
 
 SPARSIFIERS = ("topk", "mutual_choice", "feature_choice", "relu")
-WEIGHTS = ("W_enc", "b_enc", "W_dec", "b_dec")
-BUFFERS = ("scale", "zipf", "feature_rank", "density", "threshold", "threshold_global")
 
 
 @torch.no_grad()

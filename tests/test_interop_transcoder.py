@@ -12,21 +12,13 @@ from choicesae.core.config import SAEConfig, TrainConfig
 from choicesae.core.preprocess import normalize
 from choicesae.core.sae import SAE
 from choicesae.errors import ConfigError
+from choicesae.interop.common import BUFFER_NAMES as BUFFERS
+from choicesae.interop.common import WEIGHT_NAMES as WEIGHTS
 from choicesae.interop.saelens import from_saelens, to_saelens
 from choicesae.interop.sparsify import from_sparsify, to_sparsify
 from choicesae.training.loop import train
 
 SPARSIFIERS = ("topk", "mutual_choice", "feature_choice", "relu")
-WEIGHTS = ("W_enc", "b_enc", "W_dec", "b_dec")
-BUFFERS = (
-    "scale",
-    "scale_out",
-    "zipf",
-    "feature_rank",
-    "density",
-    "threshold",
-    "threshold_global",
-)
 
 
 def inputs(seed=1, n=96) -> torch.Tensor:

@@ -134,3 +134,17 @@ def test_targets_without_transcoder_and_the_reverse_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="--parallel features does not support --transcoder"):
         TrainConfig(transcoder=True, parallel="features")
     assert not any((tmp_path / name).exists() for name in "abc")  # nothing written
+
+
+def test_initial_affinities_are_centred_on_the_input_mean():
+    """An SAE's encoder subtracts b_dec (the data mean) from its input; a transcoder's cannot,
+    so b_enc starts at −x̄ W_enc: without it a common input direction gives every latent a
+    constant offset, and the latents it favours win every token."""
+    x, y, _ = known_map(1024, seed=5)
+    sae = SAE(SAEConfig(k=3, num_latents=64).resolve(D_IN, D_OUT))
+    sae.init_from_data_(torch.cat([x + 3.0, y], 1))  # a large common offset
+    x_n, y_n = sae.prepare(torch.cat([x + 3.0, y], 1))
+    with torch.no_grad():
+        z = sae.pre_acts(x_n)
+    torch.testing.assert_close(z.mean(0), torch.zeros(64), atol=1e-5, rtol=0)
+    torch.testing.assert_close(sae.b_dec, y_n.mean(0))

@@ -211,13 +211,17 @@ class SAE(nn.Module):
     def init_from_data_(self, sample: Tensor) -> None:
         """Set the dataset scales (normalize="dataset"; a transcoder's target always but with
         normalize="none") and b_dec to the mean of the normalized target, from a sample [N,
-        d_in (+ d_out)] of raw rows, so that training starts centred on the data."""
+        d_in (+ d_out)] of raw rows, so that training starts centred on the data; a
+        transcoder's b_enc so that its affinities start centred on the input's mean."""
         x, y = self.split(sample)
         if self.cfg.normalize == "dataset":
             self.scale.fill_(estimate_dataset_scale(x))
         if self.cfg.transcoder and self.cfg.normalize != "none":
             self.scale_out.fill_(estimate_dataset_scale(y))
-        self.b_dec.copy_(self.prepare(sample)[1].mean(0))
+        x_n, y_n = self.prepare(sample)
+        self.b_dec.copy_(y_n.mean(0))
+        if self.cfg.transcoder:  # centre the input as an SAE's b_dec does: z' = (x − x̄) W_enc
+            self.b_enc.copy_(-(x_n.mean(0) @ self.W_enc))
 
     @torch.no_grad()
     def unit_norm_decoder_(self) -> None:
