@@ -142,3 +142,19 @@ def test_stores_that_do_not_fit_are_refused_in_one_line(pair):
     x = Store(test_store)[:BATCH][:, :64]
     with pytest.raises(DataError, match=r"reads \[tokens, 64 \+ 32\]"):
         evaluate(EvalConfig(run=str(run), report=False), x)
+
+
+def test_train_refuses_a_store_that_does_not_fit(pair, tmp_path, capsys):
+    """`train --store` of pairs without --transcoder, and --transcoder on a store without
+    targets: one line each, before anything is written."""
+    _, _, train_store, _, _ = pair
+    alone = other_harvest(pair, "alone-train")
+    cases = [
+        (["--store", str(train_store)], "holds (hookpoint, target) pairs for a transcoder"),
+        (["--store", alone, "--transcoder"], "--transcoder needs target rows"),
+    ]
+    for i, (flags, message) in enumerate(cases):
+        out = tmp_path / f"run{i}"
+        code = main(["train", *flags, "--steps", "2", "--batch-size", "64", "--out", str(out)])
+        error = capsys.readouterr().err
+        assert code == 2 and message in error and error.count("\n") == 1 and not out.exists()

@@ -72,21 +72,26 @@ def test_a_transcoder_recovers_a_known_map(sparsifier, tmp_path):
 
 def reference_loss(sae: SAE, x, y, cfg: TrainConfig, sparsifier: str) -> torch.Tensor:
     """A transcoder's loss written out: z' = x W_enc + b_enc (no b_dec on the input side),
-    the sparsifier's reference selection, ŷ = z W_dec + b_dec against the target y."""
+    the sparsifier's reference selection, ŷ = z W_dec + b_dec against the target y; with
+    Matryoshka prefixes, each prefix's latents predict y on their own too."""
     z = x @ sae.W_enc + sae.b_enc
     rule = SPARSIFIERS[sparsifier]
     m = sae.capacities(len(x), sae.cfg.k) if rule.capacities else None
     acts = rule.reference(z, sae.cfg.k, m).acts
-    loss = ((y - (acts @ sae.W_dec + sae.b_dec)) ** 2).sum(-1).mean()
+    loss = 0.0
+    for size, weight in [*cfg.prefixes, (sae.cfg.num_latents, 1.0)]:
+        y_hat = acts[:, :size] @ sae.W_dec[:size] + sae.b_dec
+        loss = loss + weight * ((y - y_hat) ** 2).sum(-1).mean()
     return loss + (cfg.l1_coeff * l1(acts, sae.W_dec) if rule.l1 else 0.0)
 
 
+@pytest.mark.parametrize("matryoshka", ["", "16,64"], ids=["plain", "matryoshka"])
 @pytest.mark.parametrize("ops", [Dense(), Sparse()], ids=["dense", "sparse"])
 @pytest.mark.parametrize("sparsifier", SPARSIFIER_NAMES)
-def test_the_loss_and_gradients_equal_a_reference(sparsifier, ops):
+def test_the_loss_and_gradients_equal_a_reference(sparsifier, ops, matryoshka):
     sae_cfg = SAEConfig(sparsifier=sparsifier, k=4, num_latents=128, capacities="uniform")
     sae_cfg = sae_cfg.resolve(D_IN, D_OUT)
-    cfg = TrainConfig(sae=sae_cfg, transcoder=True)
+    cfg = TrainConfig(sae=sae_cfg, transcoder=True, matryoshka=matryoshka)
     torch.manual_seed(0)
     sae = SAE(sae_cfg)
     with torch.no_grad():
