@@ -5,8 +5,9 @@ MLP's output.
 Both read the same tokens of the same text. The transcoder reads the MLP's input (--hookpoint)
 and predicts its output (--target), from a harvest of both (`choicesae harvest --target`); the
 SAE reads and reconstructs the MLP's output alone, from a harvest of the target. Each is
-evaluated by `choicesae eval` on held-out text (another corpus's contexts, harvested the same
-two ways): L0, FVU of the MLP's output, and the loss recovered with the MLP's output replaced
+evaluated by `choicesae eval` on held-out text (by default, other documents of the same kind:
+the Python library reference for training, the Python tutorial held out), harvested the same
+two ways: L0, FVU of the MLP's output, and the loss recovered with the MLP's output replaced
 (splice.py), by batch inference and by per-feature thresholds (appendix B). Every sparsifier
 trains with its library defaults, so Feature Choice is the phased default.
 
@@ -30,7 +31,17 @@ from choicesae.training.loop import train
 
 KINDS = ("sae", "transcoder")
 SPARSIFIERS = ("topk", "mutual_choice", "feature_choice")  # relu's L0 is not set by k
-SETTINGS = ("model", "hookpoint", "target", "k", "expansion", "tokens", "steps", "batch_size")
+SETTINGS = (
+    "model",
+    "hookpoint",
+    "target",
+    "k",
+    "expansion",
+    "text",
+    "tokens",
+    "steps",
+    "batch_size",
+)
 
 
 @dataclass(frozen=True)
@@ -52,8 +63,9 @@ class TranscoderBenchConfig:
     """Target L0 of every run."""
     expansion: int = 8
     """Latents as a multiple of the input width."""
-    text: str = "default"
-    """Training text (as harvest's --text)."""
+    text: str = ""
+    """Training text (as harvest's --text); empty: the Python documentation's library
+    reference (python3-doc)."""
     tokens: int = 400_000
     """Training rows harvested from --text."""
     steps: int = 250
@@ -61,8 +73,8 @@ class TranscoderBenchConfig:
     batch_size: int = 1536
     """Tokens per step (the paper's)."""
     heldout_text: str = ""
-    """Held-out text (as harvest's --text); empty: the Python documentation's sources, which
-    the default text reaches only after 4.5 M tokens."""
+    """Held-out text (as harvest's --text); empty: the Python tutorial, other documents of the
+    training text's kind, so that the comparison is not one of domain transfer."""
     heldout_tokens: int = 32_768
     """Held-out rows harvested from --heldout-text."""
     splice_contexts: int = 128
@@ -94,14 +106,13 @@ class TranscoderBenchConfig:
         return Path(self.out or "runs/bench-transcoder")
 
 
-def heldout_text(cfg: TranscoderBenchConfig) -> str:
-    """--heldout-text, or the Python documentation's sources folder."""
-    if cfg.heldout_text:
-        return cfg.heldout_text
-    found = sorted(PYTHON_DOCS.glob("python3*/html/_sources"))
+def python_docs(part: str) -> str:
+    """A folder of the Python documentation's sources (python3-doc)."""
+    found = sorted(PYTHON_DOCS.glob(f"python3*/html/_sources/{part}"))
     if not found:
         raise ConfigError(
-            "no Python documentation here to hold out (python3-doc); give --heldout-text"
+            f"no Python documentation here ({PYTHON_DOCS}/python3*/html/_sources/{part}, the "
+            "python3-doc package); give --text and --heldout-text"
         )
     return str(found[-1])
 
@@ -112,8 +123,8 @@ def stores(cfg: TranscoderBenchConfig) -> dict[tuple[str, str], str]:
     is reused."""
     found = {}
     for split, text, tokens in (
-        ("train", cfg.text, cfg.tokens),
-        ("heldout", heldout_text(cfg), cfg.heldout_tokens),
+        ("train", cfg.text or python_docs("library"), cfg.tokens),
+        ("heldout", cfg.heldout_text or python_docs("tutorial"), cfg.heldout_tokens),
     ):
         for kind in KINDS:
             out = cfg.folder / "stores" / f"{kind}-{split}"
