@@ -151,7 +151,7 @@ def test_train_refuses_a_store_that_does_not_fit(pair, tmp_path, capsys):
     alone = other_harvest(pair, "alone-train")
     cases = [
         (["--store", str(train_store)], "holds (hookpoint, target) pairs for a transcoder"),
-        (["--store", alone, "--transcoder"], "--transcoder needs target rows"),
+        (["--store", alone, "--transcoder"], "holds no targets and the SAE is a transcoder"),
     ]
     for i, (flags, message) in enumerate(cases):
         out = tmp_path / f"run{i}"

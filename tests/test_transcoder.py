@@ -130,9 +130,9 @@ def test_the_encoder_does_not_read_b_dec_and_a_saved_transcoder_loads_back(tmp_p
 def test_targets_without_transcoder_and_the_reverse_are_refused(tmp_path):
     x, y, _ = known_map(512, seed=4)
     base = dict(sae=SAEConfig(k=3, num_latents=64), steps=2, batch_size=128, progress=False)
-    with pytest.raises(ConfigError, match="--transcoder needs target rows"):
+    with pytest.raises(DataError, match="holds no targets and the SAE is a transcoder"):
         train(TrainConfig(transcoder=True, out=str(tmp_path / "a"), **base), x)
-    with pytest.raises(ConfigError, match=r"holds \(hookpoint, target\) pairs.*--transcoder"):
+    with pytest.raises(DataError, match=r"holds \(hookpoint, target\) pairs.*--transcoder"):
         train(TrainConfig(out=str(tmp_path / "b"), **base), (x, y))
     with pytest.raises(DataError, match="inputs hold 512 rows but targets 100"):
         train(TrainConfig(transcoder=True, out=str(tmp_path / "c"), **base), (x, y[:100]))

@@ -89,6 +89,23 @@ def check_activations(rows: Rows, name: str = "activations") -> Rows:
     return rows
 
 
+def check_targets(
+    transcoder: bool, targets: bool, source: str, instead: str, hookpoint="A", target="B"
+) -> None:
+    """A transcoder reads rows with targets (`harvest --target`) and an SAE rows without: the
+    widths alone could match by chance. `instead`: what to do with pairs and an SAE."""
+    if transcoder and not targets:
+        raise DataError(
+            f"{source} holds no targets and the SAE is a transcoder: harvest (input, target) "
+            f"pairs with `choicesae harvest --hookpoint {hookpoint} --target {target}`"
+        )
+    if targets and not transcoder:
+        raise DataError(
+            f"{source} holds (hookpoint, target) pairs for a transcoder and the SAE is an "
+            f"autoencoder: {instead}"
+        )
+
+
 def paired(x: Rows, y: Rows) -> Tensor:
     """A transcoder's in-memory training rows [N, d_in + d_out]: inputs x [N, d_in] and
     targets y [N, d_out] side by side, as a store harvested with --target holds them."""

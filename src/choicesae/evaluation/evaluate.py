@@ -23,7 +23,7 @@ from torch import Tensor
 from choicesae.core.config import SAEConfig
 from choicesae.core.sae import SAE
 from choicesae.core.sparsifiers import jumprelu, topk
-from choicesae.data.activations import Rows, load_activations, paired
+from choicesae.data.activations import Rows, check_targets, load_activations, paired
 from choicesae.data.hooks import capture_all, find_module
 from choicesae.data.store import Store
 from choicesae.errors import ConfigError, DataError
@@ -84,7 +84,7 @@ def check_rows(rows: Rows, sae: SAE, what: str) -> None:
     target) for a transcoder; a store must also hold targets exactly when the SAE is a
     transcoder, and those of its target hookpoint."""
     if getattr(rows, "manifest", None) is not None:  # a store says what its columns are
-        check_targets(rows, sae.cfg, what)
+        check_store_targets(rows, sae.cfg, what)
     c = sae.cfg
     if len(rows.shape) != 2 or rows.shape[1] != c.d_in + c.d_out:
         reads = f"[tokens, {c.d_in} + {c.d_out}]" if c.transcoder else f"[tokens, {c.d_in}]"
@@ -94,21 +94,13 @@ def check_rows(rows: Rows, sae: SAE, what: str) -> None:
         )
 
 
-def check_targets(store: Store, c: SAEConfig, what: str) -> None:
+def check_store_targets(store: Store, c: SAEConfig, what: str) -> None:
     """A transcoder needs a store harvested with --target (its own target), an autoencoder one
-    without: the widths alone could match by chance."""
+    without."""
     target = store.manifest.get("target") or ""
-    if c.transcoder and not target:
-        raise DataError(
-            f"{what} holds no targets and the SAE is a transcoder: harvest (input, target) "
-            f"pairs with `choicesae harvest --hookpoint {c.hookpoint or 'A'} --target "
-            f"{c.target or 'B'}`"
-        )
-    if target and not c.transcoder:
-        raise DataError(
-            f"{what} holds (hookpoint, target {target}) pairs for a transcoder and the SAE is an "
-            "autoencoder: evaluate it on a harvest of its hookpoint alone (no --target)"
-        )
+    instead = "evaluate it on a harvest of its hookpoint alone (no --target)"
+    names = {"hookpoint": c.hookpoint or "A", "target": c.target or "B"}
+    check_targets(c.transcoder, bool(target), what, instead, **names)
     if c.target and target != c.target:
         raise DataError(
             f"{what} holds targets of {target}, the transcoder predicts {c.target}: harvest "

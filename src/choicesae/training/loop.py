@@ -29,6 +29,7 @@ from choicesae.data.activations import (
     Rows,
     batches,
     check_activations,
+    check_targets,
     load_activations,
     paired,
 )
@@ -43,7 +44,6 @@ from choicesae.threads import warn_if_spinning
 from choicesae.training.checkpoint import save_checkpoint
 from choicesae.training.loggers import Loggers, open_loggers
 from choicesae.training.run import (
-    check_targets,
     checkpoint_state,
     prepare_run,
     record_source,
@@ -110,7 +110,9 @@ def open_rows(cfg: TrainConfig, activations) -> tuple[Rows, int]:
         rows = check_activations(activations)
     d_out = activations[1].shape[1] if isinstance(activations, tuple) else 0
     d_out = getattr(rows, "d_target", d_out)  # a store's (or an online harvest's) targets
-    check_targets(cfg, d_out)
+    source = f"the store {cfg.store}" if cfg.store else "the activations"
+    instead = "train one with --transcoder, or harvest the hookpoint alone for an SAE"
+    check_targets(cfg.transcoder, d_out > 0, source, instead)
     return rows, d_out
 
 

@@ -58,21 +58,6 @@ def record_source(cfg: TrainConfig, rows) -> TrainConfig:
     return dataclasses.replace(cfg, sae=sae)
 
 
-def check_targets(cfg: TrainConfig, d_out: int) -> None:
-    """A transcoder needs rows with targets (`harvest --target`); an SAE, rows without."""
-    source = f"the store {cfg.store}" if cfg.store else "the activations"
-    if cfg.transcoder and not d_out:
-        raise ConfigError(
-            f"--transcoder needs target rows and {source} holds none; harvest (input, target) "
-            "pairs with `choicesae harvest --hookpoint A --target B`"
-        )
-    if d_out and not cfg.transcoder:
-        raise ConfigError(
-            f"{source} holds (hookpoint, target) pairs for a transcoder; train one with "
-            "--transcoder, or harvest the hookpoint alone for an SAE"
-        )
-
-
 def check_capacities(sae: SAEConfig, batch_size: int) -> None:
     """Feature Choice needs a batch large enough to give every feature a token (footnote 8):
     uniform capacities (density ones start uniform) must be at least 1, Zipf capacities
