@@ -6,26 +6,23 @@ import json
 
 import pytest
 import torch
+from test_interop import (  # the SAE tests' helpers: `ours` reads sae.output_stats, so a
+    assert_same_model,  # transcoder's prediction is compared in its target's space
+    assert_same_outputs,
+    inputs,
+    ours,
+)
 
 from choicesae.cli.main import main
 from choicesae.core.config import SAEConfig, TrainConfig
 from choicesae.core.preprocess import normalize
 from choicesae.core.sae import SAE
 from choicesae.errors import ConfigError
-from choicesae.interop.common import BUFFER_NAMES as BUFFERS
-from choicesae.interop.common import WEIGHT_NAMES as WEIGHTS
 from choicesae.interop.saelens import from_saelens, to_saelens
 from choicesae.interop.sparsify import from_sparsify, to_sparsify
 from choicesae.training.loop import train
 
 SPARSIFIERS = ("topk", "mutual_choice", "feature_choice", "relu")
-
-
-def inputs(seed=1, n=96) -> torch.Tensor:
-    """Raw activations [n, 16] with a shared offset and a spread of norms."""
-    g = torch.Generator().manual_seed(seed)
-    offset = torch.randn(16, generator=g)
-    return 3 * torch.randn(n, 16, generator=g) + offset
 
 
 def targets(x: torch.Tensor, d_out: int, seed=2) -> torch.Tensor:
@@ -63,39 +60,6 @@ def make_transcoder(sparsifier="topk", normalize="token", d_out=8, seed=0, **kw)
     sae.density.copy_(torch.rand(64))
     set_thresholds_(sae, inputs(seed + 1))
     return sae
-
-
-@torch.no_grad()
-def ours(sae: SAE, x: torch.Tensor, threshold=None, sparsifier=None):
-    """(codes [B, F], prediction [B, d_out] in the raw target space) of raw x: batch inference,
-    JumpReLU at `threshold`, or another `sparsifier` on the same affinities."""
-    if sparsifier is None:
-        return sae.codes(x, threshold), sae.reconstruct(x, threshold)
-    x_n, _ = normalize(x, sae.cfg.normalize, sae.scale)
-    acts = sae.sparsify(sparsifier, sae.pre_acts(x_n), sae.cfg.k).acts
-    return acts, sae.decode(acts) / sae.scale_out
-
-
-def assert_same_model(a: SAE, b: SAE, exact_weights=True):
-    assert a.cfg == b.cfg
-    for name in BUFFERS:  # exactly, NaN (not estimated yet) included
-        torch.testing.assert_close(
-            getattr(a, name), getattr(b, name), rtol=0, atol=0, equal_nan=True
-        )
-    for name in WEIGHTS:
-        if exact_weights:
-            assert torch.equal(getattr(a, name), getattr(b, name)), name
-        else:  # factors folded in and out again: within float32 rounding
-            torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=3e-7, atol=0)
-
-
-def assert_same_outputs(a: SAE, b: SAE, x: torch.Tensor):
-    for threshold in (None, "feature", "global"):
-        acts_a, y_a = ours(a, x, threshold)
-        acts_b, y_b = ours(b, x, threshold)
-        assert torch.equal(acts_a != 0, acts_b != 0)
-        torch.testing.assert_close(acts_a, acts_b, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(y_a, y_b, rtol=1e-5, atol=1e-5)
 
 
 def assert_agree(acts, y, their_acts, their_y):
