@@ -4,13 +4,14 @@ plain dense-autograd step, all measured side by side in one run.
     .venv/bin/python benchmarks/step.py                      # d 384 768, F = 8d 32d, k 32, B 4096
     .venv/bin/python benchmarks/step.py --d 128 --batch 1024 --repeats 2    # a quick look
 
-floor: one dense encoder product (x − b_dec) W_enc, the least a step can cost. fast:
-the objective over ops.Sparse + backward. dense: over ops.Dense + backward (autograd through the
-reference sparsifiers). Times are the best of --repeats rounds in which every variant runs once:
-on a shared machine interference only ever adds time, and the rounds interleave the variants so
-that slow spells hit all of them alike. Peak memory is measured in a separate
-untimed pass: on CPU the growth of the process's peak RSS during the step (VmHWM, reset through
-/proc/self/clear_refs), on CUDA torch.cuda.max_memory_allocated above the memory in use before.
+floor: one dense encoder product (x − b_dec) W_enc (under bf16 autocast with --bf16), the least
+a step can cost. fast: the objective over ops.Sparse + backward. dense: over ops.Dense +
+backward (autograd through the reference sparsifiers). Times are the best of --repeats rounds
+in which every variant runs once: on a shared machine interference only ever adds time, and the
+rounds interleave the variants so that slow spells hit all of them alike. Peak memory is
+measured in a separate untimed pass: on CPU the growth of the process's peak RSS during the
+step (VmHWM, reset through /proc/self/clear_refs), on CUDA torch.cuda.max_memory_allocated above
+the memory in use before.
 """
 
 import argparse
@@ -58,6 +59,12 @@ def run_step(fn, sae, x, cfg, name, masks, args) -> None:
     sae.zero_grad(set_to_none=True)
 
 
+def floor(xc, W_enc, args) -> None:
+    """The one dense encoder product, at the precision of the step it is the floor of."""
+    with torch.autocast(xc.device.type, torch.bfloat16, enabled=args.bf16):
+        torch.mm(xc, W_enc)
+
+
 def timed(fn, device: str) -> float:
     sync(device)
     start = time.perf_counter()
@@ -102,7 +109,7 @@ def bench(d: int, F: int, args) -> dict:
     sae, x, cfg, masks = setup(d, F, args)
     xc = (x - sae.b_dec).detach()
     W_enc = sae.W_enc.detach()
-    runs = {"floor": lambda: torch.mm(xc, W_enc)}
+    runs = {"floor": lambda: floor(xc, W_enc, args)}
     for name in args.sparsifiers:
         for impl, fn in STEPS.items():
             runs[name, impl] = lambda fn=fn, name=name: run_step(fn, sae, x, cfg, name, masks, args)

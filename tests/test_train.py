@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from choicesae.core.sparsifiers import uniform_capacities
 from choicesae.errors import ConfigError, DataError
 from choicesae.step.objective import Masks, aux_coeffs, objective
 from choicesae.training.checkpoint import checkpoint_paths, read_checkpoint
-from choicesae.training.loop import train
+from choicesae.training.loop import make_optimizer, train
 from choicesae.training.run import resolve
 
 
@@ -380,6 +381,18 @@ def test_schedule_free_saves_the_averaged_weights_with_unit_decoder_rows(tmp_pat
     y = saved["sae"]["W_enc"]  # the checkpoint holds the training point, to resume from
     assert not torch.equal(sae.W_enc, y)
     torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(sae.cfg.num_latents))
+
+
+def test_schedule_free_without_its_package_names_the_way_out(monkeypatch):
+    """schedulefree is imported only to build its optimizer (the rest runs without it, as on
+    the GPU machine of benchmarks/gpu.sh); missing, it is named with the setting that avoids it."""
+    monkeypatch.setitem(sys.modules, "schedulefree", None)  # `import schedulefree` fails
+    cfg = resolve(TrainConfig(sae=SAEConfig(k=4, num_latents=64)), 16)
+    assert cfg.optimizer == "schedule_free"
+    with pytest.raises(ConfigError, match="needs the schedulefree package.*--optimizer adamw"):
+        make_optimizer(SAE(cfg.sae), cfg)
+    adamw = make_optimizer(SAE(cfg.sae), dataclasses.replace(cfg, optimizer="adamw"))
+    assert isinstance(adamw, torch.optim.AdamW)
 
 
 def test_algorithm_1_unchanged_takes_the_papers_32x_setting_at_batch_1536():

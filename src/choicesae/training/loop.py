@@ -17,7 +17,6 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import schedulefree
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -34,7 +33,7 @@ from choicesae.data.activations import (
     paired,
 )
 from choicesae.data.store import Store
-from choicesae.errors import Interrupted, NonFiniteError
+from choicesae.errors import ConfigError, Interrupted, NonFiniteError
 from choicesae.parallel import comm, features
 from choicesae.parallel.comm import SINGLE, World
 from choicesae.parallel.data import DataParallel
@@ -241,7 +240,7 @@ def unit_norm_decoder_(sae: SAE, optimizer) -> None:
 @torch.no_grad()
 def final_weights_(sae: SAE, optimizer) -> None:
     """Leave in `sae` the weights to keep: under schedule-free, the average x (eval mode)."""
-    if isinstance(optimizer, schedulefree.AdamWScheduleFree):
+    if hasattr(optimizer, "eval"):  # schedule-free: train() and eval() swap y and x
         optimizer.eval()
         sae.unit_norm_decoder_()
 
@@ -299,6 +298,13 @@ def make_optimizer(sae: SAE, cfg: TrainConfig) -> torch.optim.Optimizer:
     ]
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=lr_of(cfg, 0))
+    try:  # imported here: the package's other paths run without it (benchmarks/gpu.sh)
+        import schedulefree
+    except ImportError as e:
+        raise ConfigError(
+            f"optimizer {cfg.optimizer!r} needs the schedulefree package ({e}): install it, "
+            "or pass --optimizer adamw"
+        ) from e
     optimizer = schedulefree.AdamWScheduleFree(groups, lr=lr_of(cfg, 0))
     optimizer.train()
     return optimizer
