@@ -45,6 +45,8 @@ def cut_at(model: nn.Module, hookpoint: str) -> nn.Module:
     setattr(cut.get_submodule(owner), name, nn.ModuleList(blocks[: int(index) + 1]))
     if getattr(cut, "pooler", None) is not None:
         cut.pooler = None
+    if isinstance(getattr(cut, "norm", None), nn.Module):  # Llama's final norm: not the block's
+        cut.norm = nn.Identity()
     return cut
 
 
@@ -72,7 +74,7 @@ def harvest_ratio(cfg: HarvestConfig, repeats: int) -> None:
     with torch.inference_mode():  # the cut model is the harvest's model: check it, and warm up
         bare = cut(input_ids=batches[0][0], attention_mask=batches[0][1]).last_hidden_state
     harvested = capture(harvester.model, harvester.module, *batches[0])
-    torch.testing.assert_close(bare, harvested)
+    torch.testing.assert_close(bare.float(), harvested)
     bare_s, harvest_s = [], []
     for _ in range(repeats):
         bare_s.append(bare_forward(cut, batches))
@@ -87,15 +89,64 @@ def harvest_ratio(cfg: HarvestConfig, repeats: int) -> None:
     print(f"  harvest / bare forward: {harvest_tps / bare_tps:.2f} (target >= 0.8)")
 
 
+def dtype_comparison(cfg: HarvestConfig, repeats: int) -> None:
+    """The bare forward, cut at the hookpoint, in float32 and in bfloat16 over the same
+    contexts: tokens/s of each (interleaved, best of `repeats`) and the relative error of the
+    bfloat16 activations, over the real tokens."""
+    models = {
+        dtype: cut_at(Harvester(dataclasses.replace(cfg, model_dtype=dtype)).model, cfg.hookpoint)
+        for dtype in ("float32", "bfloat16")
+    }
+    harvester = Harvester(cfg)
+    pad_id = harvester.tokenizer.pad_token_id or 0
+    batches = [pad(b, cfg.context, pad_id) for b in batched(harvester.contexts(), cfg.batch_size)]
+    seconds = {dtype: [] for dtype in models}
+    for _ in range(repeats):
+        for dtype, model in models.items():
+            seconds[dtype].append(bare_forward(model, batches))
+    with torch.inference_mode():
+        acts = {
+            dtype: torch.cat(
+                [
+                    model(input_ids=i, attention_mask=m).last_hidden_state[m.bool()]
+                    for i, m in batches
+                ]
+            ).float()
+            for dtype, model in models.items()
+        }
+    error = (acts["bfloat16"] - acts["float32"]).norm() / acts["float32"].norm()
+    per_row = (acts["bfloat16"] - acts["float32"]).norm(dim=-1) / acts["float32"].norm(dim=-1)
+    fp32, bf16 = (cfg.tokens / min(seconds[d]) for d in ("float32", "bfloat16"))
+    print(f"forward to {cfg.hookpoint} of {cfg.model}, best of {repeats}:")
+    print(f"  float32 {fp32:,.0f} tokens/s, bfloat16 {bf16:,.0f} tokens/s: ratio {bf16 / fp32:.2f}")
+    print(
+        f"  bfloat16 activations' relative error: {float(error):.4f} overall, per token median "
+        f"{float(per_row.median()):.4f}, 99th percentile {float(per_row.quantile(0.99)):.4f}"
+    )
+
+
 def main() -> None:
     args = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     args.add_argument("--tokens", type=int, default=50_000, help="rows to harvest")
     args.add_argument("--repeats", type=int, default=3, help="timings of harvest and forward")
     args.add_argument("--steps", type=int, default=20, help="training steps to time")
     args.add_argument("--batches", type=int, default=300, help="loader batches to time")
+    args.add_argument("--model", default=HarvestConfig.model, help="model name, folder or GGUF")
+    args.add_argument("--hookpoint", default=HarvestConfig.hookpoint)
+    args.add_argument("--model-dtype", default=HarvestConfig.model_dtype, help="of the harvest")
+    args.add_argument("--dtypes", action="store_true", help="also float32 against bfloat16")
     args = args.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = HarvestConfig(tokens=args.tokens, out=f"{tmp}/store", progress=False)
+        cfg = HarvestConfig(
+            model=args.model,
+            hookpoint=args.hookpoint,
+            model_dtype=args.model_dtype,
+            tokens=args.tokens,
+            out=f"{tmp}/store",
+            progress=False,
+        )
+        if args.dtypes:
+            dtype_comparison(cfg, args.repeats)
         harvest_ratio(dataclasses.replace(cfg, overwrite=True), args.repeats)
         store = harvest(cfg)  # the store harvested last, complete: reopened, not harvested again
 

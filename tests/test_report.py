@@ -137,10 +137,10 @@ def test_pages_render_in_chromium_without_console_errors(evaluated, tmp_path):
 def test_tokens_display_as_running_text(tmp_path):
     from transformers import AutoTokenizer
 
-    from choicesae.data.hooks import model_path
+    from choicesae.data.hooks import load_tokenizer
     from choicesae.evaluation.browser import display_tokens
 
-    wordpiece = AutoTokenizer.from_pretrained(model_path("all-MiniLM-L6-v2"))
+    wordpiece = load_tokenizer("all-MiniLM-L6-v2")
     ids = wordpiece("Unbelievable exceptions, he said", add_special_tokens=False)["input_ids"]
     assert "".join(display_tokens(wordpiece, ids)) == " unbelievable exceptions , he said"
     folder, _ = save_tiny_model("gpt2", tmp_path / "gpt2")

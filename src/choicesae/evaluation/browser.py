@@ -16,6 +16,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+from choicesae.data.hooks import load_tokenizer  # noqa: E402
 from choicesae.data.store import Store  # noqa: E402
 from choicesae.errors import ConfigError, DataError  # noqa: E402
 from choicesae.evaluation.evaluate import check_rows, load_run, whole_batches  # noqa: E402
@@ -153,10 +154,6 @@ def feature_page(
 
 def browse(cfg: BrowseConfig) -> Path:
     """Pages for the `top` most frequent features and those asked for; returns the index."""
-    from transformers import AutoTokenizer
-
-    from choicesae.data.hooks import model_path
-
     sae, train_cfg = load_run(cfg.run, cfg.device)
     store = Store(cfg.store)
     check_rows(store, sae, f"store {cfg.store}")
@@ -169,7 +166,7 @@ def browse(cfg: BrowseConfig) -> Path:
     order = counts.cpu().sort(descending=True, stable=True).indices
     chosen = list(dict.fromkeys([*order[: cfg.top].tolist(), *asked]))
     acts = feature_activations(sae, x, B, chosen)  # [N, len(chosen)]
-    tokenizer = AutoTokenizer.from_pretrained(model_path(store.manifest["model"]))
+    tokenizer = load_tokenizer(store.manifest["model"])
     words = display_tokens(tokenizer, store.tokens()[: len(x)].tolist())
     per_context = store.manifest["context"] - bool(store.manifest.get("drop_first"))
     folder = Path(cfg.out or Path(cfg.run) / "browser")

@@ -255,22 +255,10 @@ def splice_metrics(sae: SAE, store: Store, y_mean: Tensor, contexts: int, batch_
     # an SAE replaces the hookpoint's own output; a transcoder its target's, read from the
     # hookpoint's output earlier in the same forward pass
     module, source = (hookpoint, None) if target is None else (target, hookpoint)
-    losses = splice.downstream_losses(
+    measured = splice.downstream_losses(
         model, kind, module, ids, where, replacements, per_batch, source
     )
-    clean, zero, mean = losses["clean"], losses["zero_ablation"], losses["mean_ablation"]
-    recovered = {
-        name: splice.loss_recovered(losses[name], clean, zero)
-        for name in ("sae", "sae_feature_threshold", "sae_global_threshold")
-    }
-    return {
-        "kind": kind,
-        "measure": "cross-entropy" if kind == "causal" else "1 - cos(embedding, clean)",
-        "contexts": len(ids),
-        "losses": losses,
-        "loss_recovered": recovered,
-        "loss_recovered_mean_ablation": splice.loss_recovered(losses["sae"], clean, mean),
-    }
+    return splice.downstream_metrics(kind, len(ids), measured)
 
 
 def check_rows_match(model, module, ids: Tensor, where: Tensor, store: Store, target=None) -> None:
@@ -399,6 +387,8 @@ def summary_line(result: dict) -> str:
     t = result.get("transcoder")
     line = f"transcoder {transcoder_label(t)}  " if t else ""
     line += f"L0 {result['l0']:.2f}  FVU {result['fvu']:.4f}  dead {result['allocation']['dead']}"
-    if "splice" in result:
-        line += f"  loss recovered {100 * result['splice']['loss_recovered']['sae']:.2f}%"
+    if s := result.get("splice"):
+        line += f"  loss recovered {100 * s['loss_recovered']['sae']:.2f}%"
+        if "kl" in s:  # a causal LM
+            line += f"  ΔCE {s['delta_loss']['sae']:.4f} nats  KL {s['kl']['sae']:.4f}"
     return line

@@ -168,6 +168,10 @@ def summary_rows(result: dict) -> list[list]:
         s = result["splice"]
         rows.append([f"loss recovered ({s['measure']})", s["loss_recovered"]["sae"]])
         rows.append(["loss recovered vs mean ablation", s["loss_recovered_mean_ablation"]])
+        rows.append([f"Δ{'CE (nats)' if 'kl' in s else ' loss'}", s["delta_loss"]["sae"]])
+        if "kl" in s:
+            rows.append(["KL(clean ‖ spliced), nats per token", s["kl"]["sae"]])
+            rows.append(["KL recovered (vs zero ablation)", s["kl_recovered"]["sae"]])
     return rows
 
 
@@ -191,11 +195,15 @@ def splice_table(result: dict) -> str:
     s = result.get("splice")
     if not s:
         return "<p>Splice skipped (--splice-contexts 0).</p>"
-    rec = s["loss_recovered"]
-    rows = [[name, loss, rec.get(name, "—")] for name, loss in s["losses"].items()]
+    rec, kl, kl_rec = s["loss_recovered"], s.get("kl", {}), s.get("kl_recovered", {})
+    rows = [
+        [name, loss, rec.get(name, "—"), kl.get(name, "—"), kl_rec.get(name, "—")]
+        for name, loss in s["losses"].items()
+    ]
+    header = ["variant", "loss", "recovered", "KL", "KL recovered"]
     return (
         f"<p>{s['kind']} model, {s['contexts']} contexts, downstream loss: "
-        f"{html.escape(s['measure'])}</p>" + table(["variant", "loss", "recovered"], rows)
+        f"{html.escape(s['measure'])}</p>" + table(header, rows)
     )
 
 
@@ -229,7 +237,8 @@ def read_metrics(run: str | Path) -> dict:
 
 @dataclass(frozen=True)
 class CompareConfig:
-    """Compare evaluated runs: the L0–FVU and L0–loss-recovered Pareto plots and a table."""
+    """Compare evaluated runs: the L0–FVU and L0–ΔCE (causal LM; else L0–loss recovered) Pareto
+    plots and a table."""
 
     runs: str = ""
     """Comma-separated run folders, each evaluated first (also accepted as arguments)."""
@@ -242,9 +251,22 @@ def pareto(points: list[tuple[float, float]]) -> list[bool]:
     return [not any(o[0] <= p[0] and o[1] <= p[1] and o != p for o in points) for p in points]
 
 
+def downstream_error(result: dict) -> tuple[str, float] | None:
+    """(name, value) of a run's downstream error, lower is better: ΔCE in nats for a causal
+    LM, else 1 − loss recovered; None when the run was evaluated without the splice."""
+    s = result.get("splice")
+    if not s:
+        return None
+    if "kl" in s:
+        return "ΔCE (nats)", s["delta_loss"]["sae"]
+    return "1 − loss recovered", 1 - s["loss_recovered"]["sae"]
+
+
 def compare_figure(results: list[dict], path: Path) -> Path:
-    """L0–FVU (with each run's own progressive curve) and L0–loss recovered, one mark per run."""
+    """L0–FVU (with each run's own progressive curve) and L0–downstream error (ΔCE for a
+    causal LM), one mark per run."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    ylabel = "downstream error"
     for i, r in enumerate(results):
         label = f"{Path(r['run']).name} ({r['sparsifier']})"
         curve = r["progressive"]["batch"]
@@ -252,12 +274,11 @@ def compare_figure(results: list[dict], path: Path) -> Path:
             [p["l0"] for p in curve], [p["fvu"] for p in curve], "-", color=f"C{i}", alpha=0.4
         )
         left.plot(r["l0"], r["fvu"], "o", color=f"C{i}", ms=8, label=label)
-        if "splice" in r:
-            right.plot(
-                r["l0"], r["splice"]["loss_recovered"]["sae"], "o", color=f"C{i}", label=label
-            )
+        if error := downstream_error(r):
+            ylabel = error[0]
+            right.plot(r["l0"], error[1], "o", color=f"C{i}", label=label)
     left.set(xscale="log", xlabel="L0", ylabel="FVU", title="L0–FVU (lines: k' sweep)")
-    right.set(xlabel="L0", ylabel="loss recovered", title="L0–loss recovered")
+    right.set(xlabel="L0", ylabel=ylabel, title=f"L0–{ylabel}")
     left.legend(fontsize=7)
     return save(fig, path)
 
@@ -269,31 +290,30 @@ def compare(cfg: CompareConfig) -> Path:
         raise ConfigError("compare needs at least one run: choicesae compare RUN [RUN ...]")
     results = [read_metrics(run) for run in runs]
     on_front = pareto([(r["l0"], r["fvu"]) for r in results])
-    rows = [
-        [
-            Path(r["run"]).name,
-            r["sparsifier"],
-            r["k"],
-            r["num_latents"],
-            r["l0"],
-            r["fvu"],
-            r["splice"]["loss_recovered"]["sae"] if "splice" in r else "—",
-            r["allocation"]["dead_pct"],
-            "yes" if front else "no",
-        ]
-        for r, front in zip(results, on_front, strict=True)
-    ]
-    header = [
-        "run",
-        "sparsifier",
-        "k",
-        "latents",
-        "L0",
-        "FVU",
-        "loss recovered",
-        "dead %",
-        "Pareto (L0, FVU)",
-    ]
+    errors = [downstream_error(r) for r in results]
+    spliced = [(r["l0"], e[1]) for r, e in zip(results, errors, strict=True) if e]
+    on_downstream = iter(pareto(spliced))
+    rows = []
+    for r, front, error in zip(results, on_front, errors, strict=True):
+        s = r.get("splice", {})
+        rows.append(
+            [
+                Path(r["run"]).name,
+                r["sparsifier"],
+                r["k"],
+                r["num_latents"],
+                r["l0"],
+                r["fvu"],
+                s["loss_recovered"]["sae"] if s else "—",
+                s["delta_loss"]["sae"] if s else "—",
+                s["kl"]["sae"] if "kl" in s else "—",
+                r["allocation"]["dead_pct"],
+                "yes" if front else "no",
+                ("yes" if next(on_downstream) else "no") if error else "—",
+            ]
+        )
+    header = ["run", "sparsifier", "k", "latents", "L0", "FVU", "loss recovered"]
+    header += ["ΔCE / Δloss", "KL", "dead %", "Pareto (L0, FVU)", "Pareto (L0, downstream)"]
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     image = compare_figure(results, out / "compare.png")

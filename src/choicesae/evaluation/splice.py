@@ -10,10 +10,14 @@ never saw it). The downstream loss L is, per context:
 - encoders (BERT, MiniLM): 1 − cos(e, e_clean) of the mean-pooled final hidden state, the
   sentence embedding all-MiniLM-L6-v2 produces, against the clean one (0 when untouched).
 loss recovered = 1 − (L_sae − L_clean) / (L_ablated − L_clean): 1 for a perfect
-reconstruction, 0 for one as bad as zero (or mean) ablation.
+reconstruction, 0 for one as bad as zero (or mean) ablation; ΔL = L_sae − L_clean (ΔCE, in
+nats, for a causal LM). A causal LM also gives the KL divergence of the spliced next-token
+distribution from the clean one, averaged over predictions, and KL recovered = 1 − KL_sae /
+KL_ablated, as SAEBench's core evaluation defines its KL score (with zero ablation).
 """
 
 import contextlib
+import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -21,7 +25,7 @@ import torch
 import torch.nn.functional as F_
 from torch import Tensor, nn
 
-from choicesae.data.hooks import model_path
+from choicesae.data.hooks import from_pretrained, load_tokenizer
 from choicesae.data.store import Store
 from choicesae.data.text import special_tokens
 from choicesae.errors import ConfigError, DataError
@@ -29,25 +33,22 @@ from choicesae.errors import ConfigError, DataError
 Replace = Callable[[Tensor], Tensor]  # source rows [n, d_in] -> replacement rows [n, d_out]
 
 
+@functools.lru_cache(maxsize=1)
 def load_spliceable(name: str) -> tuple[nn.Module, nn.Module, object, str]:
     """(model with its output head, its base model holding the hookpoints, tokenizer, kind):
-    kind "encoder" for masked-LM families (mean-pooled embedding), else "causal" (LM head)."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    kind "encoder" for masked-LM families (mean-pooled embedding), else "causal" (LM head).
+    The last model loaded is kept: a bench splices many SAEs into the same one."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
     from transformers.utils import logging
 
     logging.set_verbosity_error()  # a base-model folder loads its LM head tied: no warning
     logging.disable_progress_bar()
-    path = model_path(name)
-    try:
-        config = AutoConfig.from_pretrained(path)
-        encoder = config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not config.is_decoder
-        cls = AutoModel if encoder else AutoModelForCausalLM
-        model = cls.from_pretrained(path, dtype=torch.float32).eval()
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, KeyError) as e:
-        raise DataError(f"cannot load the model {name!r} ({path}) to splice into: {e}") from e
-    return model, model.base_model, tokenizer, "encoder" if encoder else "causal"
+    config = from_pretrained(AutoConfig, name)
+    encoder = config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not config.is_decoder
+    cls = AutoModel if encoder else AutoModelForCausalLM
+    model = from_pretrained(cls, name, dtype=torch.float32).eval()
+    return model, model.base_model, load_tokenizer(name), "encoder" if encoder else "causal"
 
 
 def store_contexts(store: Store, tokenizer, max_contexts: int) -> tuple[Tensor, Tensor]:
@@ -116,21 +117,25 @@ def _hidden(output) -> Tensor:
 
 
 def model_output(model: nn.Module, kind: str, ids: Tensor) -> Tensor:
-    """Per context: next-token cross-entropy [C] (causal) or mean-pooled embedding [C, d]."""
+    """Per context: next-token log-probabilities [C, T-1, V] (causal) or the mean-pooled
+    embedding [C, d] (encoder)."""
     if kind == "causal":
-        logits = model(input_ids=ids).logits[:, :-1]  # [C, T-1, V]
-        ce = F_.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
-        return ce.mean(-1)
+        return F_.log_softmax(model(input_ids=ids).logits[:, :-1].float(), -1)
     return model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state.mean(1)
 
 
-def context_loss(kind: str, out: Tensor, clean: Tensor) -> Tensor:
-    """[C] downstream loss of one variant's output against the clean output. For embeddings
-    1 − cos(e, e_clean), computed as |ê − ê_clean|²/2 of the unit vectors (the same value),
-    which is exactly 0 for an untouched output."""
+def context_losses(kind: str, out: Tensor, clean: Tensor, ids: Tensor) -> dict[str, Tensor]:
+    """Per context [C], of one variant's output against the clean output of contexts ids
+    [C, T]. Causal: "loss", the next-token cross-entropy, and "kl", KL(P_clean || P_variant)
+    of the next-token distributions, both averaged over the T − 1 predictions. Encoders:
+    "loss" = 1 − cos(e, e_clean), computed as |ê − ê_clean|²/2 of the unit vectors (the same
+    value), which is exactly 0 for an untouched output."""
     if kind == "causal":
-        return out
-    return (F_.normalize(out, dim=-1) - F_.normalize(clean, dim=-1)).pow(2).sum(-1) / 2
+        ce = -out.gather(-1, ids[:, 1:, None]).squeeze(-1).mean(-1)
+        kl = (clean.exp() * (clean - out)).sum(-1).mean(-1)
+        return {"loss": ce, "kl": kl}
+    loss = (F_.normalize(out, dim=-1) - F_.normalize(clean, dim=-1)).pow(2).sum(-1) / 2
+    return {"loss": loss}
 
 
 @torch.no_grad()
@@ -143,24 +148,61 @@ def downstream_losses(
     replacements: dict[str, Replace],
     contexts_per_batch: int,
     source: nn.Module | None = None,
-) -> dict[str, float]:
-    """Mean downstream loss over the contexts ids [C, T] when `module`'s output at `spliced`
+) -> dict[str, dict[str, float]]:
+    """Mean downstream losses over the contexts ids [C, T] when `module`'s output at `spliced`
     [C, T] is replaced by each of `replacements` (of `source`'s rows there, for a transcoder;
-    see `spliced_into`), and "clean" (untouched)."""
+    see `spliced_into`), and "clean" (untouched): {"loss": {variant: L}} and, for a causal
+    LM, {"kl": {variant: KL}} (see `context_losses`)."""
     if kind not in ("causal", "encoder"):
         raise ConfigError(f"kind must be causal or encoder, not {kind!r}")
-    losses = {name: [] for name in ("clean", *replacements)}
+    parts: dict[str, dict[str, list[Tensor]]] = {}
     for batch in torch.arange(len(ids)).split(contexts_per_batch):
         clean = model_output(model, kind, ids[batch])
-        losses["clean"].append(context_loss(kind, clean, clean))
+        outputs = {"clean": clean}
         for name, replace in replacements.items():
             with spliced_into(module, spliced[batch], replace, source):
-                out = model_output(model, kind, ids[batch])
-            losses[name].append(context_loss(kind, out, clean))
-    return {name: float(torch.cat(v).double().mean()) for name, v in losses.items()}
+                outputs[name] = model_output(model, kind, ids[batch])
+        for name, out in outputs.items():
+            for measure, v in context_losses(kind, out, clean, ids[batch]).items():
+                parts.setdefault(measure, {}).setdefault(name, []).append(v)
+    return {
+        measure: {name: float(torch.cat(v).double().mean()) for name, v in per_name.items()}
+        for measure, per_name in parts.items()
+    }
 
 
 def loss_recovered(loss: float, clean: float, ablated: float) -> float:
     """1 − (L − L_clean) / (L_ablated − L_clean) (NaN when ablation changes nothing)."""
     gap = ablated - clean
     return 1 - (loss - clean) / gap if gap else float("nan")
+
+
+SAE_VARIANTS = ("sae", "sae_feature_threshold", "sae_global_threshold")
+"""The SAE spliced in by batch inference and by its per-feature and global thresholds; the
+replacements measured beside them are zero_ablation and mean_ablation."""
+
+
+def downstream_metrics(kind: str, contexts: int, measured: dict[str, dict[str, float]]) -> dict:
+    """The "splice" entry of metrics.json from downstream_losses' means: the losses, ΔL
+    (ΔCE for a causal LM), the loss recovered against zero and mean ablation and, for a causal
+    LM, the KL divergences and the KL recovered (against zero ablation, as SAEBench)."""
+    losses = measured["loss"]
+    clean, zero, mean = losses["clean"], losses["zero_ablation"], losses["mean_ablation"]
+    result = {
+        "kind": kind,
+        "measure": "cross-entropy" if kind == "causal" else "1 - cos(embedding, clean)",
+        "contexts": contexts,
+        "losses": losses,
+        "delta_loss": {name: losses[name] - clean for name in SAE_VARIANTS},
+        "loss_recovered": {
+            name: loss_recovered(losses[name], clean, zero) for name in SAE_VARIANTS
+        },
+        "loss_recovered_mean_ablation": loss_recovered(losses["sae"], clean, mean),
+    }
+    if "kl" in measured:
+        kl = measured["kl"]
+        result["kl"] = kl
+        result["kl_recovered"] = {
+            name: loss_recovered(kl[name], 0.0, kl["zero_ablation"]) for name in SAE_VARIANTS
+        }
+    return result
