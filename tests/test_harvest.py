@@ -89,6 +89,22 @@ def test_harvest_matches_the_model_and_repeats_byte_for_byte(tiny, corpus, tmp_p
     assert torch.equal(again[:], store[:])
 
 
+def test_skip_harvests_the_text_that_follows(tiny, corpus, tmp_path):
+    folder, hookpoint = tiny
+    text = f"{corpus / 'a.txt'},{corpus / 'b.txt'}"
+    whole = harvest(config(folder, hookpoint, text, tmp_path / "whole", dtype="float32"))
+    later = harvest(
+        config(folder, hookpoint, text, tmp_path / "later", dtype="float32", tokens=300, skip=600)
+    )
+    assert np.array_equal(later.tokens(), whole.tokens()[630:930])  # 600 rows: 10 contexts of 63
+    torch.testing.assert_close(later[:], whole[np.arange(630, 930)])
+    assert later.manifest["skip"] == 600
+    with pytest.raises(DataError, match="after the 1000 contexts skipped"):
+        harvest(config(folder, hookpoint, text, tmp_path / "none", skip=63_000))
+    with pytest.raises(ConfigError, match="skip must not be negative"):
+        config(folder, hookpoint, text, tmp_path / "bad", skip=-1)
+
+
 def outputs_by_hand(folder, text, modules, tokens, drop_first) -> tuple[Tensor, np.ndarray]:
     """(rows [tokens, sum of widths]: the outputs of `modules` side by side, token ids) of
     the contexts of `text`, each run alone through the whole model with forward hooks."""

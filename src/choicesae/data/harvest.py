@@ -56,6 +56,9 @@ class HarvestConfig:
     """Split of a Hugging Face dataset."""
     tokens: int = 1_000_000
     """Activations (rows) to harvest; fewer if the text runs out first."""
+    skip: int = 0
+    """Rows of the text to pass over first, rounded up to whole contexts: with the --tokens of
+    a training harvest of the same text, a held-out store of the text that follows it."""
     context: int = 64
     """Tokens per context, special tokens included (64 as in the paper)."""
     drop_first: bool = True
@@ -81,6 +84,8 @@ class HarvestConfig:
         for name in ("tokens", "batch_size", "shard_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.skip < 0:
+            raise ConfigError(f"skip must not be negative, got {self.skip}")
         if self.context < 2:
             raise ConfigError(f"context must be at least 2 tokens, got {self.context}")
         if self.dtype not in DTYPES:
@@ -125,9 +130,12 @@ class Harvester:
         stream = contexts(
             documents(cfg.text, cfg.text_field, cfg.split), self.tokenizer, cfg.context
         )
+        skipped = math.ceil(cfg.skip / cfg.rows_per_context)
+        stream = itertools.islice(stream, skipped, None)
         first = next(stream, None)
         if first is None:
-            raise DataError(f"the text {cfg.text!r} holds no tokens to harvest")
+            after = f" after the {skipped} contexts skipped" if skipped else ""
+            raise DataError(f"the text {cfg.text!r} holds no tokens to harvest{after}")
         limit = math.ceil(cfg.tokens / cfg.rows_per_context)
         return itertools.islice(itertools.chain([first], stream), limit)
 
