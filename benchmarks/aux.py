@@ -79,7 +79,7 @@ def trained(args, share: float, name: str) -> dict:
     seconds = time.perf_counter() - start
     losses.AUX_SHARE = BOUNDED
     with torch.no_grad():
-        x_hat = torch.cat([sae.reconstruct(c) for c in heldout.split(4096)])
+        x_hat = torch.cat([sae.reconstruct(c, batch=True) for c in heldout.split(4096)])
     record = json.loads((Path(cfg.out) / "sae" / "training.json").read_text())
     fvu = (heldout - x_hat).pow(2).sum() / (heldout - heldout.mean(0)).pow(2).sum()
     return {

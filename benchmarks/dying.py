@@ -60,7 +60,7 @@ def main() -> None:
             r = json.loads(line)
             print(f"{expectation:<12} {r['step']:>15}  {r.get('dying', 0):>5}  {r['dead']:>4}")
         with torch.no_grad():
-            heldout = float(fvu(sae.reconstruct(x_test), x_test))
+            heldout = float(fvu(sae.reconstruct(x_test, batch=True), x_test))  # as measured
         print(f"{expectation:<12} held-out FVU {heldout:.4f}")
 
 

@@ -58,10 +58,10 @@ from torch import Tensor
 
 from choicesae import SAE, SAEConfig, Store, TrainConfig, train
 from choicesae.core.preprocess import denormalize, normalize
-from choicesae.core.sae import Inference
+from choicesae.core.sae import Threshold
 from choicesae.core.sparsifiers import TRAINABLE
+from choicesae.core.thresholds import estimate_thresholds_
 from choicesae.data.activations import batches, check_activations
-from choicesae.evaluation.thresholds import estimate_thresholds_
 
 REFERENCE = "sparsify_topk"
 METHODS = (REFERENCE, *TRAINABLE)
@@ -210,6 +210,7 @@ def choicesae_run(name: str, rows: SameBatches, args: argparse.Namespace) -> Ite
             seed=args.seed,
             progress=False,
             log_every=args.eval_every,
+            threshold_tokens=0,  # fitted below on the rows sparsify never trains on
         )
         sae = train(cfg, rows)
         last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
@@ -239,10 +240,12 @@ def calibrate_(sae: SAE, x: Tensor, batch_size: int) -> None:
     estimate_thresholds_(sae, list(x_n.split(batch_size)))
 
 
-def choicesae_coder(sae: SAE, threshold: Inference = None) -> Coder:
+def choicesae_coder(sae: SAE, threshold: Threshold | None = None) -> Coder:
+    """Batch inference over the rows given, or each token alone at `threshold`."""
+
     def code(x: Tensor) -> tuple[Tensor, Tensor]:  # SAE.reconstruct, keeping the activations
         x_n, stats = normalize(x, sae.cfg.normalize, sae.scale)
-        acts = sae.encode(x_n, threshold=threshold).acts  # [B, F]
+        acts = sae.encode(x_n, threshold=threshold, batch=threshold is None).acts  # [B, F]
         return denormalize(sae.decode(acts), stats), acts
 
     return code

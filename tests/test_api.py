@@ -1,7 +1,9 @@
 """The Python API a researcher scripts with (`import choicesae as cs`): codes from raw
 activations, evaluation, thresholds and export from arrays, no global side effects, refusals."""
 
+import copy
 import dataclasses
+import json
 import re
 import warnings
 from pathlib import Path
@@ -105,30 +107,151 @@ def test_evaluation_of_arrays_names_what_is_missing(trained, synthetic):
         cs.evaluate(cs.EvalConfig(report=False), x, calibrate=x, sae=sae)
     with pytest.raises(cs.ConfigError, match="not both"):
         cs.evaluate(cs.EvalConfig(run=cfg.out), x, calibrate=x, sae=sae)
+    settings = {"splice_contexts": 0, "report": False}
+    assert cs.evaluate(cs.EvalConfig(run=cfg.out, **settings), x)["l0"] > 0  # saved thresholds
+    unfitted = copy.deepcopy(sae)  # as saved before training estimated them
+    unfitted.threshold.fill_(float("nan"))
     with pytest.raises(cs.DataError, match=r"calibrate=rows"):
-        cs.evaluate(cs.EvalConfig(run=cfg.out, splice_contexts=0, report=False), x)
+        cs.evaluate(cs.EvalConfig(batch_size=cfg.batch_size, **settings), x, sae=unfitted)
     with pytest.raises(cs.DataError, match=r"reads \[tokens, 32\]"):
         cs.calibrate_thresholds_(sae, x[:, :16], 256)
     with pytest.raises(cs.DataError, match="NaN"):
         cs.calibrate_thresholds_(sae, torch.full_like(x, float("nan")), 256)
 
 
-def test_a_python_trained_mutual_choice_sae_exports_to_saelens(synthetic, tmp_path):
-    cfg = run_config(tmp_path)
-    sae = cs.train(cfg, synthetic[0][:8192])
-    with pytest.raises(cs.ConfigError, match="calibrate_thresholds_"):
-        cs.to_saelens(sae, tmp_path / "early")
-    fitted = cs.calibrate_thresholds_(sae, synthetic[0][:4096], cfg.batch_size)
-    assert fitted["calibration_tokens"] == 4096
-    path = cs.to_saelens(sae, tmp_path / "lens")
+@pytest.fixture(scope="module", params=["mutual_choice", "feature_choice"])
+def batch_rule(request, tmp_path_factory, synthetic):
+    """A Mutual or a Feature Choice SAE just as cs.train returns it, and its run config."""
+    cfg = run_config(tmp_path_factory.mktemp(request.param), request.param, steps=40)
+    return cs.train(cfg, synthetic[0][:8192]), cfg
+
+
+def plain_codes(sae: cs.SAE, x: torch.Tensor) -> torch.Tensor:
+    """Each token of raw x [B, d] encoded alone, written out in float64: centred and scaled
+    to unit norm, z' = (x_n − b_dec) W_enc + b_enc, kept where z' > max(θ_i, 0)."""
+    W_enc, b_enc, b_dec, theta = (
+        t.detach().double() for t in (sae.W_enc, sae.b_enc, sae.b_dec, sae.threshold)
+    )
+    rows = []
+    for token in x.double():
+        x_n = (token - token.mean()) / (token - token.mean()).norm()
+        z = (x_n - b_dec) @ W_enc + b_enc
+        rows.append(torch.where(z > theta.clamp(min=0), z, torch.zeros_like(z)))
+    return torch.stack(rows)
+
+
+def test_a_tokens_default_code_is_the_same_alone_and_in_any_batch(batch_rule, synthetic):
+    sae, cfg = batch_rule
+    x = 3 * synthetic[0][-256:] + 1  # held out, raw
+    reference = plain_codes(sae, x)
+    alone = torch.cat([sae.codes(token[None]) for token in x])
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    shuffled = torch.empty_like(alone)
+    shuffled[order] = sae.codes(x[order])
+    for codes in (
+        alone,
+        sae.codes(x),
+        shuffled,
+        *[torch.cat(list(map(sae.codes, x.split(n)))) for n in (7, 64)],
+    ):
+        assert torch.equal(codes != 0, reference != 0)
+        torch.testing.assert_close(codes, reference.float(), rtol=1e-5, atol=1e-6)
+    assert 0.5 * cfg.sae.k < float((alone != 0).sum(-1).float().mean()) < 2 * cfg.sae.k
+    # batch inference, asked for, is the training rule: a token's code then depends on its batch
+    in_batch = sae.codes(x, batch=True)
+    assert not torch.equal(torch.cat([sae.codes(t[None], batch=True) for t in x[:8]]), in_batch[:8])
+
+
+def test_an_sae_exported_right_after_train_loads_in_saelens_and_agrees(
+    batch_rule, tmp_path, synthetic
+):
+    sae, cfg = batch_rule
+    path = cs.to_saelens(sae, tmp_path / "lens")  # no eval, no calibration: training's thresholds
     sae_lens = pytest.importorskip("sae_lens", reason="the interop extra installs sae-lens")
     x = 100 * synthetic[0][-128:] + 1  # a model's scale: SAELens's layer norm adds eps 1e-5
     with torch.no_grad():
-        ours = sae.codes(x, threshold="feature")
-        theirs = sae_lens.SAE.load_from_disk(path).encode(x)
+        ours, theirs = sae.codes(x), sae_lens.SAE.load_from_disk(path).encode(x)
     assert ours.count_nonzero() > 0 and torch.equal(ours != 0, theirs != 0)
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
     assert torch.equal(cs.from_saelens(path).threshold, sae.threshold)
+
+
+def test_training_ends_with_thresholds_estimated_on_the_batches_after_its_last(synthetic, tmp_path):
+    """Every run but relu's saves both thresholds, fitted (core/thresholds.py) to the
+    stream's next batches with the saved weights: max(1, min(32768 / B, steps / 100)) of them,
+    selected as the sparse step selects (the reference rule here)."""
+    from choicesae.core.thresholds import estimate_thresholds_
+    from choicesae.data.activations import batches
+
+    x = synthetic[0][:8192]
+    for sparsifier in ("mutual_choice", "feature_choice", "topk", "relu"):
+        cfg = run_config(tmp_path / sparsifier, sparsifier, steps=64)
+        sae = cs.train(cfg, x)
+        record = json.loads((tmp_path / sparsifier / "run" / "sae" / "training.json").read_text())
+        saved = cs.SAE.from_pretrained(tmp_path / sparsifier / "run" / "sae")
+        if sparsifier == "relu":
+            assert record["thresholds"] == {} and not saved.has_thresholds("feature")
+            continue
+        assert saved.has_thresholds("feature") and saved.has_thresholds("global")
+        after = batches(x, cfg.batch_size, cfg.seed, start=64)
+        plain = copy.deepcopy(sae)
+        fitted = estimate_thresholds_(plain, [sae.prepare(next(after))[0]])  # the reference
+        assert record["thresholds"]["calibration_tokens"] == cfg.batch_size
+        assert torch.equal(plain.threshold, saved.threshold)
+        assert float(plain.threshold_global) == float(saved.threshold_global)
+        assert fitted["calibration_l0"] == record["thresholds"]["calibration_l0"]
+
+
+def test_numpy_and_float64_inputs_work_and_carry_no_history(trained, synthetic):
+    sae, _ = trained
+    x = 3 * synthetic[0][-64:] + 1
+    x64 = x.double().numpy()
+    for given in (x64, x.double(), x.numpy(), x.half()):
+        codes = sae.codes(given)
+        assert codes.dtype == torch.float32 and not codes.requires_grad
+        if given.dtype != torch.float16:  # half: rounded inputs, some other codes
+            torch.testing.assert_close(codes, sae.codes(x), rtol=1e-5, atol=1e-6)
+        assert not sae.reconstruct(given).requires_grad
+        indices, values = sae.codes(given, dense=False)
+        assert not values.requires_grad
+    torch.testing.assert_close(sae.reconstruct(x64), sae.reconstruct(x))
+    x_n = normalize(x, sae.cfg.normalize, sae.scale)[0]
+    assert torch.equal(sae.encode(x_n.double().numpy()).acts, sae.encode(x_n).acts)
+    torch.testing.assert_close(sae(x_n.double()), sae(x_n))
+    z = np.random.default_rng(0).normal(size=(16, 8))  # float64
+    m = np.full(8, 2)
+    for codes in (
+        cs.topk(z, 2),
+        cs.mutual_choice(z, 2),
+        cs.feature_choice(z, m),
+        cs.relu(z),
+        cs.jumprelu(z, 0.5),
+        cs.sparsify("mutual_choice", z, k=2),
+    ):
+        assert codes.acts.dtype == torch.float64 and codes.acts.shape == (16, 8)
+    with pytest.raises(cs.DataError, match="floats, got torch.int64"):
+        sae.codes(np.ones((2, D), dtype=np.int64))
+    with pytest.raises(cs.DataError, match=r"reads \[tokens, 32\]"):
+        sae.codes(x[:, :16])
+
+
+def test_batch_inference_is_asked_for_and_warned_about_when_degenerate(batch_rule, synthetic):
+    sae, cfg = batch_rule
+    x = synthetic[0][-512:]
+    with pytest.raises(cs.ConfigError, match="ask for one of them"):
+        sae.codes(x, threshold="global", batch=True)
+    with pytest.raises(cs.ConfigError, match="pass batch=True"):
+        sae.encode(normalize(x, sae.cfg.normalize, sae.scale)[0], k=8)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        sae.codes(x[: cfg.batch_size], batch=True)  # the training batch size: as trained
+        assert not record
+        if sae.cfg.sparsifier == "feature_choice":  # k·B = 16 < F = 128: capacities of 1
+            sae.codes(x[:4], batch=True)
+            [warning] = [str(w.message) for w in record]
+            assert (
+                "a batch of 4 tokens: k*B = 16 for 128 features, capacities summing to" in warning
+            )
 
 
 def test_train_leaves_the_global_rng_alone(synthetic, tmp_path):

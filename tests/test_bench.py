@@ -4,8 +4,10 @@ tiny end-to-end run that is reused when run again."""
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import pytest
+import torch
 
 from choicesae.bench.paper import (
     METHODS,
@@ -13,10 +15,14 @@ from choicesae.bench.paper import (
     _next_coeff,
     aggregate,
     bench,
+    controlled,
     markdown_table,
     run_config,
+    synthetic_data,
 )
 from choicesae.errors import ConfigError
+from choicesae.training.checkpoint import load_checkpoint
+from choicesae.training.loop import base_iterate, train
 
 TINY = dict(
     steps=40,
@@ -131,6 +137,34 @@ def test_tiny_synthetic_bench_end_to_end_and_reused(tmp_path):
     before = (tmp_path / "results.jsonl").read_text()
     bench(cfg)  # every run is in results.jsonl: nothing is trained again
     assert (tmp_path / "results.jsonl").read_text() == before
+
+
+def test_the_dead_latent_controls_run_other_weights_or_another_rule(tmp_path):
+    """mutual_choice_fc_inference: Mutual Choice's weights as a density Feature Choice SAE, no
+    Feature Choice training; *_unaveraged: schedule-free's base iterate z of the last
+    checkpoint, of which the weights the step read were y = (1 − β) z + β x, x the saved
+    average (β = 0.9)."""
+    methods = "mutual_choice,mutual_choice_fc_inference,mutual_choice_unaveraged"
+    cfg = BenchConfig(out=str(tmp_path), methods=methods, ks="4", seeds=1, **TINY)
+    configs = {m: run_config(cfg, m, 4, 0, 0.0, 32) for m in cfg.method_list}
+    plain = dataclasses.replace(configs["mutual_choice"], out="")
+    for m in cfg.method_list:  # each control trains as Mutual Choice, in a folder of its own
+        assert dataclasses.replace(configs[m], out="") == plain
+    train_cfg = configs["mutual_choice_unaveraged"]
+    sae = train(train_cfg, synthetic_data(cfg).train)
+    fc = controlled("mutual_choice_fc_inference", sae, train_cfg)
+    assert (fc.cfg.sparsifier, fc.cfg.capacities) == ("feature_choice", "density")
+    assert torch.equal(fc.W_enc, sae.W_enc) and torch.equal(fc.density, sae.density)
+    saved = load_checkpoint(Path(train_cfg.out))
+    z, y = base_iterate(saved), saved["sae"]
+    unaveraged = controlled("mutual_choice_unaveraged", sae, train_cfg)
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        assert torch.equal(getattr(unaveraged, name), z[name])
+    for name in ("W_enc", "b_enc"):  # not projected after the step: the interpolation exactly
+        torch.testing.assert_close(y[name], 0.1 * z[name] + 0.9 * getattr(sae, name).detach())
+    assert not torch.equal(unaveraged.W_enc, sae.W_enc)
+    table = bench(cfg).read_text()  # the controls' rows, with dead latents per inference
+    assert "| mutual_choice_fc_inference | 4 | 1 |" in table and "dead % θ_i" in table
 
 
 def test_matryoshka_methods_nest_the_same_sae():

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 from choicesae.core.config import SAEConfig, TrainConfig
 from choicesae.core.sae import SAE
 from choicesae.core.sparsifiers import topk
+from choicesae.core.thresholds import estimate_thresholds_, feature_thresholds
 from choicesae.data.harvest import HarvestConfig, harvest
 from choicesae.data.hooks import find_module
 from choicesae.data.store import Store
@@ -18,7 +19,6 @@ from choicesae.errors import ConfigError, DataError
 from choicesae.evaluation import metrics, splice
 from choicesae.evaluation.evaluate import EvalConfig, evaluate, first_tokens, summary_line
 from choicesae.evaluation.report import CompareConfig, compare
-from choicesae.evaluation.thresholds import estimate_thresholds_, feature_thresholds
 from choicesae.training.loop import train
 
 TOPICS = pydoc_data.topics.topics
@@ -74,12 +74,13 @@ def test_per_feature_thresholds_reproduce_batch_densities_exactly():
     batches = list(torch.randn(96, 8).split(32))
     fitted = estimate_thresholds_(sae, batches)
     x = torch.cat(batches)
-    batch_counts = sum((sae.encode(b).acts > 0).sum(0) for b in batches)
+    batch_counts = sum((sae.encode(b, batch=True).acts > 0).sum(0) for b in batches)
     single = sae.encode(x, threshold="feature").acts > 0
     assert single.sum(0).tolist() == batch_counts.tolist()  # every density, hence the L0
     assert fitted["calibration_l0"] == pytest.approx(float(single.sum(-1).float().mean()))
     smallest = [
-        min(float(v) for v in sae.encode(b).acts.detach().flatten() if v > 0) for b in batches
+        min(float(v) for v in sae.encode(b, batch=True).acts.detach().flatten() if v > 0)
+        for b in batches
     ]
     assert float(sae.threshold_global) == pytest.approx(sum(smallest) / 3)
     z = sae.pre_acts(x)
@@ -93,6 +94,44 @@ def test_a_feature_never_selected_never_fires_and_one_always_selected_always_doe
     theta = feature_thresholds(sae, x, counts)
     fires = (sae.pre_acts(x) > theta).sum(0)
     assert fires[0] == 0 and fires[5] == 7 and theta[3] == 0
+
+
+def test_feature_thresholds_are_each_columns_quantile_in_any_chunking():
+    """θ_i, found by one top-k per chunk of features taken in order of their counts, is each
+    column's (counts_i + 1)-th largest z' sorted on its own (a plain loop), floored at 0."""
+    sae, x = small_sae(), torch.randn(50, 8)
+    counts = torch.tensor([0, 1, 2, 3, 5, 8, 13, 21, 34, 49, 50, 50, 4, 0, 7, 11])
+    z = sae.pre_acts(x).detach()
+    plain = torch.tensor(
+        [
+            0.0 if n >= 50 else max(float(z[:, i].sort(descending=True).values[n]), 0.0)
+            for i, n in enumerate(counts.tolist())
+        ]
+    )
+    for chunk in (1, 3, 512):  # z' of a chunk's columns: equal to float rounding
+        torch.testing.assert_close(feature_thresholds(sae, x, counts, chunk), plain)
+
+
+def test_a_jumprelu_sae_runs_its_own_thresholds_and_is_never_trained():
+    sae = SAE(SAEConfig(d_in=8, num_latents=16, sparsifier="jumprelu", normalize="none"))
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.3)
+        sae.threshold.copy_(torch.rand(16) * 0.3)  # no global one, as in most SAELens files
+    x = torch.randn(64, 8)
+    z = sae.pre_acts(x)
+    expected = z * (z > sae.threshold)
+    assert torch.equal(sae.encode(x).acts, expected)  # the default, and the batch "rule"
+    assert torch.equal(sae.encode(x, batch=True).acts, expected)
+    cfg = EvalConfig(batch_size=16, splice_contexts=0, report=False)
+    result = evaluate(cfg, x, sae=sae)  # nothing to estimate: its thresholds are the model
+    assert result["inference_mode"] == "feature_threshold"
+    assert sorted(result["inference"]) == ["batch", "feature_threshold"]
+    assert result["l0"] == pytest.approx(float((expected != 0).sum(-1).float().mean()))
+    assert result["thresholds"]["estimated_by"] == "saved"
+    with pytest.raises(ConfigError, match="not trainable"):
+        TrainConfig(sae=SAEConfig(sparsifier="jumprelu"))
+    with pytest.raises(ConfigError, match="its own"):
+        estimate_thresholds_(sae, [x])
 
 
 def test_thresholds_are_saved_and_required(tmp_path):
@@ -266,8 +305,14 @@ def test_eval_end_to_end_is_deterministic_and_saves_thresholds(tiny_run, tmp_pat
     second = evaluate(cfg)
     assert (run / "eval" / "metrics.json").read_text() == text and first == second
     assert not saved.threshold.isnan().any() and float(saved.threshold_global) > 0
-    single = first["inference"]["feature_threshold"]
-    assert abs(single["l0"] - first["l0"]) < 0.5 and single["density_corr"] > 0.9
+    assert first["thresholds"]["estimated_by"] == "saved"  # training's, left as they were
+    assert torch.equal(saved.threshold, SAE.from_pretrained(run / "sae").threshold)
+    single, batch = first["inference"]["feature_threshold"], first["inference"]["batch"]
+    assert first["inference_mode"] == "feature_threshold"  # the headline: the default codes
+    assert (first["l0"], first["fvu"]) == (single["l0"], single["fvu"])
+    assert first["allocation"]["dead"] == single["dead"]
+    # fitted by training on one batch of 240 tokens (a 40-step run): close, not exact
+    assert abs(single["l0"] - batch["l0"]) < 1.0 and single["density_corr"] > 0.9
     assert first["l0"] == pytest.approx(
         np.dot(np.arange(len(h := first["features_per_token"]["histogram"])), h) / first["tokens"]
     )
@@ -279,6 +324,8 @@ def test_eval_end_to_end_is_deterministic_and_saves_thresholds(tiny_run, tmp_pat
             assert s["kl_recovered"][name] == 1 - s["kl"][name] / s["kl"]["zero_ablation"]
     line = summary_line(first)
     assert ("ΔCE" in line and "KL" in line) == (arch == "gpt2") == ("kl" in s)
+    recovered = 100 * s["loss_recovered"]["sae_feature_threshold"]
+    assert f"(feature thresholds)  loss recovered {recovered:.2f}%" in line
     topks = [p["l0"] for p in first["progressive"]["topk"]]
     assert topks == sorted(topks) and len(first["progressive"]["jumprelu"]) == 6
     if arch == "gpt2":  # compare: the L0–ΔCE Pareto front of a causal LM's runs
@@ -296,8 +343,13 @@ def test_eval_errors_name_the_problem(tiny_run, tmp_path):
     shutil.copytree(run, moved)
     config = json.loads((moved / "config.json").read_text())
     (moved / "config.json").write_text(json.dumps(config | {"store": str(tmp_path / "gone")}))
+    cfg = EvalConfig(run=str(moved), store=str(test_store), splice_contexts=0, report=False)
+    assert evaluate(cfg)["thresholds"]["estimated_by"] == "saved"  # no data needed
+    old = SAE.from_pretrained(moved / "sae")  # as saved before training estimated them
+    old.threshold.fill_(float("nan"))
+    old.save_pretrained(moved / "sae")
     with pytest.raises(DataError, match="--calibrate"):
-        evaluate(EvalConfig(run=str(moved), store=str(test_store), report=False))
+        evaluate(cfg)
     with pytest.raises(ConfigError, match="splice_contexts"):
         EvalConfig(run=str(run), splice_contexts=-1)
 

@@ -98,7 +98,7 @@ def test_a_transcoder_evaluates_end_to_end_against_its_targets(pair, capsys):
     rows = Store(test_store)[: result["tokens"]]  # the rows eval measured
     x, y = rows[:, :64], rows[:, 64:]
     with torch.no_grad():
-        y_hat = torch.cat([sae.reconstruct(xb) for xb in x.split(BATCH)])  # batch inference
+        y_hat = torch.cat([sae.reconstruct(xb) for xb in x.split(BATCH)])  # the default codes
         l0 = torch.cat([(sae.codes(xb) != 0).sum(-1) for xb in x.split(BATCH)])
     fvu = float(((y_hat - y) ** 2).sum() / ((y - y.mean(0)) ** 2).sum())
     assert result["fvu_raw"] == pytest.approx(fvu, rel=1e-4) and 0 < fvu < 1

@@ -85,10 +85,13 @@ def platform() -> str:
 def fingerprint(sae: SAE) -> dict:
     """SHA-256 over the state dict's names and bytes, and each tensor's sum; a transcoder's
     target scale, added after the golden weights were written, is left out (an autoencoder's
-    is always 1)."""
+    is always 1), and the JumpReLU thresholds, estimated after the last step since the golden
+    weights were written, are counted as NaN, as they were then: training itself is pinned."""
     digest, sums = hashlib.sha256(), {}
     state = sae.state_dict()
     assert float(state.pop("scale_out")) == 1.0
+    for name in ("threshold", "threshold_global"):
+        state[name] = torch.full_like(state[name], float("nan"))
     for name, tensor in sorted(state.items()):
         digest.update(name.encode() + tensor.contiguous().numpy().tobytes())
         sums[name] = float(tensor.double().nansum())

@@ -51,15 +51,15 @@ def normalize_inputs(sae: SAE, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def ours(sae: SAE, x: torch.Tensor, threshold=None, sparsifier=None):
+def ours(sae: SAE, x: torch.Tensor, threshold=None, sparsifier=None, batch=False):
     """(codes [B, F], reconstruction [B, d_target] in the raw space: a transcoder's prediction
-    of its target) of raw x: batch inference, JumpReLU at `threshold`, or another `sparsifier`
-    on the same affinities."""
+    of its target) of raw x: the default codes, JumpReLU at `threshold`, batch inference, or
+    another `sparsifier` on the same affinities."""
     x_n, _ = normalize(x, sae.cfg.normalize, sae.scale)
     if sparsifier:
         acts = sae.sparsify(sparsifier, sae.pre_acts(x_n), sae.cfg.k).acts
     else:
-        acts = sae.encode(x_n, threshold=threshold).acts
+        acts = sae.encode(x_n, threshold=threshold, batch=batch).acts
     return acts, denormalize(sae.decode(acts), sae.output_stats(x))
 
 
@@ -77,9 +77,9 @@ def assert_same_model(a: SAE, b: SAE, exact_weights=True):
 
 
 def assert_same_outputs(a: SAE, b: SAE, x: torch.Tensor):
-    for threshold in (None, "feature", "global"):
-        acts_a, x_hat_a = ours(a, x, threshold)
-        acts_b, x_hat_b = ours(b, x, threshold)
+    for threshold, batch in ((None, False), (None, True), ("feature", False), ("global", False)):
+        acts_a, x_hat_a = ours(a, x, threshold, batch=batch)
+        acts_b, x_hat_b = ours(b, x, threshold, batch=batch)
         assert torch.equal(acts_a != 0, acts_b != 0)
         torch.testing.assert_close(acts_a, acts_b, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(x_hat_a, x_hat_b, rtol=1e-5, atol=1e-5)
@@ -237,7 +237,7 @@ def normalize_inputs_with_stats(sae, x):
 def test_saelens_batchtopk_form_agrees_with_mutual_choice(tmp_path):
     sae = make_sae("mutual_choice", "token")
     x = inputs()
-    acts, x_hat = ours(sae, x)  # batch inference: the k·B largest of the batch
+    acts, x_hat = ours(sae, x, batch=True)  # batch inference: the k·B largest of the batch
     path = to_saelens(sae, tmp_path / "b", form="batchtopk")
     their_acts, their_x_hat = saelens_outputs(path, x, training=True)
     assert torch.equal(acts != 0, their_acts != 0) and int((acts != 0).sum()) == 4 * len(x)
@@ -261,15 +261,43 @@ def test_saelens_native_sae_imports(tmp_path, architecture):
             theirs.threshold.copy_(torch.rand(64) * 0.3)
     theirs.save_model(tmp_path / "native")
     sae = from_saelens(tmp_path / "native")
+    assert sae.cfg.sparsifier == {"standard": "relu"}.get(architecture, architecture)
     x = inputs()
-    threshold = "feature" if architecture == "jumprelu" else None
-    acts, x_hat = ours(sae, x, threshold)
+    acts, x_hat = ours(sae, x)  # the default codes: a jumprelu file's own thresholds
     with torch.no_grad():
         their_acts = theirs.encode(x)
         their_x_hat = theirs.decode(their_acts)
     assert torch.equal(acts != 0, their_acts != 0)
     torch.testing.assert_close(acts, their_acts, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(x_hat, their_x_hat, rtol=1e-4, atol=1e-4)
+
+
+def test_saelens_batchtopk_file_imports_with_its_k_and_threshold(tmp_path):
+    """A SAELens BatchTopK training SAE (its default rescale_acts_by_decoder_norm on): our
+    default codes are its inference form's (JumpReLU at topk_threshold, what SAELens saves it
+    as), and batch=True gives its BatchTopK(k) on the same batch."""
+    pytest.importorskip("sae_lens", reason="the interop extra installs sae-lens")
+    from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+
+    torch.manual_seed(5)
+    theirs = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(d_in=16, d_sae=64, k=5))
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.copy_(0.3 * torch.randn_like(p))
+    theirs.topk_threshold = torch.tensor(0.4, dtype=torch.double)
+    theirs.save_model(tmp_path / "training")
+    theirs.save_inference_model(tmp_path / "inference")
+    sae = from_saelens(tmp_path / "training")
+    assert (sae.cfg.sparsifier, sae.cfg.k) == ("mutual_choice", 5)
+    assert float(sae.threshold_global) == pytest.approx(0.4) and (sae.threshold == 0.4).all()
+    x = inputs()
+    for batch, path, training in ((False, "inference", False), (True, "training", True)):
+        acts, x_hat = ours(sae, x, batch=batch)
+        their_acts, their_x_hat = saelens_outputs(tmp_path / path, x, training)
+        assert acts.count_nonzero() > 0 and torch.equal(acts != 0, their_acts != 0)
+        torch.testing.assert_close(acts, their_acts, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(x_hat, their_x_hat, rtol=1e-4, atol=1e-4)
+    assert int((ours(sae, x, batch=True)[0] != 0).sum()) == 5 * len(x)
 
 
 # ---------------------------------------------------------------- the real sparsify

@@ -108,7 +108,7 @@ def test_save_load_round_trip(tmp_path):
             loaded.state_dict()[name], tensor, rtol=0, atol=0, equal_nan=True
         )
     x = torch.randn(5, 16)
-    assert torch.equal(loaded.reconstruct(x), sae.reconstruct(x))
+    assert torch.equal(loaded.reconstruct(x, batch=True), sae.reconstruct(x, batch=True))
     assert (
         json.loads((tmp_path / "sae" / "config.json").read_text())["sparsifier"] == "mutual_choice"
     )

@@ -44,7 +44,7 @@ def test_each_sparsifier_learns_the_synthetic_dictionary(tmp_path, synthetic, sp
 
     x_n, _ = normalize(x[:4096], "token")
     with torch.no_grad():
-        codes = sae.encode(x_n[:512])
+        codes = sae.encode(x_n[:512], batch=True)  # the training rule
     if sparsifier == "topk":
         assert codes.l0.max() <= 8
     elif sparsifier == "relu":
@@ -260,7 +260,7 @@ def test_phased_training_mutual_then_zipf_feature_choice(tmp_path, synthetic):
     assert m.unique().numel() > 3
     assert m[sae.feature_rank.argmin()] == m.max()
     with torch.no_grad():
-        assert ((sae.encode(x_n).acts != 0).sum(0) <= m).all()
+        assert ((sae.encode(x_n, batch=True).acts != 0).sum(0) <= m).all()
     loaded = SAE.from_pretrained(tmp_path / "run" / "sae")
     assert torch.equal(loaded.zipf, sae.zipf) and torch.equal(loaded.feature_rank, sae.feature_rank)
 

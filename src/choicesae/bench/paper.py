@@ -20,6 +20,12 @@ and, not run by default:
   feature_choice_zipf_alpha   phased Zipf, with the Zipf exponent alpha fitted too
   topk_matryoshka, mutual_choice_matryoshka, feature_choice_matryoshka
                        the same SAEs trained as Matryoshka SAEs, prefixes F/16 and F/4
+  mutual_choice_fc_inference, feature_choice_mc_inference  controls of what the Feature
+                       Choice phase buys: Mutual Choice's weights run as a Feature Choice
+                       (density) SAE, with no Feature Choice training, and the default
+                       Feature Choice's weights run as a Mutual Choice SAE;
+  mutual_choice_unaveraged, feature_choice_unaveraged  schedule-free's last unaveraged
+                       iterate z in place of the average it saves
 
 On a model (minilm, smollm2) the held-out rows are the harvest's first contexts, text of the
 same kind as training, and, with --other-text, a second harvest of text of another kind; each
@@ -31,6 +37,7 @@ OUT/table.md, OUT/pareto.png (L0-FVU), OUT/phase_switch.png (FVU across the swit
 Choice) and OUT/features_per_token.png are written from them.
 """
 
+import copy
 import dataclasses
 import json
 import math
@@ -46,6 +53,7 @@ from torch import Tensor
 from choicesae.core.config import SAEConfig, TrainConfig
 from choicesae.core.preprocess import normalize
 from choicesae.core.sae import SAE
+from choicesae.core.thresholds import estimate_thresholds_
 from choicesae.data.harvest import HarvestConfig, harvest
 from choicesae.data.hooks import DEFAULT_HOOKPOINT, DEFAULT_MODEL, SMOLLM2
 from choicesae.data.store import Store
@@ -53,8 +61,8 @@ from choicesae.data.synthetic import SyntheticConfig, max_cosines, sparse_dictio
 from choicesae.errors import ConfigError
 from choicesae.evaluation import metrics
 from choicesae.evaluation.evaluate import compare_inference, first_tokens, splice_metrics
-from choicesae.evaluation.thresholds import estimate_thresholds_
-from choicesae.training.loop import train
+from choicesae.training.checkpoint import load_checkpoint
+from choicesae.training.loop import base_iterate, train
 
 METHODS = (
     "topk",
@@ -66,7 +74,21 @@ METHODS = (
     "mutual_choice_no_aux_zipf",
 )
 NESTED = ("topk", "mutual_choice", "feature_choice")  # METHOD_matryoshka: Matryoshka prefixes
-OPTIONAL = ("feature_choice_zipf_alpha", *(f"{m}_matryoshka" for m in NESTED))  # not by default
+CONTROLS = (
+    "mutual_choice_fc_inference",
+    "feature_choice_mc_inference",
+    "mutual_choice_unaveraged",
+    "feature_choice_unaveraged",
+)
+RUN_AS = {  # a control's suffix -> the SAE config it runs its trained weights with
+    "_fc_inference": {"sparsifier": "feature_choice", "capacities": "density"},
+    "_mc_inference": {"sparsifier": "mutual_choice"},
+}
+OPTIONAL = (  # not by default
+    "feature_choice_zipf_alpha",
+    *(f"{m}_matryoshka" for m in NESTED),
+    *CONTROLS,
+)
 
 # each data set's default budget: long enough that training FVU has flattened, short enough
 # that the whole bench takes well under an hour on 2 CPU cores (docs/results.md)
@@ -253,14 +275,17 @@ def prefixes(num_latents: int) -> list[int]:
 def run_config(
     cfg: BenchConfig, method: str, k: int, seed: int, l1_coeff: float, d_in: int
 ) -> TrainConfig:
-    """The TrainConfig of one bench run: the shared budget plus what the method changes."""
+    """The TrainConfig of one bench run: the shared budget plus what the method changes (a
+    control trains as the method it controls)."""
+    out = str(cfg.folder / "runs" / f"{method}-k{k}-s{seed}")
+    method = trained_as(method)
     base = method.removesuffix("_matryoshka")
     fc = base.startswith("feature_choice")
     sparsifier = "feature_choice" if fc else base.removesuffix("_no_aux_zipf")
     variant = base.removeprefix("feature_choice").removeprefix("_")  # "": the default's
     capacities = variant.removesuffix("_alpha") or SAEConfig.capacities
     return TrainConfig(
-        out=str(cfg.folder / "runs" / f"{method}-k{k}-s{seed}"),
+        out=out,
         overwrite=True,
         sae=SAEConfig(
             sparsifier=sparsifier,
@@ -286,6 +311,33 @@ def run_config(
     )
 
 
+def trained_as(method: str) -> str:
+    """The method a control's SAE is trained as (any other method: itself)."""
+    for suffix in (*RUN_AS, "_unaveraged"):
+        method = method.removesuffix(suffix)
+    return method
+
+
+@torch.no_grad()
+def controlled(method: str, sae: SAE, train_cfg: TrainConfig) -> SAE:
+    """The SAE a control measures (`measure` then fits its thresholds): the same weights run
+    with another rule (RUN_AS: Feature Choice with density capacities, from the densities of
+    Mutual Choice's last window; Mutual Choice), or schedule-free's unaveraged iterate z from
+    the last checkpoint in place of the saved average. Any other method's SAE as it is."""
+    run_as = [rule for suffix, rule in RUN_AS.items() if method.endswith(suffix)]
+    if run_as:
+        cfg = dataclasses.replace(sae.cfg, **run_as[0])
+        other = SAE(cfg, generator=torch.Generator()).to(sae.W_enc.device)
+        other.load_state_dict(sae.state_dict())
+        return other
+    if method.endswith("_unaveraged"):
+        other = copy.deepcopy(sae)
+        for name, z in base_iterate(load_checkpoint(Path(train_cfg.out))).items():
+            getattr(other, name).copy_(z)
+        return other
+    return sae
+
+
 def measure(sae: SAE, data: BenchData, train_cfg: TrainConfig, splice_contexts: int) -> dict:
     """Held-out metrics of a trained SAE: batch and threshold inference side by side (the
     thresholds calibrated on training rows), dead and dying, features per token, MMCS and
@@ -309,10 +361,15 @@ def measure(sae: SAE, data: BenchData, train_cfg: TrainConfig, splice_contexts: 
 def measure_heldout(sae: SAE, data: BenchData, B: int, splice_contexts: int) -> dict:
     """What `measure` records of one held-out set, data.test (and data.store's contexts)."""
     device = sae.W_enc.device
-    inference, batch = compare_inference(sae, data.test.to(device), B)
+    inference, passes = compare_inference(sae, data.test.to(device), B)
+    batch = passes["batch"]
     allocation = metrics.allocation_metrics(batch.counts, len(data.test), float(sae.zipf[0]))
+    F = sae.cfg.num_latents
     result = {
-        "inference": {mode: {k: v[k] for k in ("l0", "fvu")} for mode, v in inference.items()},
+        "inference": {
+            mode: {"l0": v["l0"], "fvu": v["fvu"], "dead_pct": 100 * v["dead"] / F}
+            for mode, v in inference.items()
+        },
         "dead_pct": allocation["dead_pct"],
         "dying_pct": 100 * allocation["dying"] / sae.cfg.num_latents,
         "features_per_token": metrics.features_per_token(batch.l0, data.first),
@@ -331,7 +388,7 @@ def run_one(cfg: BenchConfig, data: BenchData, method: str, k: int, seed: int, l
     """Train one method and measure it; the record that goes to results.jsonl."""
     train_cfg = run_config(cfg, method, k, seed, l1, data.train.shape[1])
     start = time.perf_counter()
-    sae = train(train_cfg, data.train)
+    sae = controlled(method, train(train_cfg, data.train), train_cfg)
     seconds = time.perf_counter() - start
     record = {"method": method, "k": k, "seed": seed, "steps": cfg.steps}
     record |= {"train_s": seconds, "step_ms": 1000 * seconds / cfg.steps}
@@ -449,6 +506,7 @@ COLUMNS = {  # column title -> the value of a record
     "KL": lambda r: _downstream(r, "kl", "sae"),
     "KL θ_i": lambda r: _downstream(r, "kl", "sae_feature_threshold"),
     "dead %": lambda r: r["dead_pct"],
+    "dead % θ_i": lambda r: _threshold(r, "feature_threshold", "dead_pct"),
     "dying %": lambda r: r["dying_pct"],
     "MMCS": lambda r: r.get("mmcs"),
     "recovered %": lambda r: 100 * r["recovered"] if "recovered" in r else None,
@@ -471,8 +529,8 @@ def _downstream(record: dict, key: str, variant: str, scale: float = 1.0) -> flo
 
 def _threshold(record: dict, mode: str, key: str) -> float | None:
     """Single-token inference numbers, for the methods trained with a batch rule only (TopK
-    and ReLU already encode each token on its own)."""
-    return record["inference"][mode][key] if _batch_rule(record) else None
+    and ReLU already encode each token on its own; records from before a key have none)."""
+    return record["inference"][mode].get(key) if _batch_rule(record) else None
 
 
 def _batch_rule(record: dict) -> bool:

@@ -20,6 +20,10 @@ METHOD_STYLE = {
     "topk_matryoshka": ("tab:cyan", "o"),
     "mutual_choice_matryoshka": ("gold", "s"),
     "feature_choice_matryoshka": ("lime", "^"),
+    "mutual_choice_fc_inference": ("tab:brown", "s"),
+    "feature_choice_mc_inference": ("darkgreen", "^"),
+    "mutual_choice_unaveraged": ("navajowhite", "s"),
+    "feature_choice_unaveraged": ("darkseagreen", "^"),
 }
 
 

@@ -7,6 +7,7 @@ Ties in density are broken by feature index, so ranks are deterministic.
 """
 
 import math
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -14,6 +15,7 @@ from torch import Tensor
 
 DYING_QUANTILE = 0.75  # Definition 3.1, condition 1: the bottom quartile by prevalence
 DYING_RATIO = 0.6  # Definition 3.1, condition 2: under 60% of the Zipf expectation
+BUDGET_SLACK = 0.25  # capacities further than this share from k·B no longer keep L0 near k
 
 
 class Densities(NamedTuple):
@@ -175,3 +177,20 @@ def feature_capacities(
     at most one match per such feature to the budget. m_max = 0 means the batch size."""
     by_rank = zipf_capacities(k, len(ranks), batch_size, alpha, beta, m_max or batch_size)
     return by_rank.clamp(min=m_min).to(ranks.device)[ranks - 1]
+
+
+def warn_if_degenerate(m: Tensor, k: int, batch_size: int) -> None:
+    """Feature Choice over a batch too small for its budget (k·B < F: every share rounds down
+    to 0 and is raised to m_min, so each feature takes its best token) or with capacities m [F]
+    that sum far from k·B: the batch's codes then say little about L0 = k. Warned once per
+    setting (Python's warning registry keys on the message)."""
+    F, budget, total = len(m), k * batch_size, int(m.sum())
+    if budget >= F and abs(total - budget) <= BUDGET_SLACK * budget:
+        return
+    warnings.warn(
+        f"Feature Choice over a batch of {batch_size} tokens: k*B = {budget} for {F} features, "
+        f"capacities summing to {total}, so the codes hold about {total / batch_size:.3g} "
+        f"features per token, not k = {k}; encode tokens on their own (batch=False, the "
+        "default) or select within batches of the training size",
+        stacklevel=4,
+    )

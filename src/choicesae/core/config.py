@@ -20,14 +20,14 @@ from typing import Literal
 import yaml
 
 from choicesae.core.schedule import RECIPES
-from choicesae.core.sparsifiers import TRAINABLE
+from choicesae.core.sparsifiers import CHOICES, TRAINABLE
 from choicesae.errors import ConfigError
 
 LOGGERS = ("jsonl", "tensorboard", "wandb")  # the metrics writers (training/loggers.py)
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}  # the package each one needs
 DEFAULT_STEPS = 10_000  # a run's length when neither --steps nor --schedule gives one
 Normalize = Literal["auto", "token", "dataset", "none"]
-SparsifierName = Literal[TRAINABLE]  # the registry's names (sparsifiers.SPARSIFIERS)
+SparsifierName = Literal[CHOICES]  # the registry's names (sparsifiers.SPARSIFIERS), jumprelu
 
 
 @dataclass(frozen=True)
@@ -37,10 +37,11 @@ class SAEConfig:
     sparsifier: SparsifierName = "topk"
     """Sparsifying activation: topk (Token Choice), mutual_choice (BatchTopK), feature_choice
     (capacities set by --capacities) or relu (standard SAE with an L1 penalty). With --schedule,
-    the last phase's sparsifier is the model's."""
+    the last phase's sparsifier is the model's. jumprelu (a threshold per feature) is not
+    trained: it is what a SAELens jumprelu file imports as."""
     k: int = 32
     """Target active features per token: exact for topk, the batch mean for mutual_choice and
-    feature_choice (budget M = k*B); unused by relu."""
+    feature_choice (budget M = k*B); unused by relu and jumprelu."""
     expansion: int = 16
     """Number of latents as a multiple of the input width (used when num_latents is 0)."""
     num_latents: int = 0
@@ -85,9 +86,9 @@ class SAEConfig:
     filled in from the store."""
 
     def __post_init__(self):
-        if self.sparsifier not in TRAINABLE:
+        if self.sparsifier not in CHOICES:
             raise ConfigError(
-                f"unknown sparsifier {self.sparsifier!r}; choose one of {', '.join(TRAINABLE)}"
+                f"unknown sparsifier {self.sparsifier!r}; choose one of {', '.join(CHOICES)}"
             )
         if self.normalize not in ("auto", "token", "dataset", "none"):
             raise ConfigError(
@@ -105,7 +106,8 @@ class SAEConfig:
         for name in ("num_latents", "d_in", "d_out", "m_min", "m_max", "context"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be positive (or 0 for the default)")
-        if self.num_latents and self.sparsifier != "relu" and self.k >= self.num_latents:
+        uses_k = self.sparsifier not in ("relu", "jumprelu")
+        if self.num_latents and uses_k and self.k >= self.num_latents:
             raise ConfigError(
                 f"k={self.k} must be smaller than the number of latents ({self.num_latents})"
             )
@@ -217,6 +219,11 @@ class TrainConfig:
     """Weight of nfm_inf_loss, the mean largest similarity between decoder rows (appendix C)."""
     nfm_inf_sample: int = 1024
     """Decoder rows sampled per step for nfm_inf_loss (0: all rows, F^2 d work)."""
+    threshold_tokens: int = 32_768
+    """Tokens of the training data after the last step (whole batches, at least one and at
+    most one per 100 steps trained, so that it costs at most about 2% of the run) on which the
+    end of training estimates the JumpReLU thresholds that encode a token on its own
+    (appendix B), saved with the SAE; 0 skips them. Every sparsifier but relu."""
     checkpoint_every: int = 1000
     """Write RUN/checkpoint-STEP.pt every this many steps, at the end, and on SIGINT/SIGTERM."""
     keep_checkpoints: int = 3
@@ -326,6 +333,7 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         nonnegative = (
             "steps",
+            "threshold_tokens",
             "lr",
             "weight_decay",
             "grad_clip",
@@ -364,6 +372,11 @@ class TrainConfig:
                 f"warmup_steps must be at least 0 (or -1: the recipe's), got {self.warmup_steps}"
             )
         phases = self.phases()
+        if self.sae.sparsifier not in TRAINABLE:
+            raise ConfigError(
+                f"sparsifier {self.sae.sparsifier!r} is not trainable (a SAELens jumprelu file "
+                f"imports as one); train one of {', '.join(TRAINABLE)}"
+            )
         if self.schedule and self.steps and self.steps != self.total_steps:
             raise ConfigError(
                 f"steps={self.steps} disagrees with schedule {self.schedule!r}, which runs "

@@ -8,19 +8,20 @@ import json
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from choicesae.core.allocation import density_capacities, feature_capacities
+from choicesae.core.allocation import density_capacities, feature_capacities, warn_if_degenerate
 from choicesae.core.config import SAEConfig, from_dict
 from choicesae.core.preprocess import Stats, denormalize, estimate_dataset_scale, normalize
 from choicesae.core.sparsifiers import SPARSIFIERS, Sparse, jumprelu, sparsify, uniform_capacities
 from choicesae.errors import ConfigError, DataError
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
-Inference = Literal["feature", "global"] | None  # JumpReLU thresholds, or None: batch inference
+Threshold = Literal["feature", "global"]  # which JumpReLU thresholds (SAE.thresholds)
 
 
 CHUNK = 4096  # rows of W_dec drawn at a time
@@ -86,10 +87,10 @@ class SAE(nn.Module):
         self.register_buffer("zipf", torch.tensor([cfg.zipf_alpha, cfg.zipf_beta]).double())
         self.register_buffer("feature_rank", torch.arange(1, F + 1))
         self.register_buffer("density", torch.full((F,), float("nan")))
-        # JumpReLU thresholds on z' for single-token inference (appendix B), NaN until
-        # `choicesae eval` estimates them (evaluate/thresholds.py): `threshold` [F] one per
-        # feature, calibrated to each feature's batch-inference density; `threshold_global` []
-        # one for all, the mean smallest selected activation (BatchTopK, as SAELens does)
+        # JumpReLU thresholds on z' for single-token inference (appendix B), NaN until the end
+        # of training estimates them (core/thresholds.py): `threshold` [F] one per feature,
+        # calibrated to each feature's batch-inference density; `threshold_global` [] one for
+        # all, the mean smallest selected activation (BatchTopK, as SAELens does)
         self.register_buffer("threshold", torch.full((F,), float("nan")))
         self.register_buffer("threshold_global", torch.tensor(float("nan")))
 
@@ -107,31 +108,96 @@ class SAE(nn.Module):
         """Affinities z' [B, F] of normalized inputs x [B, d_in]."""
         return self.centred(x) @ self.W_enc + self.b_enc
 
-    def encode(self, x: Tensor, k: int | None = None, threshold: Inference = None) -> Sparse:
-        """Sparse codes of normalized x [B, d_in] with the model's sparsifier; `k` overrides the
-        config's k (test-time TopK(k'), or a different budget k·B). `threshold` = "feature" or
-        "global" encodes every token on its own with JumpReLU at the stored thresholds
-        (appendix B: single-token inference, no batch needed) instead."""
-        if threshold is not None:
-            return jumprelu(self.pre_acts(x), self.thresholds(threshold))
-        return self.sparsify(self.cfg.sparsifier, self.pre_acts(x), k or self.cfg.k)
+    def as_input(self, x: Tensor | np.ndarray) -> Tensor:
+        """Inputs [B, d_in] as a tensor in the weights' dtype and on their device: a numpy array
+        or a tensor of any float dtype (float64 included)."""
+        x = torch.as_tensor(x)
+        if not x.is_floating_point():
+            raise DataError(f"activations must be floats, got {x.dtype}")
+        if x.ndim != 2 or x.shape[-1] != self.cfg.d_in:
+            raise DataError(
+                f"activations of shape {list(x.shape)} given to an SAE that reads "
+                f"[tokens, {self.cfg.d_in}]"
+            )
+        return x.to(dtype=self.W_enc.dtype, device=self.W_enc.device)
+
+    def select(
+        self,
+        z_pre: Tensor,
+        k: int | None = None,
+        threshold: Threshold | None = None,
+        batch: bool = False,
+    ) -> Sparse:
+        """The codes of affinities z' [B, F]: how a token is encoded, decided here once.
+
+        By default every token is encoded on its own, so its code never depends on the other
+        rows: TopK and ReLU by their own rule, Mutual and Feature Choice (which select within
+        a batch) and an imported JumpReLU SAE by JumpReLU at the per-feature thresholds
+        (appendix B), which training estimates and saves. `threshold="global"` uses the one
+        global threshold instead. `batch=True` selects within the rows given, as training does
+        (Mutual Choice's k·B largest, Feature Choice's capacities for B = len(z')); `k`
+        overrides the budget of a rule that has one (TopK, or batch=True)."""
+        if batch and threshold is not None:
+            raise ConfigError(
+                f"threshold={threshold!r} encodes each token on its own and batch=True selects "
+                "within the batch: ask for one of them"
+            )
+        threshold = None if batch else threshold or self.default_threshold
+        name = self.cfg.sparsifier
+        if threshold is None and name in SPARSIFIERS:  # the model's own rule
+            k = k or self.cfg.k
+            if batch and SPARSIFIERS[name].capacities:
+                warn_if_degenerate(self.capacities(len(z_pre), k), k, len(z_pre))
+            return self.sparsify(name, z_pre, k)
+        if k is not None:
+            raise ConfigError(
+                f"k={k} is a budget of batch selection, and a {name} SAE encodes each token "
+                "alone at its thresholds: pass batch=True to select within the batch"
+            )
+        return jumprelu(z_pre, self.thresholds(threshold or "feature"))
+
+    @property
+    def default_threshold(self) -> Threshold | None:
+        """The thresholds that encode a token by default: "feature" for a rule that selects
+        within the batch (Mutual and Feature Choice) and for jumprelu, None for TopK and ReLU,
+        whose own rule reads one token at a time."""
+        rule = SPARSIFIERS.get(self.cfg.sparsifier)
+        return None if rule is not None and not rule.batch else "feature"
+
+    def encode(
+        self,
+        x: Tensor,
+        k: int | None = None,
+        threshold: Threshold | None = None,
+        batch: bool = False,
+    ) -> Sparse:
+        """Sparse codes of normalized x [B, d_in] (a numpy array or a tensor of any float
+        dtype), every token on its own unless `batch=True` (see `select`)."""
+        return self.select(self.pre_acts(self.as_input(x)), k, threshold, batch)
+
+    def has_thresholds(self, which: str) -> bool:
+        """Whether the "feature" or "global" thresholds have been estimated (or read)."""
+        theta = self.threshold if which == "feature" else self.threshold_global
+        return not bool(theta.isnan().any())
 
     def thresholds(self, which: str) -> Tensor:
         """The JumpReLU thresholds on z': "feature" -> `threshold` [F], "global" ->
-        `threshold_global` []; an error until `choicesae eval` has estimated them."""
+        `threshold_global` []; an error if they were never estimated (an SAE saved before
+        training estimated them, or built by hand)."""
         theta = {"feature": self.threshold, "global": self.threshold_global}.get(which)
         if theta is None:
             raise ConfigError(f"threshold must be 'feature' or 'global', not {which!r}")
         if theta.isnan().any():
             raise ConfigError(
-                f"this SAE has no {which} thresholds yet; estimate them with `choicesae eval "
-                "RUN` or choicesae.calibrate_thresholds_(sae, activations, batch_size)"
+                f"this {self.cfg.sparsifier} SAE has no {which} thresholds to encode a token on "
+                "its own: estimate them with choicesae.calibrate_thresholds_(sae, activations, "
+                "batch_size) or `choicesae eval RUN`, or select within the batch with batch=True"
             )
         return theta
 
     def sparsify(self, name: str, z_pre: Tensor, k: int) -> Sparse:
         """Apply sparsifier `name` to affinities z_pre [B, F], with this model's Feature Choice
-        capacities for a batch of B tokens."""
+        capacities for a batch of B tokens (the batch rule itself, as training applies it)."""
         reads_m = name in SPARSIFIERS and SPARSIFIERS[name].capacities
         m = self.capacities(z_pre.shape[0], k) if reads_m else None
         return sparsify(name, z_pre, k=k, m=m)
@@ -153,32 +219,44 @@ class SAE(nn.Module):
         """Reconstruction [B, d_target] (normalized space) of activations [B, F]."""
         return acts @ self.W_dec + self.b_dec
 
-    def forward(self, x: Tensor, threshold: Inference = None) -> Tensor:
-        """Reconstruction of normalized x [B, d_in] (batch inference, or `threshold`)."""
-        return self.decode(self.encode(x, threshold=threshold).acts)
+    def forward(self, x: Tensor, threshold: Threshold | None = None, batch: bool = False) -> Tensor:
+        """Reconstruction of normalized x [B, d_in], every token on its own unless `batch=True`
+        (see `select`)."""
+        return self.decode(self.encode(x, threshold=threshold, batch=batch).acts)
 
+    @torch.no_grad()
     def codes(
-        self, x: Tensor, threshold: Inference = None, dense: bool = True
+        self,
+        x: Tensor | np.ndarray,
+        threshold: Threshold | None = None,
+        dense: bool = True,
+        batch: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
-        """The sparse codes of raw model activations x [B, d_in], normalized as in training:
-        dense [B, F], or with `dense=False` (indices [B, L], values [B, L]) of each token's
-        active features, largest first, L the batch's largest L0 (shorter rows end in value-0
-        padding). Batch inference by default, so the codes of Mutual and Feature Choice depend
-        on the batch; `threshold` ("feature" or "global") encodes every token on its own with
-        JumpReLU (appendix B)."""
-        x_n, _ = normalize(x, self.cfg.normalize, self.scale)
-        acts = self.encode(x_n, threshold=threshold).acts  # [B, F]
+        """The sparse codes of raw model activations x [B, d_in] (a numpy array or a tensor
+        of any float dtype), normalized as in training: dense [B, F], or with `dense=False`
+        (indices [B, L], values [B, L]) of each token's active features, largest first, L the
+        batch's largest L0 (shorter rows end in value-0 padding). Each token is encoded on its
+        own (Mutual and Feature Choice: JumpReLU at the per-feature thresholds, or the global
+        one with threshold="global"); batch=True selects within the rows given, as training
+        does. No autograd history."""
+        x_n, _ = normalize(self.as_input(x), self.cfg.normalize, self.scale)
+        acts = self.encode(x_n, threshold=threshold, batch=batch).acts  # [B, F]
         if dense:
             return acts
         values, indices = acts.topk(int(Sparse(acts).l0.max()), dim=-1)  # [B, L]
         return indices, values
 
-    def reconstruct(self, x: Tensor, threshold: Inference = None) -> Tensor:
-        """Raw model activations x [B, d_in] -> reconstruction (a transcoder's prediction of
-        its target [B, d_out]) in the model's raw space; with `threshold` ("feature" or
-        "global") each token is encoded on its own (JumpReLU)."""
+    @torch.no_grad()
+    def reconstruct(
+        self, x: Tensor | np.ndarray, threshold: Threshold | None = None, batch: bool = False
+    ) -> Tensor:
+        """Raw model activations x [B, d_in] (numpy or a tensor of any float dtype) ->
+        reconstruction (a transcoder's prediction of its target [B, d_out]) in the model's raw
+        space, every token encoded on its own unless `batch=True` (see `codes`). No autograd
+        history."""
+        x = self.as_input(x)
         x_n, _ = normalize(x, self.cfg.normalize, self.scale)
-        return denormalize(self(x_n, threshold), self.output_stats(x))
+        return denormalize(self(x_n, threshold, batch), self.output_stats(x))
 
     def output_stats(self, x: Tensor) -> Stats:
         """What maps the normalized reconstruction of raw inputs x [B, d_in] back to the raw

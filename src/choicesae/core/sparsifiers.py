@@ -9,10 +9,11 @@ Gradients flow only into the selected entries: unselected entries are constants 
 from collections.abc import Callable
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from choicesae.errors import ConfigError
+from choicesae.errors import ConfigError, DataError
 
 
 class Sparse(NamedTuple):
@@ -29,6 +30,15 @@ class Sparse(NamedTuple):
         return (self.acts != 0).sum(-1)
 
 
+def as_affinities(z_pre: Tensor | np.ndarray) -> Tensor:
+    """z' as a tensor: a numpy array (any float dtype) is viewed as one, a tensor kept as it
+    is, so that every public sparsifier takes either."""
+    z_pre = torch.as_tensor(z_pre)
+    if not z_pre.is_floating_point():
+        raise DataError(f"affinities must be floats, got {z_pre.dtype}")
+    return z_pre
+
+
 def _scatter_positive(z_pre: Tensor, dim: int, values: Tensor, indices: Tensor) -> Sparse:
     """Place the chosen `values` at `indices` along `dim`, dropping non-positive ones (ReLU)."""
     return Sparse(torch.zeros_like(z_pre).scatter(dim, indices, values.relu()))
@@ -36,12 +46,14 @@ def _scatter_positive(z_pre: Tensor, dim: int, values: Tensor, indices: Tensor) 
 
 def topk(z_pre: Tensor, k: int) -> Sparse:
     """Token Choice: each token (row) keeps its k largest positive affinities."""
+    z_pre = as_affinities(z_pre)
     values, indices = z_pre.topk(k, dim=-1, sorted=False)  # [B, k]
     return _scatter_positive(z_pre, -1, values, indices)
 
 
 def mutual_choice(z_pre: Tensor, k: int) -> Sparse:
     """Mutual Choice (= BatchTopK): the k·B largest positive affinities anywhere in the batch."""
+    z_pre = as_affinities(z_pre)
     flat = z_pre.flatten()
     values, indices = flat.topk(min(k * z_pre.shape[0], flat.numel()), sorted=False)
     return Sparse(_scatter_positive(flat, 0, values, indices).acts.view_as(z_pre))
@@ -52,6 +64,7 @@ def feature_choice(z_pre: Tensor, m: Tensor) -> Sparse:
 
     One top-(max m) over the token dimension, then each column is cut to its own capacity.
     """
+    z_pre, m = as_affinities(z_pre), torch.as_tensor(m)
     B, F = z_pre.shape
     if m.shape != (F,):
         raise ConfigError(f"feature_choice capacities m must have shape [{F}], not {list(m.shape)}")
@@ -66,11 +79,12 @@ def feature_choice(z_pre: Tensor, m: Tensor) -> Sparse:
 
 def relu(z_pre: Tensor) -> Sparse:
     """Standard SAE: every positive affinity (sparsity comes from the L1 penalty)."""
-    return Sparse(z_pre.relu())
+    return Sparse(as_affinities(z_pre).relu())
 
 
 def jumprelu(z_pre: Tensor, theta: Tensor | float) -> Sparse:
     """JumpReLU for inference: z' where z' > θ (and > 0), θ a scalar or one per feature [F]."""
+    z_pre = as_affinities(z_pre)
     theta = torch.as_tensor(theta, dtype=z_pre.dtype, device=z_pre.device)
     keep = z_pre > theta.clamp(min=0.0)
     return Sparse(z_pre * keep)
@@ -101,18 +115,28 @@ class Sparsifier(NamedTuple):
     aux: bool = True  # aux_k and aux_zipf may revive its dead and dying latents
     aux_zipf: bool = False  # aux_zipf is on by default (--aux-zipf-coeff left at -1)
     l1: bool = False  # it is sparse through the L1 penalty alone
+    # it selects within the batch, so a token's code depends on the others: inference encodes
+    # each token alone by JumpReLU at thresholds that imitate it (appendix B; SAE.select)
+    batch: bool = False
 
 
 SPARSIFIERS = {  # the registry: the config's choices are its names
     # the paper's TopK baseline trains with aux_k only (Gao et al.); aux_zipf is its option
     "topk": Sparsifier(lambda z_pre, k, m: topk(z_pre, k)),
     # section 4.2: aux_zipf, proposed with Mutual Choice
-    "mutual_choice": Sparsifier(lambda z_pre, k, m: mutual_choice(z_pre, k), aux_zipf=True),
+    "mutual_choice": Sparsifier(
+        lambda z_pre, k, m: mutual_choice(z_pre, k), aux_zipf=True, batch=True
+    ),
     # section 4.4: Feature Choice trains without the auxiliary losses
-    "feature_choice": Sparsifier(lambda z_pre, k, m: feature_choice(z_pre, m), True, aux=False),
+    "feature_choice": Sparsifier(
+        lambda z_pre, k, m: feature_choice(z_pre, m), True, aux=False, batch=True
+    ),
     "relu": Sparsifier(lambda z_pre, k, m: relu(z_pre), aux=False, l1=True),
 }
 TRAINABLE = tuple(SPARSIFIERS)
+# an SAE's choices: jumprelu (a threshold per feature, no batch) is read from a SAELens file
+# and run, never trained
+CHOICES = (*TRAINABLE, "jumprelu")
 
 
 def sparsify(
@@ -123,8 +147,7 @@ def sparsify(
     if name == "jumprelu":
         return jumprelu(z_pre, theta)
     if name not in SPARSIFIERS:
-        choices = ", ".join((*TRAINABLE, "jumprelu"))
-        raise ConfigError(f"unknown sparsifier {name!r}; choose one of {choices}")
+        raise ConfigError(f"unknown sparsifier {name!r}; choose one of {', '.join(CHOICES)}")
     if name == "feature_choice" and m is None:
         m = uniform_capacities(k, *z_pre.shape)
     return SPARSIFIERS[name].reference(z_pre, k, m)

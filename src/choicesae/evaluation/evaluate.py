@@ -2,9 +2,11 @@
 From Python, `evaluate(cfg, activations, calibrate=..., sae=...)` takes arrays and an SAE
 object as well, on the same code path.
 
-1. thresholds (appendix B) estimated on calibration rows of the training data and saved with
-   the model (RUN/sae), then batch and single-token inference compared on the held-out rows;
-2. L0, MSE, FVU; dead, dying, Zipf; features per token (appendix D);
+1. the thresholds (appendix B) that training saved with the model (or, given calibration rows
+   or for an SAE without them, estimated on calibration rows of the training data and saved
+   in RUN/sae), then batch and single-token inference compared on the held-out rows;
+2. L0, MSE, FVU; dead, dying, Zipf; features per token (appendix D), all of the SAE's default
+   codes (single-token: Mutual and Feature Choice at their per-feature thresholds);
 3. progressive codes (TopK paper 5.3, appendix E): test-time TopK(k'), the model's own
    sparsifier at k', and JumpReLU(θ) over sweeps, each an (L0, FVU) point;
 4. downstream loss recovered with the SAE spliced into the model (splice.py).
@@ -12,6 +14,7 @@ Everything lands in RUN/eval/metrics.json (report.py draws it). Deterministic: t
 and store give the same numbers.
 """
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,13 +25,14 @@ from torch import Tensor
 
 from choicesae.core.config import SAEConfig
 from choicesae.core.sae import SAE
-from choicesae.core.sparsifiers import jumprelu, topk
+from choicesae.core.sparsifiers import SPARSIFIERS, jumprelu, topk
+from choicesae.core.thresholds import estimate_thresholds_
 from choicesae.data.activations import Rows, check_targets, load_activations, paired
 from choicesae.data.hooks import capture_all, find_module
 from choicesae.data.store import Store
 from choicesae.errors import ConfigError, DataError
 from choicesae.evaluation import metrics, splice
-from choicesae.evaluation.thresholds import estimate_thresholds_
+from choicesae.step.ops import batch_codes
 
 
 @dataclass(frozen=True)
@@ -42,8 +46,10 @@ class EvalConfig:
     """Held-out activation store (same model and hookpoint as training, other text); from
     Python, evaluate(cfg, activations) takes rows [N, d_in] in memory instead."""
     calibrate: str = ""
-    """Store or activation file to estimate the inference thresholds on; empty: the run's own
-    training data (its --store or --activations), or from Python evaluate(cfg, calibrate=rows)."""
+    """Store or activation file to estimate the inference thresholds on again (from Python,
+    evaluate(cfg, calibrate=rows)); empty: those the SAE holds (training estimates them at its
+    end), or for an SAE without them (a ReLU SAE, one saved before) the run's own training
+    data (its --store or --activations)."""
     batch_size: int = 0
     """Tokens per batch of batch inference and of the thresholds' calibration; 0 means the run's
     training batch size (an SAE given without a run needs it)."""
@@ -146,7 +152,8 @@ def calibrate_thresholds_(
     pick = np.sort(rng.choice(N, min(tokens, N), replace=False))
     rows = whole_batches(activations, 0, batch_size, what, pick)
     x_n, _ = sae.prepare(rows.to(sae.W_enc.device))  # thresholds live on the input's z'
-    return estimate_thresholds_(sae, list(x_n.split(batch_size)))
+    codes = functools.partial(batch_codes, sae)  # batch inference, as the sparse step selects
+    return estimate_thresholds_(sae, list(x_n.split(batch_size)), codes)
 
 
 def calibration_source(cfg: EvalConfig, train_cfg: dict) -> Rows:
@@ -167,24 +174,39 @@ def first_tokens(manifest: dict, n: int) -> Tensor:
     return torch.arange(n) % manifest["context"] == 0
 
 
+INFERENCE = {  # metrics.json's inference modes -> SAE.select's arguments
+    "batch": {"batch": True},
+    "feature_threshold": {"threshold": "feature"},
+    "global_threshold": {"threshold": "global"},
+}
+
+
+def inference_mode(sae: SAE) -> str:
+    """The mode of the SAE's default codes, which eval's headline numbers measure: per-feature
+    thresholds for Mutual and Feature Choice (and jumprelu), the own rule (batch) for TopK and
+    ReLU, which read one token at a time anyway."""
+    return "batch" if sae.default_threshold is None else f"{sae.default_threshold}_threshold"
+
+
 def selectors(sae: SAE) -> dict[str, metrics.Select]:
     """Batch inference (the training sparsifier) and single-token inference (JumpReLU at the
-    per-feature or the global threshold)."""
+    per-feature or the global threshold; an imported jumprelu SAE may have no global one)."""
     return {
-        "batch": lambda z: sae.sparsify(sae.cfg.sparsifier, z, sae.cfg.k).acts,
-        "feature_threshold": lambda z: jumprelu(z, sae.thresholds("feature")).acts,
-        "global_threshold": lambda z: jumprelu(z, sae.thresholds("global")).acts,
+        name: lambda z, kw=kw: sae.select(z, **kw).acts
+        for name, kw in INFERENCE.items()
+        if "threshold" not in kw or sae.has_thresholds(kw["threshold"])
     }
 
 
-def compare_inference(sae: SAE, x: Tensor, batch_size: int) -> tuple[dict, metrics.Pass]:
-    """L0, MSE, FVU of each inference mode on raw rows x [N, d_in (+ d_out)], and how closely
-    each single-token mode keeps the per-feature densities of batch inference."""
+def compare_inference(sae: SAE, x: Tensor, batch_size: int) -> tuple[dict, dict[str, metrics.Pass]]:
+    """L0, MSE, FVU and dead features of each inference mode on raw rows x [N, d_in (+
+    d_out)], how closely each single-token mode keeps the per-feature densities of batch
+    inference, and each mode's pass."""
     passes = {name: metrics.sae_pass(sae, x, batch_size, s) for name, s in selectors(sae).items()}
     batch, N = passes["batch"], len(x)
     result = {}
     for name, p in passes.items():
-        result[name] = p.summary()
+        result[name] = p.summary() | {"dead": int((p.counts == 0).sum())}
         if name != "batch":
             result[name] |= metrics.density_agreement(batch.counts, p.counts, N)
     if not sae.density.isnan().any():  # the last training window's densities
@@ -193,7 +215,7 @@ def compare_inference(sae: SAE, x: Tensor, batch_size: int) -> tuple[dict, metri
             "training_" + k: v
             for k, v in metrics.density_agreement(trained, batch.counts, N).items()
         }
-    return result, batch
+    return result, passes
 
 
 def progressive_codes(sae: SAE, x: Tensor, batch_size: int) -> dict[str, list[dict]]:
@@ -201,16 +223,17 @@ def progressive_codes(sae: SAE, x: Tensor, batch_size: int) -> dict[str, list[di
     at budget k', and JumpReLU(θ) for θ around the global threshold (TopK paper 5.3)."""
     k, F = sae.cfg.k, sae.cfg.num_latents
     ks = sorted({min(max(1, k * m // 4), F - 1) for m in (1, 2, 4, 8, 16, 32)})
-    theta = float(sae.threshold_global)
+    theta = float(sae.threshold_global)  # NaN (an imported jumprelu SAE): no sweep
     feature_choice = sae.cfg.sparsifier == "feature_choice"
     curves = {"topk": [], "batch": [], "jumprelu": []}
     for k2 in ks:
         point = _point(sae, x, batch_size, lambda z, k2=k2: topk(z, k2).acts)
         curves["topk"].append({"k": k2, **point})
-        if not feature_choice or k2 * batch_size >= F:  # every feature needs a capacity >= 1
+        has_rule = sae.cfg.sparsifier in SPARSIFIERS  # jumprelu has no budget to vary
+        if has_rule and (not feature_choice or k2 * batch_size >= F):  # capacities >= 1
             own = lambda z, k2=k2: sae.sparsify(sae.cfg.sparsifier, z, k2).acts  # noqa: E731
             curves["batch"].append({"k": k2, **_point(sae, x, batch_size, own)})
-    for scale in (0.125, 0.25, 0.5, 1.0, 2.0, 4.0):
+    for scale in (0.125, 0.25, 0.5, 1.0, 2.0, 4.0) if sae.has_thresholds("global") else ():
         point = _point(sae, x, batch_size, lambda z, t=theta * scale: jumprelu(z, t).acts)
         curves["jumprelu"].append({"theta": theta * scale, **point})
     return curves
@@ -246,7 +269,7 @@ def splice_metrics(sae: SAE, store: Store, y_mean: Tensor, contexts: int, batch_
     ids, where = ids[:keep].to(y_mean.device), where[:keep].to(y_mean.device)
     check_rows_match(model, hookpoint, ids[:per_batch], where[:per_batch], store, target)
     replacements = {  # hookpoint rows [n, d_in] -> the replaced module's rows [n, d_target]
-        "sae": sae.reconstruct,
+        "sae": lambda h: sae.reconstruct(h, batch=True),
         "sae_feature_threshold": lambda h: sae.reconstruct(h, threshold="feature"),
         "sae_global_threshold": lambda h: sae.reconstruct(h, threshold="global"),
         "zero_ablation": lambda h: y_mean.new_zeros(len(h), len(y_mean)),
@@ -287,13 +310,14 @@ def evaluate(
     calibrate: Rows | None = None,
     sae: SAE | None = None,
 ) -> dict:
-    """Estimate the inference thresholds, measure everything on held-out rows, write
-    OUT/metrics.json (and the report) and return the metrics: the CLI's path and Python's.
+    """Measure everything on held-out rows, write OUT/metrics.json (and the report) and
+    return the metrics: the CLI's path and Python's. The headline numbers (l0, fvu, dead, the
+    summary line) are of the SAE's default codes, `inference_mode`.
 
-    The SAE is the run's (cfg.run; the thresholds are saved with it) or `sae` (they are set in
-    it); the held-out rows [N, d_in] (a transcoder's [N, d_in + d_out], or a pair (inputs,
-    targets) as `train` takes) are `activations` (an array, tensor or Store) or cfg.store; the
-    calibration rows `calibrate`, cfg.calibrate or the run's training data.
+    The SAE is the run's (cfg.run) or `sae`; thresholds estimated here (`thresholds_to_use`)
+    are saved with the run's or set in `sae`. The held-out rows [N, d_in] (a transcoder's
+    [N, d_in + d_out], or a pair (inputs, targets) as `train` takes) are `activations` (an
+    array, tensor or Store) or cfg.store; the calibration rows `calibrate` or cfg.calibrate.
     Results are written to cfg.out, else RUN/eval, else (no run) not at all. The loss recovered
     needs a store's contexts and model, so rows given as an array skip it."""
     run = Path(cfg.run) if cfg.run else None
@@ -304,9 +328,8 @@ def evaluate(
     rows = Store(cfg.store) if activations is None else as_rows(activations)
     what = f"store {cfg.store}" if activations is None else "held-out activations"
     check_rows(rows, sae, what)
-    source = calibration_source(cfg, train_cfg) if calibrate is None else as_rows(calibrate)
-    fitted = calibrate_thresholds_(sae, source, B, cfg.calibration_tokens, cfg.seed)
-    if run:
+    fitted = thresholds_to_use(sae, cfg, train_cfg, calibrate, B)
+    if run and fitted["estimated_by"] == "eval":
         sae.save_pretrained(run / "sae")  # the thresholds travel with the model
     x = whole_batches(rows, cfg.max_tokens, B, what).to(sae.W_enc.device)
     result = measure(sae, x, B, getattr(rows, "manifest", {}))
@@ -318,6 +341,26 @@ def evaluate(
     if cfg.out or run:
         write_results(result, Path(cfg.out or run / "eval"), cfg.report)
     return result
+
+
+def thresholds_to_use(
+    sae: SAE, cfg: EvalConfig, train_cfg: dict, calibrate: Rows | None, batch_size: int
+) -> dict:
+    """The SAE's JumpReLU thresholds, and where they come from: those saved with it
+    (training estimates them at its end; a SAELens file holds them), unless calibration rows
+    are given (`calibrate`, cfg.calibrate) or it has none (an SAE saved before training
+    estimated them, a ReLU SAE): then estimated here, on those rows or the run's training
+    data."""
+    missing = not all(map(sae.has_thresholds, ("feature", "global")))
+    if sae.cfg.sparsifier == "jumprelu" or (
+        calibrate is None and not cfg.calibrate and not missing
+    ):
+        saved = {"threshold_global": float(sae.threshold_global)}
+        saved["threshold_feature_mean"] = float(sae.threshold.mean())
+        return {"estimated_by": "saved"} | saved  # by training, or in the SAE's file
+    source = calibration_source(cfg, train_cfg) if calibrate is None else as_rows(calibrate)
+    fitted = calibrate_thresholds_(sae, source, batch_size, cfg.calibration_tokens, cfg.seed)
+    return {"estimated_by": "eval"} | fitted
 
 
 def as_rows(rows: Rows | tuple[Rows, Rows]) -> Rows:
@@ -340,7 +383,9 @@ def measure(sae: SAE, x: Tensor, batch_size: int, manifest: dict) -> dict:
     the SAE's thresholds estimated already; `manifest`: the store's, if they came from one.
     A transcoder's MSE and FVU measure its prediction of the target; L0 and the densities are
     of its codes of the input, as for an SAE."""
-    inference, batch = compare_inference(sae, x, batch_size)
+    inference, passes = compare_inference(sae, x, batch_size)
+    mode = inference_mode(sae)
+    headline = passes[mode]  # the SAE's default codes
     c = sae.cfg
     names = {"hookpoint": c.hookpoint or manifest.get("hookpoint") or ""}
     names["target"] = c.target or manifest.get("target") or ""
@@ -355,11 +400,14 @@ def measure(sae: SAE, x: Tensor, batch_size: int, manifest: dict) -> dict:
         **transcoder,
         "batch_size": batch_size,
         "tokens": len(x),
-        **batch.summary(),
-        "l0_std": float(batch.l0.float().std()) if len(x) > 1 else 0.0,
+        "inference_mode": mode,
+        **headline.summary(),
+        "l0_std": float(headline.l0.float().std()) if len(x) > 1 else 0.0,
         "inference": inference,
-        "allocation": metrics.allocation_metrics(batch.counts, len(x), float(sae.zipf[0])),
-        "features_per_token": metrics.features_per_token(batch.l0, first_tokens(manifest, len(x))),
+        "allocation": metrics.allocation_metrics(headline.counts, len(x), float(sae.zipf[0])),
+        "features_per_token": metrics.features_per_token(
+            headline.l0, first_tokens(manifest, len(x))
+        ),
         "progressive": progressive_codes(sae, x, batch_size),
     }
 
@@ -387,8 +435,19 @@ def summary_line(result: dict) -> str:
     t = result.get("transcoder")
     line = f"transcoder {transcoder_label(t)}  " if t else ""
     line += f"L0 {result['l0']:.2f}  FVU {result['fvu']:.4f}  dead {result['allocation']['dead']}"
+    mode = result.get("inference_mode", "batch")  # metrics.json written before it: batch
+    if mode != "batch":
+        line += f"  ({mode.replace('_', ' ')}s)"
     if s := result.get("splice"):
-        line += f"  loss recovered {100 * s['loss_recovered']['sae']:.2f}%"
+        variant = SPLICED[mode]
+        line += f"  loss recovered {100 * s['loss_recovered'][variant]:.2f}%"
         if "kl" in s:  # a causal LM
-            line += f"  ΔCE {s['delta_loss']['sae']:.4f} nats  KL {s['kl']['sae']:.4f}"
+            line += f"  ΔCE {s['delta_loss'][variant]:.4f} nats  KL {s['kl'][variant]:.4f}"
     return line
+
+
+SPLICED = {  # inference mode -> its variant in the splice's losses
+    "batch": "sae",
+    "feature_threshold": "sae_feature_threshold",
+    "global_threshold": "sae_global_threshold",
+}

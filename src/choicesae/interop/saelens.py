@@ -39,6 +39,7 @@ SAELENS_FORMS = {
     "relu": ("standard",),
     "mutual_choice": ("jumprelu", "batchtopk"),
     "feature_choice": ("jumprelu",),
+    "jumprelu": ("jumprelu",),
 }
 
 
@@ -49,6 +50,7 @@ SAELENS_TRANSCODER_FORMS = {
     "relu": ("transcoder",),
     "mutual_choice": ("jumprelu_transcoder",),
     "feature_choice": ("jumprelu_transcoder",),
+    "jumprelu": ("jumprelu_transcoder",),
 }
 
 
@@ -137,13 +139,13 @@ def to_saelens(
     return path
 
 
-FOREIGN_SPARSIFIERS = {  # SAELens architecture -> ours (JumpReLU: Mutual Choice's thresholds)
+FOREIGN_SPARSIFIERS = {  # SAELens architecture -> ours, each with the codes SAELens gives it
     "topk": "topk",
     "standard": "relu",
-    "jumprelu": "mutual_choice",
-    "batchtopk": "mutual_choice",
+    "jumprelu": "jumprelu",  # its thresholds are the model: no k, no batch rule
+    "batchtopk": "mutual_choice",  # BatchTopK(k) in batches; its topk_threshold per token
     "transcoder": "relu",
-    "jumprelu_transcoder": "mutual_choice",
+    "jumprelu_transcoder": "jumprelu",
 }
 
 
@@ -168,7 +170,7 @@ def saelens_config(cfg: dict, state: dict[str, Tensor]) -> tuple[SAEConfig, Fact
     meta = cfg.get("metadata") or {}
     sae_cfg = SAEConfig(
         sparsifier=sparsifier,
-        k=int(cfg.get("k") or min(32, F - 1)),
+        k=round(cfg.get("k") or SAEConfig.k),  # a float in SAELens's batchtopk; jumprelu: unused
         num_latents=F,
         d_in=d_in,
         d_out=state["W_dec"].shape[1] if transcoder else 0,
@@ -200,9 +202,11 @@ def foreign_weights(cfg: dict, state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def from_saelens(path: str | Path) -> SAE:
-    """Read a SAELens SAE or transcoder folder (ours or anyone's) into our SAE. A jumprelu SAE
-    (jumprelu_transcoder) becomes a Mutual Choice SAE (transcoder) whose thresholds are the
-    file's: run it with encode(x, threshold=...)."""
+    """Read a SAELens SAE or transcoder folder (ours or anyone's) into our SAE, whose default
+    codes are SAELens's: a jumprelu SAE (jumprelu_transcoder) becomes a jumprelu SAE
+    (transcoder) at the file's per-feature thresholds; a batchtopk SAE (a SAELens training SAE)
+    a Mutual Choice SAE with its k, encoding a token alone at its topk_threshold (what SAELens
+    saves it as for inference) and BatchTopK(k) with batch=True."""
     path = Path(path)
     cfg = read_json(path)
     state = read_tensors(path / SAELENS_WEIGHTS)

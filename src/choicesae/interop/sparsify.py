@@ -38,6 +38,11 @@ def to_sparsify(sae: SAE, path: str | Path, *, fold: bool = True, as_topk: bool 
             f"sparsify's transcoders predict a target as wide as their input; this one reads "
             f"d_in={c.d_in} and predicts d_out={c.d_out}: export it to SAELens instead"
         )
+    if c.sparsifier == "jumprelu":
+        raise ConfigError(
+            "sparsify has no threshold activation and a jumprelu SAE no k to run as TopK: "
+            "export it to SAELens instead"
+        )
     if c.sparsifier in ("mutual_choice", "feature_choice") and not as_topk:
         raise ConfigError(
             f"sparsify has no batch or threshold activation for a {c.sparsifier} SAE; pass "

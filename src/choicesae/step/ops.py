@@ -70,6 +70,20 @@ def dense_acts(z_pre: Tensor, pairs: Pairs) -> Tensor:
     return torch.zeros_like(z_pre).index_put(at, z_pre[at].relu())
 
 
+@torch.no_grad()
+def batch_codes(sae, x: Tensor) -> Tensor:
+    """[B, F] activations of the model's own batch rule on normalized x [B, d_in], selected as
+    the sparse step selects (kernels.INDEX, tested against the reference; the reference where
+    it declines): what SAE.select(z', batch=True) gives, several times faster on wide batches.
+    The JumpReLU thresholds are fitted to it (core/thresholds.py)."""
+    name, k = sae.cfg.sparsifier, sae.cfg.k
+    major = name in kernels.FEATURE_MAJOR
+    z = kernels.pre_acts(sae, x, feature_major=major)  # [B, F]
+    m = sae.capacities(len(x), k) if SPARSIFIERS[name].capacities else None
+    pairs = kernels.INDEX[name](z, k, m)
+    return sae.select(z, batch=True).acts if pairs is None else dense_acts(z, pairs)
+
+
 class Dense:
     """The reference ops: autograd through the dense activations."""
 

@@ -5,6 +5,7 @@ for each batch x:  z' = encoder(x);  z = σ_s(z');  x̂ = decoder(z)
                    project decoder rows to unit norm; count firings per latent
 every density window: refit Zipf, find dying features, re-rank features (section 3.2)
 at a switch to Feature Choice: take the Zipf (α, β) fitted in the phase before (section 4.4)
+at the end: estimate the JumpReLU thresholds that encode a token on its own (appendix B)
 """
 
 import contextlib
@@ -15,6 +16,7 @@ import signal
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -24,6 +26,7 @@ from tqdm.auto import tqdm
 from choicesae.core.config import TrainConfig
 from choicesae.core.sae import SAE
 from choicesae.core.schedule import lr_at, phase_at
+from choicesae.core.thresholds import estimate_thresholds_
 from choicesae.data.activations import (
     Rows,
     batches,
@@ -38,7 +41,7 @@ from choicesae.parallel import comm, features
 from choicesae.parallel.comm import SINGLE, World
 from choicesae.parallel.data import DataParallel
 from choicesae.step.objective import StepOut, objective
-from choicesae.step.ops import LOCAL, Dense, Sparse
+from choicesae.step.ops import LOCAL, Dense, Sparse, batch_codes
 from choicesae.threads import warn_if_spinning
 from choicesae.training.checkpoint import save_checkpoint
 from choicesae.training.loggers import Loggers, open_loggers
@@ -79,9 +82,10 @@ def train(cfg: TrainConfig, activations: Rows | tuple[Rows, Rows] | None = None)
         sample = batches(rows, min(rows.shape[0], 16_384), cfg.seed, cfg.device)
         sae.init_from_data_(next(sample))
         state = TrainState.fresh(cfg.sae.num_latents, cfg.device)
-    data = batches(rows, cfg.batch_size, cfg.seed, cfg.device, start=state.step)
-    if not sharded:  # feature sharding: every rank takes the whole batch
-        data = (comm.shard(x, world) for x in data)  # this rank's slice of each batch
+    stream = batches(rows, cfg.batch_size, cfg.seed, cfg.device, start=state.step)
+    data = stream  # feature sharding: every rank takes the whole batch
+    if not sharded:
+        data = (comm.shard(x, world) for x in stream)  # this rank's slice of each batch
     loggers = (
         open_loggers(cfg, out, state.step) if world.main else contextlib.nullcontext(Loggers([]))
     )
@@ -90,11 +94,38 @@ def train(cfg: TrainConfig, activations: Rows | tuple[Rows, Rows] | None = None)
     final_weights_(sae, optimizer)
     if sharded:  # the whole SAE on rank 0's CPU, the shards elsewhere
         sae = features.whole(sae, world)
+    if world.main or not sharded:  # wherever the whole SAE is
+        record["thresholds"] = final_thresholds_(sae, stream, cfg)
     if world.main:  # one copy, the same as one process writes: loadable at any world size
         sae.save_pretrained(out / "sae")
         # the last fit, dead and dying counts travel with the model
         (out / "sae" / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     return sae
+
+
+THRESHOLD_STEPS = 100  # steps trained per calibration batch: the estimate costs <= 2% of a run
+
+
+@torch.no_grad()
+def final_thresholds_(sae: SAE, stream: Iterator[Tensor], cfg: TrainConfig) -> dict:
+    """Fill the SAE's JumpReLU thresholds (appendix B), so that the saved SAE encodes a token
+    on its own by default: estimated with the averaged weights that are saved, on the whole
+    batches `stream` gives after the last step (cfg.threshold_tokens of them, at least one
+    batch and at most one per THRESHOLD_STEPS steps trained: a batch costs about two steps).
+    Returns what they were fitted to; nothing for relu, whose codes are per token already, or
+    with threshold_tokens = 0."""
+    if cfg.sae.sparsifier == "relu" or not cfg.threshold_tokens:
+        return {}
+    start = time.perf_counter()
+    wanted = -(-cfg.threshold_tokens // cfg.batch_size)
+    n = max(1, min(wanted, cfg.total_steps // THRESHOLD_STEPS))
+    rows = [next(stream).to(sae.W_enc.device) for _ in range(n)]
+    rows = [x for x in rows if torch.isfinite(x).all()]  # as --skip-bad-batches skips them
+    if not rows:
+        return {}
+    codes = functools.partial(batch_codes, sae)  # as the sparse step selects
+    fitted = estimate_thresholds_(sae, [sae.prepare(x)[0] for x in rows], codes)
+    return fitted | {"seconds": round(time.perf_counter() - start, 3)}
 
 
 def open_rows(cfg: TrainConfig, activations) -> tuple[Rows, int]:
@@ -288,10 +319,13 @@ def summarize(window: dict, state: TrainState, cfg: TrainConfig) -> dict:
     return record
 
 
+OPTIMIZED = ("W_enc", "W_dec", "b_enc", "b_dec")  # the optimizer's parameters, in its order
+
+
 def make_optimizer(sae: SAE, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW, or schedule-free AdamW in train mode (gradients are taken at y), with weight
     decay on the weight matrices only."""
-    decay, no_decay = [sae.W_enc, sae.W_dec], [sae.b_enc, sae.b_dec]
+    decay, no_decay = ([getattr(sae, n) for n in names] for names in (OPTIMIZED[:2], OPTIMIZED[2:]))
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -308,3 +342,10 @@ def make_optimizer(sae: SAE, cfg: TrainConfig) -> torch.optim.Optimizer:
     optimizer = schedulefree.AdamWScheduleFree(groups, lr=lr_of(cfg, 0))
     optimizer.train()
     return optimizer
+
+
+def base_iterate(checkpoint: dict) -> dict[str, Tensor]:
+    """Schedule-free's base sequence z of a checkpoint, by weight name: the unaveraged iterate
+    whose average x the run saves (empty for plain AdamW, whose iterate is what it saves)."""
+    state = checkpoint["optimizer"]["state"]
+    return {name: state[i]["z"] for i, name in enumerate(OPTIMIZED) if "z" in state.get(i, {})}

@@ -126,6 +126,7 @@ RESUME_MAY_CHANGE = (  # how a run is watched, where it lives, and how long it g
     {"resume", "overwrite", "progress", "log", "log_every", "wandb_mode", "wandb_project"}
     | {"parallel", "checkpoint_every", "keep_checkpoints", "out", "steps", "schedule"}
     | {"mutual_choice_share"}  # its phases are checked against the steps done
+    | {"threshold_tokens"}  # read after the last step only
 )
 
 
