@@ -331,7 +331,10 @@ def test_eval_end_to_end_is_deterministic_and_saves_thresholds(tiny_run, tmp_pat
     if arch == "gpt2":  # compare: the L0–ΔCE Pareto front of a causal LM's runs
         compare(CompareConfig(runs=f"{run},{run}", out=str(tmp_path / "cmp")))
         rows = json.loads((tmp_path / "cmp" / "compare.json").read_text())
-        assert rows[0]["ΔCE / Δloss"] == s["delta_loss"]["sae"] and rows[0]["KL"] == s["kl"]["sae"]
+        v = "sae_feature_threshold"  # a Mutual Choice SAE's default codes: one token at a time
+        assert first["inference_mode"] == "feature_threshold"
+        assert rows[0]["ΔCE / Δloss"] == s["delta_loss"][v] and rows[0]["KL"] == s["kl"][v]
+        assert rows[0]["L0"] == first["inference"]["feature_threshold"]["l0"]
         assert [r["Pareto (L0, downstream)"] for r in rows] == ["yes", "yes"]  # ties: both
 
 

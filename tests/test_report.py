@@ -83,7 +83,8 @@ def test_compare_runs(evaluated, tmp_path, capsys):
     rows = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
     assert len(rows) == 2 and rows[0]["FVU"] == metrics["fvu"]
-    assert rows[0]["loss recovered"] == metrics["splice"]["loss_recovered"]["sae"]
+    headline = "sae_feature_threshold"  # a Mutual Choice SAE's default codes
+    assert rows[0]["loss recovered"] == metrics["splice"]["loss_recovered"][headline]
     assert "compare.html" in capsys.readouterr().out
 
 

@@ -439,15 +439,8 @@ def summary_line(result: dict) -> str:
     if mode != "batch":
         line += f"  ({mode.replace('_', ' ')}s)"
     if s := result.get("splice"):
-        variant = SPLICED[mode]
+        variant = splice.headline_variant(result)
         line += f"  loss recovered {100 * s['loss_recovered'][variant]:.2f}%"
         if "kl" in s:  # a causal LM
             line += f"  ΔCE {s['delta_loss'][variant]:.4f} nats  KL {s['kl'][variant]:.4f}"
     return line
-
-
-SPLICED = {  # inference mode -> its variant in the splice's losses
-    "batch": "sae",
-    "feature_threshold": "sae_feature_threshold",
-    "global_threshold": "sae_global_threshold",
-}

@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from choicesae.errors import ConfigError, DataError  # noqa: E402
+from choicesae.evaluation.splice import headline_variant  # noqa: E402
 
 STYLE = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;
@@ -86,6 +87,8 @@ def progressive_figure(result: dict, path: Path) -> Path:
             ls = "--" if key == "jumprelu" else "-"
             ax.plot([p["l0"] for p in points], [p["fvu"] for p in points], "o" + ls, label=label)
     for name, mark in (("batch", "k*"), ("feature_threshold", "rs"), ("global_threshold", "g^")):
+        if name not in result["inference"]:  # an imported JumpReLU SAE has only its own
+            continue
         p = result["inference"][name]
         ax.plot(p["l0"], p["fvu"], mark, ms=10, label=f"{name} inference")
     ax.set_xscale("log")
@@ -166,12 +169,13 @@ def summary_rows(result: dict) -> list[list]:
     ]
     if "splice" in result:
         s = result["splice"]
-        rows.append([f"loss recovered ({s['measure']})", s["loss_recovered"]["sae"]])
+        v = headline_variant(result)  # the default codes' variant
+        rows.append([f"loss recovered ({s['measure']})", s["loss_recovered"][v]])
         rows.append(["loss recovered vs mean ablation", s["loss_recovered_mean_ablation"]])
-        rows.append([f"Δ{'CE (nats)' if 'kl' in s else ' loss'}", s["delta_loss"]["sae"]])
+        rows.append([f"Δ{'CE (nats)' if 'kl' in s else ' loss'}", s["delta_loss"][v]])
         if "kl" in s:
-            rows.append(["KL(clean ‖ spliced), nats per token", s["kl"]["sae"]])
-            rows.append(["KL recovered (vs zero ablation)", s["kl_recovered"]["sae"]])
+            rows.append(["KL(clean ‖ spliced), nats per token", s["kl"][v]])
+            rows.append(["KL recovered (vs zero ablation)", s["kl_recovered"][v]])
     return rows
 
 
@@ -252,14 +256,15 @@ def pareto(points: list[tuple[float, float]]) -> list[bool]:
 
 
 def downstream_error(result: dict) -> tuple[str, float] | None:
-    """(name, value) of a run's downstream error, lower is better: ΔCE in nats for a causal
-    LM, else 1 − loss recovered; None when the run was evaluated without the splice."""
+    """(name, value) of a run's downstream error with its default codes, lower is better: ΔCE
+    in nats for a causal LM, else 1 − loss recovered; None when evaluated without the splice."""
     s = result.get("splice")
     if not s:
         return None
+    v = headline_variant(result)
     if "kl" in s:
-        return "ΔCE (nats)", s["delta_loss"]["sae"]
-    return "1 − loss recovered", 1 - s["loss_recovered"]["sae"]
+        return "ΔCE (nats)", s["delta_loss"][v]
+    return "1 − loss recovered", 1 - s["loss_recovered"][v]
 
 
 def compare_figure(results: list[dict], path: Path) -> Path:
@@ -295,7 +300,7 @@ def compare(cfg: CompareConfig) -> Path:
     on_downstream = iter(pareto(spliced))
     rows = []
     for r, front, error in zip(results, on_front, errors, strict=True):
-        s = r.get("splice", {})
+        s, v = r.get("splice", {}), headline_variant(r)
         rows.append(
             [
                 Path(r["run"]).name,
@@ -304,9 +309,9 @@ def compare(cfg: CompareConfig) -> Path:
                 r["num_latents"],
                 r["l0"],
                 r["fvu"],
-                s["loss_recovered"]["sae"] if s else "—",
-                s["delta_loss"]["sae"] if s else "—",
-                s["kl"]["sae"] if "kl" in s else "—",
+                s["loss_recovered"][v] if s else "—",
+                s["delta_loss"][v] if s else "—",
+                s["kl"][v] if "kl" in s else "—",
                 r["allocation"]["dead_pct"],
                 "yes" if front else "no",
                 ("yes" if next(on_downstream) else "no") if error else "—",

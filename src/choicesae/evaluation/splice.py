@@ -206,3 +206,16 @@ def downstream_metrics(kind: str, contexts: int, measured: dict[str, dict[str, f
             name: loss_recovered(kl[name], 0.0, kl["zero_ablation"]) for name in SAE_VARIANTS
         }
     return result
+
+
+SPLICED = {  # inference mode -> its variant in downstream_metrics' entries
+    "batch": "sae",
+    "feature_threshold": "sae_feature_threshold",
+    "global_threshold": "sae_global_threshold",
+}
+
+
+def headline_variant(result: dict) -> str:
+    """The splice variant of an eval result's default codes (its inference_mode; a
+    metrics.json written before that existed measured batch inference)."""
+    return SPLICED[result.get("inference_mode", "batch")]
