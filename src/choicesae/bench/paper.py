@@ -379,7 +379,7 @@ def measure_heldout(sae: SAE, data: BenchData, B: int, splice_contexts: int) -> 
         splice = splice_metrics(sae, data.store, x_mean, splice_contexts, B)
         result["loss_recovered"] = splice["loss_recovered"]
         result["splice"] = {
-            k: splice[k] for k in ("delta_loss", "kl", "kl_recovered") if k in splice
+            k: splice[k] for k in ("losses", "delta_loss", "kl", "kl_recovered") if k in splice
         }
     return result
 
