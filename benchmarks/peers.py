@@ -5,11 +5,15 @@ training time each needs to reach sparsify's final FVU, in one run and one table
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/peers.py     # MiniLM: 1.2M tokens
     .venv/bin/python benchmarks/peers.py --steps 20 --eval-every 10 --num-latents 768 \\
         --batch-size 1024 --heldout 5000                                # a quick look
+    ... benchmarks/peers.py --lr-sweep      # every method on a grid around its default lr
 
 The last --heldout rows of the store are held out; training takes the first steps x batch-size
 rows of the others (all of them when fewer, reused pass after pass). Every library draws its
 batches with choicesae.data.activations.batches(rows, batch_size, seed), and the run checks that
 all of them trained on the same batches in the same order. One CPU thread each (--threads).
+Every method trains at its library's default learning rate; with --lr-sweep at each factor of
+choicesae.bench.lr_sweep.LR_FACTORS times it too, on the same batches, and the table gives each
+row twice: at the default, and at the factor of the lowest final held-out FVU ("best lr").
 
   sparsify_topk   EleutherAI sparsify's default training (sparsify/trainer.py) replayed on the
                   stored activations: SparseCoder TopK, b_dec at the first batch's mean, the FVU
@@ -29,8 +33,9 @@ batches of about --batch-size rows (the batch rules see batches as in training):
 raw activation space, Σ|x − x̂|² / Σ|x − mean(x)|² over all held-out rows, L0 and the latents
 that fire on none. Training time counts the steps alone, drawing the batches included:
 choicesae's from its metrics.jsonl (elapsed_s), sparsify's timed around its steps. The time to
-reach sparsify's final FVU interpolates linearly between the measured points. OUT/table.md
-holds the table, OUT/curves.json the held-out curves.
+reach sparsify's final FVU interpolates linearly between the measured points. A best-lr row's
+ratios are to sparsify at its best lr, a default row's to sparsify at its default. OUT/table.md
+holds the table, OUT/curves.json the held-out curves (row -> lr factor -> points).
 """
 
 import os
@@ -57,8 +62,10 @@ from sparsify.sign_sgd import SignSGD
 from torch import Tensor
 
 from choicesae import SAE, SAEConfig, Store, TrainConfig, train
+from choicesae.bench.lr_sweep import LR_FACTORS, default_and_best, lr_cell, lr_factors
 from choicesae.core.preprocess import denormalize, normalize
 from choicesae.core.sae import Threshold
+from choicesae.core.schedule import RECIPES, recipe_lr
 from choicesae.core.sparsifiers import TRAINABLE
 from choicesae.core.thresholds import estimate_thresholds_
 from choicesae.data.activations import batches, check_activations
@@ -93,6 +100,11 @@ def parse() -> argparse.Namespace:
     )
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated, of: %(default)s")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--lr-sweep",
+        action="store_true",
+        help=f"also train every method at {', '.join(map(str, LR_FACTORS))} x its default lr",
+    )
     p.add_argument("--out", type=Path, default=Path("runs/peers"), help="work folder")
     args = p.parse_args()
     args.methods = args.methods.split(",")
@@ -143,13 +155,20 @@ def ends(args: argparse.Namespace) -> list[int]:
     return [*range(args.eval_every, args.steps, args.eval_every), args.steps]
 
 
-def sparsify_topk(rows: SameBatches, args: argparse.Namespace) -> Iterator[Point]:
-    """sparsify's Trainer.fit with its defaults (loss fvu, optimizer signum, no AuxK), one
-    step per batch of stored activations instead of a forward hook on the model."""
+def default_lr(method: str, num_latents: int) -> float:
+    """The learning rate the method's library trains an SAE of F latents at by default."""
+    if method == REFERENCE:
+        return 5e-3 / (num_latents / 2**14) ** 0.5  # sparsify's default for signum
+    return recipe_lr(RECIPES[TrainConfig.recipe], num_latents)
+
+
+def sparsify_topk(rows: SameBatches, args: argparse.Namespace, lr: float) -> Iterator[Point]:
+    """sparsify's Trainer.fit with its defaults (loss fvu, optimizer signum, no AuxK) but the
+    learning rate, one step per batch of stored activations instead of a forward hook on the
+    model."""
     torch.manual_seed(args.seed)
     cfg = SparseCoderConfig(num_latents=args.num_latents, k=args.k)
     coder = SparseCoder(rows.shape[1], cfg, dtype=torch.float32)
-    lr = 5e-3 / (args.num_latents / 2**14) ** 0.5  # its default for signum
     opt = ScheduleFreeWrapper(SignSGD([{"params": coder.parameters(), "lr": lr}]), momentum=0.95)
     opt.train()
     data, done, seconds = rows.batches(args.batch_size, args.seed), 0, 0.0
@@ -195,9 +214,12 @@ def sparsify_coder(coder: SparseCoder) -> Coder:
     return code
 
 
-def choicesae_run(name: str, rows: SameBatches, args: argparse.Namespace) -> Iterator[Point]:
-    """choicesae.training.loop at its defaults, one segment of --eval-every steps at a time."""
-    out, seconds = args.out / "runs" / name, 0.0
+def choicesae_run(
+    name: str, rows: SameBatches, args: argparse.Namespace, lr: float
+) -> Iterator[Point]:
+    """choicesae.training.loop at its defaults but the learning rate, one segment of
+    --eval-every steps at a time."""
+    out, seconds = args.out / "runs" / f"{name}-lr{lr:.2e}", 0.0
     shutil.rmtree(out, ignore_errors=True)  # overwrite=True would keep an old run's checkpoints
     sae_cfg = SAEConfig(sparsifier=name, k=args.k, num_latents=args.num_latents)
     for end in ends(args):
@@ -207,6 +229,7 @@ def choicesae_run(name: str, rows: SameBatches, args: argparse.Namespace) -> Ite
             sae=sae_cfg,
             batch_size=args.batch_size,
             schedule=segment(TrainConfig(sae=sae_cfg, steps=args.steps).phases(), end),
+            lr=lr,
             seed=args.seed,
             progress=False,
             log_every=args.eval_every,
@@ -265,22 +288,24 @@ def measure(code: Coder, x: Tensor, batch_size: int) -> Heldout:
     return Heldout(sse / variance, active / len(x), 100 * float((~fired).double().mean()))
 
 
-def trained(method: str, rows: SameBatches, args: argparse.Namespace) -> Iterator[Point]:
-    """The method's models after each segment of training."""
+def trained(method: str, rows: SameBatches, args: argparse.Namespace, lr: float) -> Iterator[Point]:
+    """The method's models after each segment of training at learning rate `lr`."""
     if method == REFERENCE:
-        return sparsify_topk(rows, args)
-    return choicesae_run(method, rows, args)
+        return sparsify_topk(rows, args, lr)
+    return choicesae_run(method, rows, args, lr)
 
 
-def measured(row: str, step: int, seconds: float, code: Coder, x_test: Tensor, B: int) -> dict:
+def measured(
+    row: str, lr: float, step: int, seconds: float, code: Coder, x_test: Tensor, B: int
+) -> dict:
     heldout = measure(code, x_test, B)
     print(
-        f"{row:>18} step {step:>5}  {seconds:8.1f} s  FVU {heldout.fvu:.4f}  "
+        f"{row:>18} lr {lr:.1e} step {step:>5}  {seconds:8.1f} s  FVU {heldout.fvu:.4f}  "
         f"L0 {heldout.l0:.1f}  dead {heldout.dead_pct:.1f}%",
         file=sys.stderr,
         flush=True,
     )
-    return {"step": step, "seconds": seconds, **heldout._asdict()}
+    return {"step": step, "seconds": seconds, "lr": lr, **heldout._asdict()}
 
 
 def seconds_to_reach(curve: list[dict], fvu: float) -> float | None:
@@ -297,23 +322,31 @@ def seconds_to_reach(curve: list[dict], fvu: float) -> float | None:
     return None
 
 
-def table(curves: dict[str, list[dict]], tokens: int) -> str:
-    """One row per inference of each method; ratios to sparsify's last point."""
-    ref = curves[REFERENCE][-1]
-    ref_speed = tokens / ref["seconds"]
+def table(curves: dict[str, dict[float, list[dict]]], tokens: int) -> str:
+    """One row per inference of each method at its default learning rate, and after a sweep one
+    more at its best; ratios to sparsify's last point at its default, or at its best."""
+    chosen = {
+        row: default_and_best({factor: curve[-1]["fvu"] for factor, curve in by_lr.items()})
+        for row, by_lr in curves.items()
+    }
+    refs = {label: curves[REFERENCE][factor] for label, factor in chosen[REFERENCE]}
     lines = [
-        "| method | tokens/s | L0 | FVU | dead % | s to sparsify's FVU | tokens/s ÷ sparsify "
+        "| method | lr | tokens/s | L0 | FVU | dead % | s to sparsify's FVU | tokens/s ÷ sparsify "
         "| FVU ÷ sparsify |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for method, curve in curves.items():
-        end, speed = curve[-1], tokens / curve[-1]["seconds"]
-        reach = seconds_to_reach(curve, ref["fvu"])
-        lines.append(
-            f"| {method} | {speed:,.0f} | {end['l0']:.1f} | {end['fvu']:.4f} | "
-            f"{end['dead_pct']:.1f} | {'—' if reach is None else f'{reach:.1f}'} | "
-            f"{speed / ref_speed:.2f} | {end['fvu'] / ref['fvu']:.3f} |"
-        )
+    for row, rows in chosen.items():
+        for label, factor in rows:
+            curve, ref = curves[row][factor], refs[label][-1]
+            end, speed = curve[-1], tokens / curve[-1]["seconds"]
+            reach = seconds_to_reach(curve, ref["fvu"])
+            name = row if label == "default" else f"{row}, best lr"
+            lines.append(
+                f"| {name} | {lr_cell(end['lr'], factor)} | {speed:,.0f} | {end['l0']:.1f} | "
+                f"{end['fvu']:.4f} | {end['dead_pct']:.1f} | "
+                f"{'—' if reach is None else f'{reach:.1f}'} | "
+                f"{speed / (tokens / ref['seconds']):.2f} | {end['fvu'] / ref['fvu']:.3f} |"
+            )
     return "\n".join(lines)
 
 
@@ -335,7 +368,8 @@ def header(args: argparse.Namespace, x_train: Tensor, store_rows: int) -> str:
         f"store {args.store}: {store_rows:,} rows of d = {x_train.shape[1]}; training on the "
         f"first {len(x_train):,}, FVU on the last {args.heldout:,} (raw activations)\n"
         f"F = {args.num_latents}, k = {args.k}, batch {args.batch_size}, {args.steps} steps = "
-        f"{tokens:,} tokens, seed {args.seed}, measured every {args.eval_every} steps"
+        f"{tokens:,} tokens, seed {args.seed}, measured every {args.eval_every} steps; "
+        f"learning rates: each library's default x {', '.join(map(str, lr_factors(args.lr_sweep)))}"
     )
 
 
@@ -343,23 +377,31 @@ def main() -> None:
     args = parse()
     torch.set_num_threads(args.threads)
     x_train, x_test, store_rows = load_rows(args)
-    rows = {method: SameBatches(x_train) for method in args.methods}
-    runs = {method: trained(method, rows[method], args) for method in args.methods}
-    curves: dict[str, list[dict]] = {}  # by row of the table
+    lrs = {  # (method, factor) -> its learning rate
+        (method, factor): factor * default_lr(method, args.num_latents)
+        for method in args.methods
+        for factor in lr_factors(args.lr_sweep)
+    }
+    rows = {run: SameBatches(x_train) for run in lrs}
+    runs = {run: trained(run[0], rows[run], args, lr) for run, lr in lrs.items()}
+    curves: dict[str, dict[float, list[dict]]] = {}  # by row of the table, then lr factor
     for _ in ends(args):  # round robin: a slow spell of the shared machine hits them all alike
-        for points in runs.values():
+        for (_, factor), points in runs.items():
             step, seconds, coders = next(points)
             for row, code in coders.items():
-                point = measured(row, step, seconds, code, x_test, args.batch_size)
-                curves.setdefault(row, []).append(point)
+                lr = lrs[row.removesuffix(" +θ"), factor]
+                point = measured(row, lr, step, seconds, code, x_test, args.batch_size)
+                curves.setdefault(row, {}).setdefault(factor, []).append(point)
     steps = {  # choicesae also draws one larger batch to initialise b_dec and W
-        m: {step: fp for (size, step), fp in r.served.items() if size == args.batch_size}
-        for m, r in rows.items()
+        run: {step: fp for (size, step), fp in r.served.items() if size == args.batch_size}
+        for run, r in rows.items()
     }
-    for method in args.methods:
-        if steps[method] != steps[REFERENCE]:
-            raise SystemExit(f"{method} trained on other batches than {REFERENCE}")
-    if sorted(steps[REFERENCE]) != list(range(args.steps)):
+    for run in lrs:
+        if steps[run] != steps[REFERENCE, 1.0]:
+            raise SystemExit(
+                f"{run[0]} at lr {lrs[run]:.1e} trained on other batches than {REFERENCE}"
+            )
+    if sorted(steps[REFERENCE, 1.0]) != list(range(args.steps)):
         raise SystemExit(f"{REFERENCE} did not train on steps 0 to {args.steps - 1} once each")
     text = header(args, x_train, store_rows) + "\n\n" + table(curves, args.steps * args.batch_size)
     args.out.mkdir(parents=True, exist_ok=True)

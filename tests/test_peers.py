@@ -9,13 +9,15 @@ import numpy as np
 import pytest
 import torch
 
+from choicesae.bench.lr_sweep import LR_FACTORS
 from choicesae.data.store import StoreWriter
 
 pytest.importorskip("sparsify", reason="the interop extra installs eai-sparsify")
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_peers_table(tmp_path):
+def peers(tmp_path, *flags: str) -> tuple[str, dict]:
+    """benchmarks/peers.py on a toy store: (table.md, curves.json)."""
     writer = StoreWriter(tmp_path / "store", {"model": "toy", "d_model": 32, "dtype": "float32"})
     x = torch.randn(4096, 32, generator=torch.Generator().manual_seed(0))
     writer.write_shard(x, np.zeros(len(x), dtype=np.int32))
@@ -25,7 +27,7 @@ def test_peers_table(tmp_path):
     toy += " --calibration 1024"
     done = subprocess.run(
         [sys.executable, "benchmarks/peers.py", "--store", str(tmp_path / "store")]
-        + [*toy.split(), "--out", str(out)],
+        + [*toy.split(), "--out", str(out), *flags],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -33,14 +35,46 @@ def test_peers_table(tmp_path):
     assert done.returncode == 0, done.stderr
     table = (out / "table.md").read_text()
     assert table.strip() in done.stdout
+    return table, json.loads((out / "curves.json").read_text())
+
+
+def test_peers_table(tmp_path):
+    table, curves = peers(tmp_path)
     rows = [
         *("sparsify_topk", "topk", "mutual_choice", "mutual_choice +θ"),
         *("feature_choice", "feature_choice +θ", "relu"),
     ]
     assert [line.split("|")[1].strip() for line in table.splitlines()[-7:]] == rows
-    curves = json.loads((out / "curves.json").read_text())
+    assert all(list(curves[row]) == ["1.0"] for row in rows)  # the default lr alone
+    curves = {row: curves[row]["1.0"] for row in rows}
     assert [[point["step"] for point in curves[row]] for row in rows] == [[2, 4]] * 7
     assert curves["topk"][-1]["l0"] == pytest.approx(4)
     thresholded = curves["feature_choice +θ"][-1]  # a real JumpReLU row, not batch inference
     assert thresholded["seconds"] == curves["feature_choice"][-1]["seconds"]
     assert thresholded["fvu"] != curves["feature_choice"][-1]["fvu"]
+    sparsify_lr = 5e-3 / (64 / 2**14) ** 0.5  # sparsify's default for signum at F = 64
+    assert curves["sparsify_topk"][-1]["lr"] == pytest.approx(sparsify_lr)
+    assert curves["topk"][-1]["lr"] == pytest.approx(2e-3 / (64 / 2**14) ** 0.5)
+
+
+def test_the_lr_sweep_gives_each_row_at_its_default_and_at_its_best(tmp_path):
+    """Every method, sparsify included, at each factor of its own default lr (the script exits
+    non-zero if any run trained on other batches); the best row is the lowest final FVU, and its
+    ratios are to sparsify at its own best."""
+    methods = "sparsify_topk,mutual_choice"
+    table, curves = peers(tmp_path, "--lr-sweep", "--methods", methods)
+    rows = ["sparsify_topk", "mutual_choice", "mutual_choice +θ"]
+    cells = [[c.strip() for c in line.split("|")[1:-1]] for line in table.splitlines()[-6:]]
+    assert [c[0] for c in cells] == [name for row in rows for name in (row, f"{row}, best lr")]
+    final = {row: {float(f): c[-1] for f, c in curves[row].items()} for row in rows}
+    for row, (default, best) in zip(rows, zip(cells[::2], cells[1::2], strict=True), strict=True):
+        assert sorted(final[row]) == list(LR_FACTORS)
+        lrs = {f: point["lr"] for f, point in final[row].items()}
+        assert all(lrs[f] == pytest.approx(f * lrs[1.0]) for f in LR_FACTORS)
+        factor = min(final[row], key=lambda f: final[row][f]["fvu"])
+        assert default[1].endswith("(×1)") and best[1].endswith(f"(×{factor:g})")
+        assert float(default[4]) == pytest.approx(final[row][1.0]["fvu"], abs=1e-4)
+        assert float(best[4]) == pytest.approx(final[row][factor]["fvu"], abs=1e-4)
+    ref = min(final["sparsify_topk"].values(), key=lambda point: point["fvu"])["fvu"]
+    assert float(cells[3][-1]) == pytest.approx(float(cells[3][4]) / ref, abs=2e-3)
+    assert float(cells[1][-1]) == 1.0

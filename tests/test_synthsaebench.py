@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from choicesae.bench import synthsaebench as ssb
+from choicesae.bench.lr_sweep import LR_FACTORS
 from choicesae.bench.paper import read_results
 from choicesae.bench.synthsaebench import (
     HELD_OUT_SEED,
@@ -16,10 +17,12 @@ from choicesae.bench.synthsaebench import (
     sample_rows,
     synthetic_model,
     synthsaebench,
+    train_peer,
 )
 from choicesae.cli.main import main
 from choicesae.errors import ConfigError
 from choicesae.interop.saelens import from_saelens
+from choicesae.training.loop import train
 
 pytest.importorskip("sae_lens", reason="the interop extra installs sae-lens")
 
@@ -44,8 +47,59 @@ def test_every_method_is_scored_in_the_table(tiny):
         assert all(math.isfinite(v) for v in scores), r
         assert 0 < r["eval"]["sae_l0"] and 0 < r["eval"]["mcc"] <= 1
     text = table.read_text()
-    assert all(f"| {method} | 1 |" in text for method in cfg.method_list)
-    assert "nan" not in text
+    assert all(f"| {method} | " in text and "(×1) | 1 |" in text for method in cfg.method_list)
+    assert "best lr" not in text and "nan" not in text  # without --lr-sweep: the default alone
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    """A sweep of one of ours and one of SAELens's, noting the rows and lr each run trains on."""
+    out = tmp_path_factory.mktemp("synthsaebench-sweep")
+    methods = "mutual_choice,saelens_topk"
+    cfg = SynthSAEBenchConfig(out=str(out), methods=methods, lr_sweep=True, **TINY | {"steps": 10})
+    seen = []
+
+    def ours(train_cfg, rows):
+        seen.append(("mutual_choice", train_cfg.lr, float(rows.sum())))
+        return train(train_cfg, rows)
+
+    def peer(cfg, model, method, seed, rows, lr):
+        seen.append((method, lr, float(rows.sum())))
+        return train_peer(cfg, model, method, seed, rows, lr)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ssb, "train", ours)
+        mp.setattr(ssb, "train_peer", peer)
+        return cfg, synthsaebench(cfg), seen
+
+
+def test_the_lr_sweep_trains_every_method_at_each_factor_of_its_default_on_the_same_rows(swept):
+    cfg, _, seen = swept
+    defaults = {"mutual_choice": 2e-3 / (64 / 2**14) ** 0.5, "saelens_topk": 3e-4}
+    wanted = sorted((m, f * lr) for m, lr in defaults.items() for f in LR_FACTORS)
+    trained = sorted((m, lr) for m, lr, _ in seen)
+    assert [m for m, _ in trained] == [m for m, _ in wanted]
+    assert [lr for _, lr in trained] == pytest.approx([lr for _, lr in wanted])
+    assert len({rows for _, _, rows in seen}) == 1  # one seed: every run on its rows
+    records = read_results(cfg.folder / "results.jsonl")
+    assert len({r["eval"]["mcc"] for r in records}) == len(wanted)  # each trainer took its lr
+
+
+def test_the_swept_table_gives_each_method_at_its_default_and_at_its_best_mcc(swept):
+    cfg, table, _ = swept
+    records = read_results(cfg.folder / "results.jsonl")
+    lines = [line.split(" | ") for line in table.read_text().splitlines() if "(×" in line]
+    assert [cells[0] for cells in lines] == [
+        *("| mutual_choice", "| mutual_choice, best lr"),
+        *("| saelens_topk", "| saelens_topk, best lr"),
+    ]
+    for default, best in zip(lines[::2], lines[1::2], strict=True):
+        method = default[0].removeprefix("| ")
+        mcc = {r["lr_factor"]: r["eval"]["mcc"] for r in records if r["method"] == method}
+        top = max(mcc, key=mcc.__getitem__)
+        assert default[1].endswith("(×1)") and best[1].endswith(f"(×{top:g})")
+        assert float(default[3].split(" ± ")[0]) == pytest.approx(mcc[1.0], abs=1e-4)
+        assert float(best[3].split(" ± ")[0]) == pytest.approx(mcc[top], abs=1e-4)
 
 
 def test_finished_runs_are_not_trained_again(tiny, monkeypatch):

@@ -17,12 +17,18 @@ training rows (appendix B); and SAELens's TopK, BatchTopK and Matryoshka BatchTo
 Matryoshka methods' prefixes), trained by SAELens's SAETrainer with its synthetic runner's
 defaults (SyntheticSAERunnerConfig) on the same rows.
 
+Every method trains at its library's default learning rate (ours: the recipe's, schedule.RECIPES;
+SAELens's: its synthetic runner's); with --lr-sweep at each factor of lr_sweep.LR_FACTORS times it
+too, and the table gives each method twice: at the default, and at the factor of the best mean
+MCC over seeds.
+
 Results accumulate in OUT/results.jsonl (a run already there is not trained again), then
 OUT/table.md: mean ± std over seeds. sae-lens (the interop extra) is imported inside the functions
 that use it: the command line starts without it, and without its import time.
 """
 
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import math
@@ -35,6 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from choicesae.bench.lr_sweep import default_and_best, lr_cell, lr_factors
 from choicesae.bench.paper import (
     METHODS,
     OPTIONAL,
@@ -47,6 +54,7 @@ from choicesae.bench.paper import (
 )
 from choicesae.core.config import TrainConfig
 from choicesae.core.sae import SAE
+from choicesae.core.schedule import RECIPES, recipe_lr
 from choicesae.errors import ConfigError
 from choicesae.evaluation.evaluate import calibrate_thresholds_
 from choicesae.interop.saelens import saelens_form, to_saelens
@@ -96,6 +104,10 @@ class SynthSAEBenchConfig:
     switch: float = TrainConfig.mutual_choice_share
     """Share of the phased Feature Choice methods' steps in their Mutual Choice phase (as in
     choicesae bench)."""
+    lr_sweep: bool = False
+    """Also train every method, SAELens's included, at the other factors of its library's
+    default learning rate (lr_sweep.LR_FACTORS); the table gives each method at its default and
+    at its best (mean MCC)."""
     device: str = "cpu"
     """Torch device."""
     progress: bool = False
@@ -230,10 +242,20 @@ def exported(sae: SAE, rows: Tensor, path: Path, batch_size: int, seed: int):
     return sae_lens.SAE.load_from_disk(to_saelens(sae, path), device=str(sae.W_enc.device))
 
 
-def train_peer(cfg: SynthSAEBenchConfig, model, method: str, seed: int, rows: Tensor):
+def default_lr(cfg: SynthSAEBenchConfig, method: str) -> float:
+    """The learning rate the method's library trains it at by default: SAELens's synthetic
+    runner's (SyntheticSAERunnerConfig: Adam, 3e-4, constant), or our recipe's at this width."""
+    if method in PEERS:
+        from sae_lens.synthetic import SyntheticSAERunnerConfig
+
+        return SyntheticSAERunnerConfig.lr
+    return recipe_lr(RECIPES[TrainConfig.recipe], cfg.num_latents)
+
+
+def train_peer(cfg: SynthSAEBenchConfig, model, method: str, seed: int, rows: Tensor, lr: float):
     """SAELens's own TopK or BatchTopK SAE with its defaults, trained by SAELens's SAETrainer with
-    the synthetic runner's defaults (SyntheticSAERunnerConfig: Adam, lr 3e-4, constant) on `rows`
-    [N, d] in order."""
+    the synthetic runner's defaults (SyntheticSAERunnerConfig: Adam, constant) but the learning
+    rate, on `rows` [N, d] in order."""
     from sae_lens import LoggingConfig
     from sae_lens.registry import get_sae_training_class
     from sae_lens.synthetic import SyntheticSAERunnerConfig
@@ -248,6 +270,7 @@ def train_peer(cfg: SynthSAEBenchConfig, model, method: str, seed: int, rows: Te
         sae=sae_cfg,
         training_samples=len(rows),
         batch_size=cfg.batch_size,
+        lr=lr,
         device=cfg.device,
         checkpoint_path=None,
         output_path=None,
@@ -275,18 +298,23 @@ def score(cfg: SynthSAEBenchConfig, model, sae) -> dict:
     return {"eval": result.to_dict(), "fvu": 1.0 - result.explained_variance}
 
 
-def run_one(cfg: SynthSAEBenchConfig, model, rows: Tensor, method: str, seed: int, l1: float):
-    """Train one method on the seed's rows and score it: the record for results.jsonl."""
-    start = time.perf_counter()
+def run_one(
+    cfg: SynthSAEBenchConfig, model, rows: Tensor, method: str, seed: int, l1: float, factor: float
+):
+    """Train one method at `factor` x its default learning rate on the seed's rows and score
+    it: the record for results.jsonl."""
+    lr, start = factor * default_lr(cfg, method), time.perf_counter()
     if method in PEERS:
-        sae = train_peer(cfg, model, method, seed, rows)
+        sae = train_peer(cfg, model, method, seed, rows, lr)
         seconds = time.perf_counter() - start
     else:
         train_cfg = run_config(paper_config(cfg), method, cfg.k, seed, l1, cfg.hidden_dim)
-        ours = train(train_cfg, rows)
+        if factor != 1.0:  # a folder of its own; the default's keeps the paper bench's name
+            train_cfg = dataclasses.replace(train_cfg, out=f"{train_cfg.out}-lr{lr:.2e}")
+        ours = train(dataclasses.replace(train_cfg, lr=lr), rows)
         seconds = time.perf_counter() - start
         sae = exported(ours, rows, Path(train_cfg.out) / "saelens", cfg.batch_size, seed)
-    record = settings(cfg, method, seed) | {"train_s": seconds}
+    record = settings(cfg, method, seed, factor) | {"lr": lr, "train_s": seconds}
     if method == "relu":
         record["l1_coeff"] = l1
     return record | score(cfg, model, sae)
@@ -294,8 +322,8 @@ def run_one(cfg: SynthSAEBenchConfig, model, rows: Tensor, method: str, seed: in
 
 def relu_l1(cfg: SynthSAEBenchConfig, model, rows: Tensor, done: dict) -> float:
     """relu's L1 coefficient as the paper bench sets it (paper.calibrate_l1: short ReLU runs until
-    the mean L0 on held-out rows is k), calibrated once, on the rows at hand, and kept in
-    results.jsonl."""
+    the mean L0 on held-out rows is k), calibrated once, at the default learning rate, on the rows
+    at hand, and kept in results.jsonl."""
     key = _key(settings(cfg, "l1", 0))
     if key not in done:
         print(
@@ -316,30 +344,37 @@ def synthsaebench(cfg: SynthSAEBenchConfig) -> Path:
     cfg.folder.mkdir(parents=True, exist_ok=True)
     done = {_key(r): r for r in read_results(cfg.folder / "results.jsonl")}
     model = None
+    runs = [(m, f) for m in cfg.method_list for f in lr_factors(cfg.lr_sweep)]
     for seed in range(cfg.seeds):
-        todo = [m for m in cfg.method_list if _key(settings(cfg, m, seed)) not in done]
+        todo = [(m, f) for m, f in runs if _key(settings(cfg, m, seed, f)) not in done]
         if not todo:
             continue
         if model is None:  # built once, and only when a run is left to do
             model = synthetic_model(cfg)
         rows = sample_rows(model, cfg.steps * cfg.batch_size, cfg.batch_size, seed)
-        for method in todo:
+        for method, factor in todo:
             l1 = relu_l1(cfg, model, rows, done) if method == "relu" else 0.0
-            print(f"bench synthsaebench: {method} seed={seed}", flush=True)
-            append(cfg, run_one(cfg, model, rows, method, seed, l1), done)
-    wanted = {_key(settings(cfg, m, s)) for m in cfg.method_list for s in range(cfg.seeds)}
+            print(f"bench synthsaebench: {method} seed={seed} lr x{factor:g}", flush=True)
+            append(cfg, run_one(cfg, model, rows, method, seed, l1, factor), done)
+    wanted = {_key(settings(cfg, m, s, f)) for m, f in runs for s in range(cfg.seeds)}
     records = [r for key, r in done.items() if key in wanted]
     (cfg.folder / "table.md").write_text(table(cfg, records))
     return cfg.folder / "table.md"
 
 
-def settings(cfg: SynthSAEBenchConfig, method: str, seed: int) -> dict:
-    """What names a run in results.jsonl: the method, the seed and the settings that change it."""
-    return {"method": method, "seed": seed} | {name: getattr(cfg, name) for name in SETTINGS}
+def settings(cfg: SynthSAEBenchConfig, method: str, seed: int, factor: float = 1.0) -> dict:
+    """What names a run in results.jsonl: the method, the seed, its factor of its default
+    learning rate and the settings that change it."""
+    named = {"method": method, "seed": seed, "lr_factor": factor}
+    return named | {name: getattr(cfg, name) for name in SETTINGS}
 
 
 def _key(record: dict) -> tuple:
-    return tuple(record[name] for name in ("method", "seed", *SETTINGS))
+    return (_factor(record), *(record[name] for name in ("method", "seed", *SETTINGS)))
+
+
+def _factor(record: dict) -> float:
+    return record.get("lr_factor", 1.0)  # records from before the sweep: the default
 
 
 def append(cfg: SynthSAEBenchConfig, record: dict, done: dict) -> None:
@@ -375,16 +410,25 @@ def table(cfg: SynthSAEBenchConfig, records: list[dict]) -> str:
         f"{cfg.eval_samples} held-out samples; mean ± std over seeds; FVU = 1 - explained "
         "variance. Mutual and Feature Choice encode one sample at a time (JumpReLU at per-feature "
         "thresholds); saelens_batchtopk is scored as SAELens's runner scores it (BatchTopK over "
-        f"batches of {cfg.batch_size}).",
+        f"batches of {cfg.batch_size}). Learning rates: each library's default x "
+        f"{', '.join(map(str, lr_factors(cfg.lr_sweep)))}; a method's best has the best mean MCC.",
         "",
-        "| method | seeds | " + " | ".join(COLUMNS) + " |",
-        "|---|---|" + "---|" * len(COLUMNS),
+        "| method | lr | seeds | " + " | ".join(COLUMNS) + " |",
+        "|---|---|---|" + "---|" * len(COLUMNS),
     ]
     for method in cfg.method_list:
-        group = [r for r in records if r["method"] == method]
-        if group:
+        by_lr = {  # factor -> the method's records at it
+            f: [r for r in records if r["method"] == method and _factor(r) == f]
+            for f in lr_factors(cfg.lr_sweep)
+        }
+        by_lr = {f: group for f, group in by_lr.items() if group}
+        mcc = {f: -np.mean([COLUMNS["MCC"](r) for r in group]) for f, group in by_lr.items()}
+        for label, factor in default_and_best(mcc) if by_lr else []:
+            group = by_lr[factor]
             cells = [_cell(title, [value(r) for r in group]) for title, value in COLUMNS.items()]
-            lines.append(f"| {method} | {len(group)} | " + " | ".join(cells) + " |")
+            name = method if label == "default" else f"{method}, best lr"
+            lr = lr_cell(factor * default_lr(cfg, method), factor)
+            lines.append(f"| {name} | {lr} | {len(group)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
