@@ -12,7 +12,6 @@ from choicesae.core.preprocess import denormalize, normalize
 from choicesae.core.sae import SAE
 from choicesae.errors import ConfigError, DataError
 from choicesae.interop.common import BUFFER_NAMES as BUFFERS
-from choicesae.interop.common import WEIGHT_NAMES as WEIGHTS
 from choicesae.interop.saelens import from_saelens, to_saelens
 from choicesae.interop.sparsify import from_sparsify, to_sparsify
 
@@ -60,7 +59,7 @@ def ours(sae: SAE, x: torch.Tensor, threshold=None, sparsifier=None, batch=False
         acts = sae.sparsify(sparsifier, sae.pre_acts(x_n), sae.cfg.k).acts
     else:
         acts = sae.encode(x_n, threshold=threshold, batch=batch).acts
-    return acts, denormalize(sae.decode(acts), sae.output_stats(x))
+    return acts, denormalize(sae.decode(acts, x_n), sae.output_stats(x))
 
 
 def assert_same_model(a: SAE, b: SAE, exact_weights=True):
@@ -69,7 +68,7 @@ def assert_same_model(a: SAE, b: SAE, exact_weights=True):
         torch.testing.assert_close(
             getattr(a, name), getattr(b, name), rtol=0, atol=0, equal_nan=True
         )
-    for name in WEIGHTS:
+    for name, _ in a.named_parameters():  # a skip transcoder's W_skip among them
         if exact_weights:
             assert torch.equal(getattr(a, name), getattr(b, name)), name
         else:  # factors folded in and out again: within float32 rounding

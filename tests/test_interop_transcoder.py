@@ -58,6 +58,8 @@ def make_transcoder(sparsifier="topk", normalize="token", d_out=8, seed=0, **kw)
     sae.zipf.copy_(torch.tensor([1.1, 5.3]))
     sae.feature_rank.copy_(torch.randperm(64) + 1)
     sae.density.copy_(torch.rand(64))
+    if sae.W_skip is not None:
+        sae.W_skip.copy_(0.2 * torch.randn_like(sae.W_skip))
     set_thresholds_(sae, inputs(seed + 1))
     return sae
 
@@ -73,9 +75,8 @@ def saelens_outputs(path, x):
     sae_lens = pytest.importorskip("sae_lens", reason="the interop extra installs sae-lens")
     theirs = sae_lens.SAE.load_from_disk(path)
     assert isinstance(theirs, sae_lens.Transcoder)
-    with torch.no_grad():
-        acts = theirs.encode(x)
-        return acts, theirs.decode(acts)
+    with torch.no_grad():  # forward: decode, and a skip transcoder's x W_skipᵀ
+        return theirs.encode(x), theirs(x)
 
 
 def sparsify_outputs(path, x):
@@ -84,7 +85,7 @@ def sparsify_outputs(path, x):
     assert theirs.cfg.transcode
     with torch.no_grad():
         top_acts, top_indices, _ = theirs.encode(x)
-        y = theirs.decode(top_acts, top_indices)
+        y = theirs(x).sae_out  # decode, and a skip transcoder's x W_skipᵀ
     acts = torch.zeros(len(x), theirs.num_latents).scatter(-1, top_indices, top_acts)
     return acts, y
 
@@ -247,12 +248,37 @@ def test_saelens_native_transcoder_imports(tmp_path, architecture, normalization
     assert_agree(*ours(sae, x), their_acts, their_y)  # the default codes: the file's own
 
 
-def test_saelens_skip_transcoders_are_refused(tmp_path):
+@pytest.mark.parametrize("sparsifier", ["relu", "mutual_choice"])
+@pytest.mark.parametrize("normalize", ["dataset", "none"])
+def test_skip_transcoders_round_trip_and_run_in_saelens(tmp_path, sparsifier, normalize):
+    sae = make_transcoder(sparsifier, normalize, skip=True)
+    x = inputs()
+    path = to_saelens(sae, tmp_path / "t")
+    assert json.loads((path / "cfg.json").read_text())["architecture"] == (
+        "skip_transcoder" if sparsifier == "relu" else "jumprelu_skip_transcoder"
+    )
+    back = from_saelens(path)
+    assert_same_model(sae, back, exact_weights=normalize == "none")
+    assert_same_outputs(sae, back, x)
+    assert_agree(*ours(sae, x), *saelens_outputs(path, x))
+
+
+@pytest.mark.parametrize("architecture", ["skip_transcoder", "jumprelu_skip_transcoder"])
+def test_saelens_native_skip_transcoder_imports(tmp_path, architecture):
     sae_lens = pytest.importorskip("sae_lens", reason="the interop extra installs sae-lens")
-    cfg = sae_lens.SkipTranscoderConfig(d_in=16, d_sae=64, d_out=8, apply_b_dec_to_input=False)
-    sae_lens.SkipTranscoder(cfg).save_model(tmp_path / "skip")
-    with pytest.raises(ConfigError, match="'skip_transcoder'"):
-        from_saelens(tmp_path / "skip")
+    torch.manual_seed(5)
+    cls, cfg_cls = sae_lens.registry.get_sae_class(architecture)
+    theirs = cls(cfg_cls(d_in=16, d_sae=64, d_out=8, apply_b_dec_to_input=False))
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.copy_(0.3 * torch.randn_like(p))
+        if architecture == "jumprelu_skip_transcoder":
+            theirs.threshold.copy_(torch.rand(64) * 0.3)
+    theirs.save_model(tmp_path / "native")
+    sae = from_saelens(tmp_path / "native")
+    assert sae.cfg.skip and sae.W_skip.shape == (16, 8)
+    x = inputs()
+    assert_agree(*ours(sae, x), *saelens_outputs(tmp_path / "native", x))
 
 
 # ---------------------------------------------------------------- the real sparsify
@@ -294,11 +320,34 @@ def test_sparsify_native_transcoder_imports(tmp_path):
     assert_agree(*ours(sae, x), *sparsify_outputs(tmp_path / "native", x))
 
 
-def test_sparsify_skip_connections_are_refused(tmp_path):
+@pytest.mark.parametrize("normalize", ["dataset", "none"])
+def test_skip_transcoders_round_trip_and_run_in_sparsify(tmp_path, normalize):
+    sae = make_transcoder("topk", normalize, d_out=16, skip=True)
+    x = inputs()
+    path = to_sparsify(sae, tmp_path / "t")
+    assert json.loads((path / "cfg.json").read_text())["skip_connection"]
+    back = from_sparsify(path)
+    assert_same_model(sae, back, exact_weights=normalize == "none")
+    assert_same_outputs(sae, back, x)
+    assert_agree(*ours(sae, x), *sparsify_outputs(path, x))
+
+
+def test_sparsify_native_skip_transcoder_imports_and_skip_autoencoders_are_refused(tmp_path):
     sparsify = pytest.importorskip("sparsify", reason="the interop extra installs eai-sparsify")
+    torch.manual_seed(6)
     cfg = sparsify.TranscoderConfig(num_latents=64, k=6, skip_connection=True)
+    theirs = sparsify.SparseCoder(16, cfg)
+    with torch.no_grad():
+        theirs.W_dec.copy_(0.3 * torch.randn(64, 16))
+        theirs.W_skip.copy_(0.3 * torch.randn(16, 16))
+    theirs.save_to_disk(tmp_path / "native")
+    sae = from_sparsify(tmp_path / "native")
+    assert sae.cfg.skip
+    x = inputs()
+    assert_agree(*ours(sae, x), *sparsify_outputs(tmp_path / "native", x))
+    cfg = sparsify.SparseCoderConfig(num_latents=64, k=6, skip_connection=True)
     sparsify.SparseCoder(16, cfg).save_to_disk(tmp_path / "skip")
-    with pytest.raises(ConfigError, match="skip connection"):
+    with pytest.raises(ConfigError, match="cannot import a sparsify autoencoder with skip"):
         from_sparsify(tmp_path / "skip")
 
 

@@ -1,6 +1,8 @@
 """Transcoders: an SAE that reads one hookpoint and predicts another (core/sae.py, the
 objective's target, training on (input, target) pairs)."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -75,28 +77,32 @@ def reference_loss(sae: SAE, x, y, cfg: TrainConfig, sparsifier: str) -> torch.T
     the sparsifier's reference selection, ŷ = z W_dec + b_dec against the target y; with
     Matryoshka prefixes, each prefix's latents predict y on their own too."""
     z = x @ sae.W_enc + sae.b_enc
+    skip = 0.0 if sae.W_skip is None else x @ sae.W_skip  # a skip transcoder's linear path
     rule = SPARSIFIERS[sparsifier]
     m = sae.capacities(len(x), sae.cfg.k) if rule.capacities else None
     acts = rule.reference(z, sae.cfg.k, m).acts
     loss = 0.0
     for size, weight in [*cfg.prefixes, (sae.cfg.num_latents, 1.0)]:
-        y_hat = acts[:, :size] @ sae.W_dec[:size] + sae.b_dec
+        y_hat = acts[:, :size] @ sae.W_dec[:size] + sae.b_dec + skip
         loss = loss + weight * ((y - y_hat) ** 2).sum(-1).mean()
     return loss + (cfg.l1_coeff * l1(acts, sae.W_dec) if rule.l1 else 0.0)
 
 
+@pytest.mark.parametrize("skip", [False, True], ids=["", "skip"])
 @pytest.mark.parametrize("matryoshka", ["", "16,64"], ids=["plain", "matryoshka"])
 @pytest.mark.parametrize("ops", [Dense(), Sparse()], ids=["dense", "sparse"])
 @pytest.mark.parametrize("sparsifier", SPARSIFIER_NAMES)
-def test_the_loss_and_gradients_equal_a_reference(sparsifier, ops, matryoshka):
+def test_the_loss_and_gradients_equal_a_reference(sparsifier, ops, matryoshka, skip):
     sae_cfg = SAEConfig(sparsifier=sparsifier, k=4, num_latents=128, capacities="uniform")
-    sae_cfg = sae_cfg.resolve(D_IN, D_OUT)
+    sae_cfg = dataclasses.replace(sae_cfg, skip=skip).resolve(D_IN, D_OUT)
     cfg = TrainConfig(sae=sae_cfg, transcoder=True, matryoshka=matryoshka)
     torch.manual_seed(0)
     sae = SAE(sae_cfg)
     with torch.no_grad():
         sae.b_enc.normal_(std=0.3).sub_(2.0 if sparsifier == "relu" else 0.0)  # sparse relu
         sae.b_dec.normal_(std=0.1)
+        if skip:
+            sae.W_skip.normal_(std=0.1)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(64, D_IN, generator=g), torch.randn(64, D_OUT, generator=g)
     none = torch.zeros(sae_cfg.num_latents, dtype=torch.bool)
@@ -153,3 +159,36 @@ def test_initial_affinities_are_centred_on_the_input_mean():
         z = sae.pre_acts(x_n)
     torch.testing.assert_close(z.mean(0), torch.zeros(64), atol=1e-5, rtol=0)
     torch.testing.assert_close(sae.b_dec, y_n.mean(0))
+
+
+def test_a_skip_transcoder_learns_the_linear_part_that_latents_cannot(tmp_path):
+    """A target with a dense linear part, y = codes D_y + x A: k = 3 latents cannot carry x A,
+    a skip path can (sparsify's and SAELens's skip transcoders); it starts at zero, saves
+    and loads back, and the weight decay reaches it as the other weight matrices."""
+    x, y, _ = known_map(8192, seed=1)
+    A = torch.randn(D_IN, D_OUT, generator=torch.Generator().manual_seed(5)) / D_IN**0.5
+    y = y + x @ A
+    x_test, y_test, _ = known_map(2048, seed=2)
+    y_test = y_test + x_test @ A
+
+    def fvu(skip: bool) -> tuple[float, SAE]:
+        cfg = TrainConfig(
+            sae=SAEConfig(k=3, num_latents=64, skip=skip), transcoder=True, steps=600,
+            batch_size=256, out=str(tmp_path / str(skip)), progress=False,
+        )  # fmt: skip
+        sae = train(cfg, (x, y))
+        err = (sae.reconstruct(x_test) - y_test).pow(2).sum()
+        return float(err / (y_test - y_test.mean(0)).pow(2).sum()), sae
+
+    (plain, _), (skipped, sae) = fvu(False), fvu(True)
+    assert skipped < 0.5 * plain, (skipped, plain)
+    assert SAE(sae.cfg).W_skip.abs().sum() == 0 and sae.W_skip.abs().sum() > 0
+    loaded = SAE.from_pretrained(tmp_path / "True" / "sae")
+    torch.testing.assert_close(loaded.reconstruct(x_test), sae.reconstruct(x_test))
+    with pytest.raises(ConfigError, match="pass x to decode"):
+        sae.decode(torch.zeros(1, 64))
+
+
+def test_skip_is_refused_for_an_autoencoder():
+    with pytest.raises(ConfigError, match="skip adds a linear path.*--transcoder"):
+        SAEConfig(skip=True).resolve(D_IN)

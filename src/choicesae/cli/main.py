@@ -20,11 +20,13 @@ from choicesae.evaluation.report import CompareConfig, compare
 from choicesae.evaluation.verify import VerifyConfig, verify
 from choicesae.interop.convert import ExportConfig, ImportConfig, export, import_
 from choicesae.parallel import comm
-from choicesae.training.loop import train
+from choicesae.training.many import train_many
 
 
 def _train(cfg: TrainConfig) -> None:
-    train(cfg)
+    if len(train_many(cfg)) > 1:
+        print(f"saved one model per hookpoint in {cfg.out}/HOOKPOINT (sae/, metrics.jsonl)")
+        return
     world = comm.init_from_env(cfg.device)  # the group train() joined under torchrun
     if world.size > 1:
         torch.distributed.destroy_process_group()  # before exit, or gloo may abort
@@ -89,7 +91,7 @@ def _import(cfg: ImportConfig) -> None:
 
 
 COMMANDS = {
-    "train": (TrainConfig, _train, "Train an SAE on an activation file."),
+    "train": (TrainConfig, _train, "Train an SAE or transcoder (or one per hookpoint)."),
     "synthetic": (SyntheticConfig, _synthetic, "Write a synthetic sparse-dictionary dataset."),
     "harvest": (HarvestConfig, _harvest, "Harvest a model's activations over text to a store."),
     "hookpoints": (HookpointsConfig, _hookpoints, "List the module paths a harvest can hook."),

@@ -84,6 +84,9 @@ class SAEConfig:
     target: str = ""
     """A transcoder's target hookpoint, whose output it predicts (SAELens's hook_name_out);
     filled in from the store."""
+    skip: bool = False
+    """A skip transcoder: a linear path x W_skip [d_in, d_out] added to the prediction beside
+    the sparse code (SAELens's skip_transcoder, sparsify's skip_connection); transcoders only."""
 
     def __post_init__(self):
         if self.sparsifier not in CHOICES:
@@ -130,6 +133,11 @@ class SAEConfig:
                 raise ConfigError(
                     f"{name}={getattr(self, name)} does not match the activations' width {width}"
                 )
+        if self.skip and not d_out:
+            raise ConfigError(
+                "skip adds a linear path from a transcoder's input to its target: train a "
+                "transcoder (--transcoder, a store harvested with --target) or drop --skip"
+            )
         auto = "dataset" if d_out else "token"
         normalize = auto if self.normalize == "auto" else self.normalize
         return dataclasses.replace(

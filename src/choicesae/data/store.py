@@ -1,9 +1,17 @@
 """The activation store: sharded, memory-mapped arrays on disk with a manifest.
 
-    STORE/manifest.json            model, hookpoint, d_model, target, d_target, dtype, context,
-                                   tokens, shards
+    STORE/manifest.json            model, hookpoint, d_model, target, d_target, columns, dtype,
+                                   context, tokens, shards
     STORE/shard-00000/acts.npy     [rows, d_model + d_target] activations: the hookpoint's, then
                                    (transcoder harvests) the target's; bfloat16 as uint16 bits
+
+A harvest of several hookpoints from one model pass (`harvest --hookpoint a,b` or a pattern,
+`layers.*.mlp`) is one store whose rows hold them side by side, the hookpoints' columns then the
+targets' (the i-th target pairs with the i-th hookpoint), named in the manifest's `columns`
+([[module path, width], ...]) and comma-joined in hookpoint and target. One store rather than one
+per hookpoint: a token's activations at every layer stay on one row, so several models train from
+one read of it (training/many.py) and a cross-layer model reads every layer of the same token.
+`Store.select(hookpoint)` is one (hookpoint, target) pair of it, a store like a single harvest's.
     STORE/shard-00000/tokens.npy   [rows] int32 token id of each row, rows in context order
 
 A shard is written under a temporary name, renamed when complete, and only then listed in the
@@ -12,6 +20,7 @@ interrupted harvest resumes after the last listed one. Each shard carries a SHA-
 verified when a reader first opens it.
 """
 
+import copy
 import errno
 import hashlib
 import itertools
@@ -30,8 +39,9 @@ from choicesae.errors import ConfigError, DataError
 FORMAT = 1
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _NUMPY = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}  # bf16 as bits
-LATER_FIELDS = {"target": "", "d_target": 0}
-"""Manifest fields added after the first stores, with what their absence means: no target."""
+LATER_FIELDS = {"target": "", "d_target": 0, "columns": None}
+"""Manifest fields added after the first stores, with what their absence means: no target, and
+one hookpoint (and target) as the columns."""
 BLOCK_ROWS = 4096  # contiguous rows read at once: long sequential reads, shuffled afterwards
 
 
@@ -70,6 +80,7 @@ def _well_formed(manifest: dict) -> bool:
     """The fields a reader relies on have the right types."""
     shards = manifest.get("shards")
     d_model, d_target = manifest.get("d_model"), manifest.get("d_target")
+    groups = manifest.get("columns")
     return (
         manifest.get("dtype") in DTYPES
         and isinstance(d_model, int)
@@ -85,6 +96,12 @@ def _well_formed(manifest: dict) -> bool:
             and s["rows"] >= 0
             and isinstance(s.get("sha256"), str)
             for s in shards
+        )
+        and (
+            groups is None  # each group [path, width], the widths adding up to a row's
+            or isinstance(groups, list)
+            and all(isinstance(g, list) and len(g) == 2 and isinstance(g[1], int) for g in groups)
+            and sum(g[1] for g in groups) == d_model + d_target
         )
     )
 
@@ -196,9 +213,37 @@ def _check_same_harvest(path: Path, manifest: dict, meta: dict) -> None:
             )
 
 
+def names(field: str) -> list[str]:
+    """The module paths of a manifest's comma-joined hookpoint or target field."""
+    return field.split(",") if field else []
+
+
+def columns(manifest: dict) -> list[tuple[str, int]]:
+    """[(module path, width)] of a row's column groups, in row order: the hookpoints', then the
+    targets'."""
+    if manifest["columns"] is not None:
+        return [(name, width) for name, width in manifest["columns"]]
+    pairs = [(manifest["hookpoint"], manifest["d_model"])]
+    return pairs + ([(manifest["target"], manifest["d_target"])] if manifest["d_target"] else [])
+
+
+def open_store(path: str | Path, hookpoint: str = "") -> "Store":
+    """The store at `path`; of a several-hookpoint harvest, the one `hookpoint` names."""
+    store = Store(path)
+    if len(store.hookpoints) == 1:
+        return store
+    if not hookpoint:
+        raise ConfigError(
+            f"the store {path} holds {len(store.hookpoints)} hookpoints "
+            f"({', '.join(store.hookpoints)}): name one with --hookpoint"
+        )
+    return store.select(hookpoint)
+
+
 class Store:
     """A store opened for reading: complete shards only, memory-mapped, each checked against
-    its checksum when first opened. Rows are numbered across shards in harvest order."""
+    its checksum when first opened. Rows are numbered across shards in harvest order. A store
+    of several hookpoints reads whole rows; `select` gives one hookpoint's (and target's)."""
 
     ndim = 2
 
@@ -210,6 +255,40 @@ class Store:
         self.dtype = self.manifest["dtype"]
         self.offsets = np.cumsum([0] + [s["rows"] for s in self.manifest["shards"]])
         self._open: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.width = self.d_model + self.d_target  # of a row on disk
+        self.index: np.ndarray | None = None  # the columns read (select), None: all
+
+    @property
+    def hookpoints(self) -> list[str]:
+        """The module paths harvested as inputs, in column order."""
+        return names(self.manifest["hookpoint"])
+
+    def select(self, hookpoint: str) -> "Store":
+        """The store of one hookpoint of a several-hookpoint harvest, and of its target (the one
+        harvested beside it, if any): rows [hookpoint | target], its manifest naming them."""
+        hooks, targets = self.hookpoints, names(self.manifest["target"])
+        if hookpoint not in hooks:
+            raise ConfigError(
+                f"the store {self.path} holds no hookpoint {hookpoint!r}; it holds "
+                f"{', '.join(hooks)}"
+            )
+        i = hooks.index(hookpoint)
+        wanted = [hookpoint] + ([targets[i]] if targets else [])
+        spans, start = {}, 0
+        for name, width in columns(self.manifest):
+            spans[name] = (start, width)
+            start += width
+        view = copy.copy(self)  # the shards' memory maps are shared
+        view.index = np.concatenate([np.arange(a, a + w) for a, w in map(spans.get, wanted)])
+        widths = [spans[name][1] for name in wanted]
+        view.manifest = self.manifest | {
+            "hookpoint": hookpoint,
+            "target": wanted[1] if targets else "",
+            "d_model": widths[0],
+            "d_target": sum(widths[1:]),
+            "columns": [[name, w] for name, w in zip(wanted, widths, strict=True)],
+        }
+        return view
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -256,7 +335,7 @@ class Store:
             tokens = np.load(folder / "tokens.npy", mmap_mode="r")
         except Exception as e:  # numpy raises ValueError, SyntaxError, TokenError, ...
             raise DataError(f"{entry['name']} of the store {self.path} is unreadable: {e}") from e
-        expected = (entry["rows"], self.shape[1])
+        expected = (entry["rows"], self.width)
         if acts.shape != expected or tokens.shape != expected[:1]:
             raise DataError(
                 f"{entry['name']} of {self.path} has shape {acts.shape}, not {expected}"
@@ -275,8 +354,12 @@ class Store:
         for i in np.unique(shard_of):
             where = np.nonzero(shard_of == i)[0]
             acts = self.shard(int(i))[0]
-            out[where] = to_tensor(acts[rows[where] - self.offsets[i]], self.dtype)
+            out[where] = to_tensor(self._columns(acts[rows[where] - self.offsets[i]]), self.dtype)
         return out
+
+    def _columns(self, acts: np.ndarray) -> np.ndarray:
+        """The selected columns of rows [n, width] read from a shard."""
+        return acts if self.index is None else acts[:, self.index]
 
     def tokens(self) -> np.ndarray:
         """[rows] token id of every row, in row order."""
@@ -293,19 +376,27 @@ class Store:
         for epoch in itertools.count():
             for j in np.random.default_rng([seed, epoch]).permutation(len(spans)):
                 i, start = spans[j]
-                block = torch.from_numpy(np.array(self.shard(i)[0][start : start + BLOCK_ROWS]))
+                block = self.shard(i)[0][start : start + BLOCK_ROWS]
+                block = torch.from_numpy(np.array(self._columns(block)))
                 yield block.view(torch.bfloat16) if self.dtype == "bfloat16" else block
 
     def batches(
         self, batch_size: int, seed: int, device: str = "cpu", start: int = 0
     ) -> Iterator[Tensor]:
         """Endless shuffled float32 batches [batch_size, d_model + d_target] (see `shuffled`)."""
+        self.check_batch_size(batch_size)
+        return (x.to(device, torch.float32) for x in self.raw_batches(batch_size, seed, start))
+
+    def raw_batches(self, batch_size: int, seed: int, start: int = 0) -> Iterator[Tensor]:
+        """The batches of `batches` in the storage dtype, on the CPU."""
+        data = shuffled(self.blocks(seed), batch_size, seed, min(SHUFFLE_ROWS, self.shape[0]))
+        return itertools.islice(data, start, None)
+
+    def check_batch_size(self, batch_size: int) -> None:
         if batch_size > self.shape[0]:
             raise DataError(
                 f"batch_size {batch_size} exceeds the {self.shape[0]} rows of {self.path}"
             )
-        data = shuffled(self.blocks(seed), batch_size, seed, min(SHUFFLE_ROWS, self.shape[0]))
-        return (x.to(device, torch.float32) for x in itertools.islice(data, start, None))
 
 
 SHUFFLE_ROWS = 1 << 18  # rows in the shuffle buffer: 256k rows (192 MiB of 384-wide fp16)

@@ -29,7 +29,7 @@ from choicesae.core.sparsifiers import SPARSIFIERS, jumprelu, topk
 from choicesae.core.thresholds import estimate_thresholds_
 from choicesae.data.activations import Rows, check_targets, load_activations, paired
 from choicesae.data.hooks import capture_all, find_module
-from choicesae.data.store import Store
+from choicesae.data.store import Store, open_store
 from choicesae.errors import ConfigError, DataError
 from choicesae.evaluation import metrics, splice
 from choicesae.step.ops import batch_codes
@@ -156,15 +156,16 @@ def calibrate_thresholds_(
     return estimate_thresholds_(sae, list(x_n.split(batch_size)), codes)
 
 
-def calibration_source(cfg: EvalConfig, train_cfg: dict) -> Rows:
-    """The calibration data named by --calibrate, else the run's training data."""
+def calibration_source(cfg: EvalConfig, train_cfg: dict, hookpoint: str) -> Rows:
+    """The calibration data named by --calibrate, else the run's training data (of a store of
+    several hookpoints, the SAE's `hookpoint`)."""
     source = cfg.calibrate or train_cfg.get("store") or train_cfg.get("activations")
     if not source or not Path(source).exists():
         raise DataError(
             f"the run's training data {source!r} is not here to calibrate the "
             "thresholds on; pass --calibrate STORE_OR_FILE (from Python: calibrate=rows)"
         )
-    return Store(source) if Path(source).is_dir() else load_activations(source)
+    return open_store(source, hookpoint) if Path(source).is_dir() else load_activations(source)
 
 
 def first_tokens(manifest: dict, n: int) -> Tensor:
@@ -278,9 +279,8 @@ def splice_metrics(sae: SAE, store: Store, y_mean: Tensor, contexts: int, batch_
     # an SAE replaces the hookpoint's own output; a transcoder its target's, read from the
     # hookpoint's output earlier in the same forward pass
     module, source = (hookpoint, None) if target is None else (target, hookpoint)
-    measured = splice.downstream_losses(
-        model, kind, module, ids, where, replacements, per_batch, source
-    )
+    variants = splice.at(module, replacements, source)
+    measured = splice.downstream_losses(model, kind, ids, where, variants, per_batch)
     return splice.downstream_metrics(kind, len(ids), measured)
 
 
@@ -325,7 +325,7 @@ def evaluate(
     B = cfg.batch_size or train_cfg.get("batch_size", 0)
     if not B:
         raise ConfigError("an SAE without its run needs EvalConfig(batch_size=its training's)")
-    rows = Store(cfg.store) if activations is None else as_rows(activations)
+    rows = open_store(cfg.store, sae.cfg.hookpoint) if activations is None else as_rows(activations)
     what = f"store {cfg.store}" if activations is None else "held-out activations"
     check_rows(rows, sae, what)
     fitted = thresholds_to_use(sae, cfg, train_cfg, calibrate, B)
@@ -358,7 +358,11 @@ def thresholds_to_use(
         saved = {"threshold_global": float(sae.threshold_global)}
         saved["threshold_feature_mean"] = float(sae.threshold.mean())
         return {"estimated_by": "saved"} | saved  # by training, or in the SAE's file
-    source = calibration_source(cfg, train_cfg) if calibrate is None else as_rows(calibrate)
+    source = (
+        calibration_source(cfg, train_cfg, sae.cfg.hookpoint)
+        if calibrate is None
+        else as_rows(calibrate)
+    )
     fitted = calibrate_thresholds_(sae, source, batch_size, cfg.calibration_tokens, cfg.seed)
     return {"estimated_by": "eval"} | fitted
 

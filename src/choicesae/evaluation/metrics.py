@@ -62,7 +62,7 @@ def sae_pass(sae: SAE, rows: Tensor, batch_size: int, select: Select) -> Pass:
     for start in range(0, len(x), batch_size):
         b = slice(start, start + batch_size)
         acts = select(sae.pre_acts(x_n[b]))  # [B, F]
-        y_hat = sae.decode(acts)  # [B, d_target]
+        y_hat = sae.decode(acts, x_n[b])  # [B, d_target]
         sse += float((y_hat - y_n[b]).double().pow(2).sum())
         y_hat_raw = denormalize(y_hat, _slice(stats, b))
         sse_raw += float((y_hat_raw - y[b]).double().pow(2).sum())

@@ -31,6 +31,14 @@ from choicesae.data.text import special_tokens
 from choicesae.errors import ConfigError, DataError
 
 Replace = Callable[[Tensor], Tensor]  # source rows [n, d_in] -> replacement rows [n, d_out]
+Splice = tuple[nn.Module, nn.Module | None, Replace]  # (module replaced, its source, replace)
+
+
+def at(
+    module: nn.Module, replacements: dict[str, Replace], source: nn.Module | None = None
+) -> dict[str, list[Splice]]:
+    """Variants that each replace one module's output (see `spliced_into`)."""
+    return {name: [(module, source, replace)] for name, replace in replacements.items()}
 
 
 @functools.lru_cache(maxsize=1)
@@ -142,25 +150,26 @@ def context_losses(kind: str, out: Tensor, clean: Tensor, ids: Tensor) -> dict[s
 def downstream_losses(
     model: nn.Module,
     kind: str,
-    module: nn.Module,
     ids: Tensor,
     spliced: Tensor,
-    replacements: dict[str, Replace],
+    variants: dict[str, list[Splice]],
     contexts_per_batch: int,
-    source: nn.Module | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Mean downstream losses over the contexts ids [C, T] when `module`'s output at `spliced`
-    [C, T] is replaced by each of `replacements` (of `source`'s rows there, for a transcoder;
-    see `spliced_into`), and "clean" (untouched): {"loss": {variant: L}} and, for a causal
-    LM, {"kl": {variant: KL}} (see `context_losses`)."""
+    """Mean downstream losses over the contexts ids [C, T] when, in each variant, every one of
+    its modules has its output at `spliced` [C, T] replaced (of its source's rows there, for a
+    transcoder; see `spliced_into`: one module, `at`, or a transcoder per layer, all in the
+    same forward pass), and "clean" (untouched): {"loss": {variant: L}} and, for a causal LM,
+    {"kl": {variant: KL}} (see `context_losses`)."""
     if kind not in ("causal", "encoder"):
         raise ConfigError(f"kind must be causal or encoder, not {kind!r}")
     parts: dict[str, dict[str, list[Tensor]]] = {}
     for batch in torch.arange(len(ids)).split(contexts_per_batch):
         clean = model_output(model, kind, ids[batch])
         outputs = {"clean": clean}
-        for name, replace in replacements.items():
-            with spliced_into(module, spliced[batch], replace, source):
+        for name, splices in variants.items():
+            with contextlib.ExitStack() as stack:
+                for module, source, replace in splices:
+                    stack.enter_context(spliced_into(module, spliced[batch], replace, source))
                 outputs[name] = model_output(model, kind, ids[batch])
         for name, out in outputs.items():
             for measure, v in context_losses(kind, out, clean, ids[batch]).items():

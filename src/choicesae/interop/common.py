@@ -48,6 +48,7 @@ SAELENS_WEIGHTS, SPARSIFY_WEIGHTS = "sae_weights.safetensors", "sae.safetensors"
 
 
 WEIGHT_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
+SKIP = "W_skip"  # a skip transcoder's linear path, [d_out, d_in] in every format
 
 
 BUFFER_NAMES = (
@@ -98,22 +99,35 @@ def input_factor(sae: SAE, fold: bool, fmt: str) -> tuple[float, str]:
 
 
 def scaled(w: dict[str, Tensor], f: Factors, dtype: torch.dtype) -> dict[str, Tensor]:
-    """Weights for inputs u = g_in·x_n: W_enc/g_in, W_dec·g_out, b_dec·g_out, so z' is
-    unchanged and the output is g_out·x̂_n. In float64, so that factors 1 give the weights bit
-    for bit. (An autoencoder's b_dec also centres the input: g_out = g_in keeps that.)"""
+    """Weights for inputs u = g_in·x_n: W_enc/g_in, W_dec·g_out, b_dec·g_out (and a skip
+    transcoder's W_skip·g_out/g_in), so z' is unchanged and the output is g_out·x̂_n. In
+    float64, so that factors 1 give the weights bit for bit. (An autoencoder's b_dec also
+    centres the input: g_out = g_in keeps that.)"""
     factor = {"W_enc": 1 / f.g_in, "b_enc": 1.0, "W_dec": f.g_out, "b_dec": f.g_out}
-    return {n: (w[n].detach().cpu().double() * factor[n]).to(dtype).contiguous() for n in factor}
+    factor[SKIP] = f.g_out / f.g_in
+    return {
+        n: (w[n].detach().cpu().double() * c).to(dtype).contiguous()
+        for n, c in factor.items()
+        if n in w
+    }
 
 
 def folded(sae: SAE, f: Factors) -> dict[str, Tensor]:
     """Our weights W_enc [d_in, F], b_enc [F], W_dec [F, d_out], b_dec [d_out] for inputs
-    g_in·x_n and outputs g_out·x̂_n."""
-    return scaled({n: getattr(sae, n) for n in WEIGHT_NAMES}, f, sae.W_enc.dtype)
+    g_in·x_n and outputs g_out·x̂_n; a skip transcoder's W_skip as every format stores it,
+    [d_out, d_in] (applied as u W_skipᵀ: SAELens, sparsify and circuit-tracer alike)."""
+    w = {n: getattr(sae, n) for n in WEIGHT_NAMES}
+    if sae.W_skip is not None:
+        w[SKIP] = sae.W_skip.T
+    return scaled(w, f, sae.W_enc.dtype)
 
 
 def unfolded(w: dict[str, Tensor], f: Factors) -> dict[str, Tensor]:
     """The inverse of `folded`: weights for our normalized inputs and outputs, float32."""
-    return scaled(w, f.inverse(), torch.float32)
+    ours = scaled(w, f.inverse(), torch.float32)
+    if SKIP in ours:
+        ours[SKIP] = ours[SKIP].T.contiguous()
+    return ours
 
 
 def provenance(sae: SAE, f: Factors, normalization: str, fold: bool) -> dict:
@@ -173,7 +187,9 @@ def read_tensors(file: Path) -> dict[str, Tensor]:
 def build(cfg: SAEConfig, w: dict[str, Tensor]) -> SAE:
     """An SAE with config `cfg` and the weights `w`, checked against the config's shapes."""
     sae = SAE(cfg)
-    for name in WEIGHT_NAMES:
+    for name in WEIGHT_NAMES + ((SKIP,) if cfg.skip else ()):
+        if name not in w:
+            raise DataError(f"the weights lack {name}")
         param = getattr(sae, name)
         if tuple(w[name].shape) != tuple(param.shape):
             raise DataError(f"{name} has shape {list(w[name].shape)}, not {list(param.shape)}")

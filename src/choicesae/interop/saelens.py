@@ -54,16 +54,21 @@ SAELENS_TRANSCODER_FORMS = {
 }
 
 
-JUMPRELU = ("jumprelu", "jumprelu_transcoder")
+# a skip transcoder (W_skip) is SAELens's skip form of the same transcoder
+SKIP_FORMS = {"transcoder": "skip_transcoder", "jumprelu_transcoder": "jumprelu_skip_transcoder"}
 
 
-TRANSCODERS = ("transcoder", "jumprelu_transcoder")  # SAELens's, without skip connection
+JUMPRELU = ("jumprelu", "jumprelu_transcoder", "jumprelu_skip_transcoder")
+
+
+TRANSCODERS = ("transcoder", "jumprelu_transcoder", *SKIP_FORMS.values())
 
 
 def saelens_form(sae: SAE, form: str) -> str:
     """The SAELens architecture to export as; `form` empty picks the default."""
     c = sae.cfg
     forms = (SAELENS_TRANSCODER_FORMS if c.transcoder else SAELENS_FORMS)[c.sparsifier]
+    forms = tuple(SKIP_FORMS[f] for f in forms) if c.skip else forms
     if not form:
         return forms[0]
     if form not in forms:
@@ -77,7 +82,7 @@ def saelens_form(sae: SAE, form: str) -> str:
 def saelens_fields(sae: SAE, arch: str, threshold: str) -> tuple[dict, dict[str, Tensor]]:
     """The architecture's own cfg.json fields and extra weights."""
     F, k = sae.cfg.num_latents, sae.cfg.k
-    if arch in ("standard", "transcoder"):
+    if arch in ("standard", "transcoder", SKIP_FORMS["transcoder"]):
         return {}, {}
     if arch == "topk":
         return {"k": k, "rescale_acts_by_decoder_norm": False}, {}
@@ -146,6 +151,8 @@ FOREIGN_SPARSIFIERS = {  # SAELens architecture -> ours, each with the codes SAE
     "batchtopk": "mutual_choice",  # BatchTopK(k) in batches; its topk_threshold per token
     "transcoder": "relu",
     "jumprelu_transcoder": "jumprelu",
+    "skip_transcoder": "relu",
+    "jumprelu_skip_transcoder": "jumprelu",
 }
 
 
@@ -179,6 +186,7 @@ def saelens_config(cfg: dict, state: dict[str, Tensor]) -> tuple[SAEConfig, Fact
         hookpoint=meta.get("hook_name") or "",
         context=meta.get("context_size") or 0,
         target=(meta.get("hook_name_out") or "") if transcoder else "",
+        skip=arch in SKIP_FORMS.values(),
     )
     g_in = math.sqrt(d_in - 1) if norm == "layer_norm" else 1.0
     # SAELens denormalises an SAE's output but leaves a transcoder's raw (scale_out stays 1)

@@ -12,6 +12,7 @@ from choicesae.core.sae import SAE
 from choicesae.errors import ConfigError, DataError
 from choicesae.interop.common import (
     CFG,
+    SKIP,
     SPARSIFY_WEIGHTS,
     Factors,
     build,
@@ -31,7 +32,8 @@ def to_sparsify(sae: SAE, path: str | Path, *, fold: bool = True, as_topk: bool 
     """Write `sae` as a sparsify SparseCoder folder (cfg.json, sae.safetensors); load it with
     sparsify.SparseCoder.load_from_disk. sparsify has only TopK: ReLU runs as TopK with k = F
     (the same function), Mutual and Feature Choice only with as_topk=True, as TopK(k). A
-    transcoder becomes a `transcode` SparseCoder, whose folded output is the raw target."""
+    transcoder becomes a `transcode` SparseCoder (a skip transcoder with skip_connection), whose
+    folded output is the raw target."""
     c = sae.cfg
     if c.transcoder and c.d_out != c.d_in:  # its W_dec is [F, d_in] and b_dec [d_in]
         raise ConfigError(
@@ -58,7 +60,7 @@ def to_sparsify(sae: SAE, path: str | Path, *, fold: bool = True, as_topk: bool 
         "num_latents": c.num_latents,
         "k": k,
         "multi_topk": False,
-        "skip_connection": False,
+        "skip_connection": c.skip,
         "transcode": c.transcoder,
         "d_in": c.d_in,
         "choicesae": provenance(sae, factors, normalization, fold),
@@ -68,7 +70,7 @@ def to_sparsify(sae: SAE, path: str | Path, *, fold: bool = True, as_topk: bool 
         "encoder.bias": w["b_enc"],
         "W_dec": w["W_dec"],
         "b_dec": w["b_dec"],
-    }
+    } | ({SKIP: w[SKIP]} if c.skip else {})
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     save_file(tensors, path / SPARSIFY_WEIGHTS)
@@ -80,10 +82,12 @@ def to_sparsify(sae: SAE, path: str | Path, *, fold: bool = True, as_topk: bool 
 def sparsify_config(cfg: dict, w: dict[str, Tensor]) -> SAEConfig:
     """Our SAEConfig for a sparsify cfg.json written by someone else: TopK, or ReLU when k
     covers every latent; a transcoder (transcode, no b_dec on the input) predicts d_in wide."""
-    if cfg.get("activation", "topk") != "topk" or cfg.get("skip_connection"):
+    if cfg.get("activation", "topk") != "topk":
+        raise ConfigError("choicesae imports sparsify SAEs and transcoders with activation topk")
+    if cfg.get("skip_connection") and not cfg.get("transcode"):
         raise ConfigError(
-            "choicesae imports sparsify SAEs and transcoders with activation topk and "
-            "without skip connection"
+            "choicesae's skip path is a transcoder's: it cannot import a sparsify autoencoder "
+            "with skip_connection"
         )
     d_in, F = w["W_enc"].shape
     k = int(cfg.get("k", 32))
@@ -94,6 +98,7 @@ def sparsify_config(cfg: dict, w: dict[str, Tensor]) -> SAEConfig:
         d_in=d_in,
         d_out=w["W_dec"].shape[1] if cfg.get("transcode") else 0,
         normalize="none",
+        skip=bool(cfg.get("skip_connection")),
     )
 
 
@@ -108,6 +113,7 @@ def from_sparsify(path: str | Path) -> SAE:
         raise DataError(f"{path / SPARSIFY_WEIGHTS} lacks {', '.join(sorted(missing))}")
     w = {"W_enc": state["encoder.weight"].T, "b_enc": state["encoder.bias"]}
     w |= {"W_dec": state["W_dec"], "b_dec": state["b_dec"]}
+    w |= {SKIP: state[SKIP]} if SKIP in state else {}
     ours = cfg.get("choicesae")
     if ours:
         sae_cfg, factors = our_config(ours)

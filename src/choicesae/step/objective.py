@@ -1,7 +1,7 @@
 """The objective of one training step (paper eq. 3), assembled here and nowhere else.
 
     z' = affinities(x);  the selections: the code at budget k (and 4k, Multi-TopK), and each
-         auxiliary loss's latents;  x̂ = decode(code) + b_dec
+         auxiliary loss's latents;  x̂ = decode(code) + b_dec (+ x W_skip)
     loss = |y − x̂|²  [+ Σ_j w_j |y − x̂_{<m_j}|² (Matryoshka)]  [+ |y − x̂_4k|²/8]
            [+ λ·L1 (relu)]  [+ aux_k + aux_zipf]  [+ NFM]
 
@@ -93,12 +93,13 @@ def objective(
     codes = ops.codes(sae, x, z, sparsifier, wanted(cfg, sparsifier, k, masks))
     if codes is None:  # no sparse form for this batch: the dense reference step
         return objective(sae, x, cfg, sparsifier, masks, step, ops.reference, target)
-    x_hat = ops.decode(sae, codes["mse"]) + sae.b_dec
+    base = sae.base(x)  # b_dec (+ a skip transcoder's x W_skip)
+    x_hat = ops.decode(sae, codes["mse"]) + base
     terms = {"mse": mse(x_hat, y)}
     for m, weight in cfg.prefixes:  # Matryoshka: the code's pairs with feature index < m
-        terms[f"mse_{m}"] = weight * mse(ops.decode(sae, codes["mse"], below=m) + sae.b_dec, y)
+        terms[f"mse_{m}"] = weight * mse(ops.decode(sae, codes["mse"], below=m) + base, y)
     if cfg.multi_topk:
-        terms["mse_4k"] = mse(ops.decode(sae, codes["mse_4k"]) + sae.b_dec, y) / 8
+        terms["mse_4k"] = mse(ops.decode(sae, codes["mse_4k"]) + base, y) / 8
     if rule.l1:
         terms["l1"] = cfg.l1_coeff * ops.l1(sae, codes["mse"], x.shape[0])
     aux = aux_coeffs(cfg, sparsifier)

@@ -35,7 +35,7 @@ from choicesae.data.activations import (
     load_activations,
     paired,
 )
-from choicesae.data.store import Store
+from choicesae.data.store import open_store
 from choicesae.errors import ConfigError, Interrupted, NonFiniteError
 from choicesae.parallel import comm, features
 from choicesae.parallel.comm import SINGLE, World
@@ -79,8 +79,8 @@ def train(cfg: TrainConfig, activations: Rows | tuple[Rows, Rows] | None = None)
     if cfg.resume:  # every rank reads the checkpoint: --out must be shared by the nodes
         state = resume_(out, cfg, sae, optimizer, world)
     else:
-        sample = batches(rows, min(rows.shape[0], 16_384), cfg.seed, cfg.device)
-        sae.init_from_data_(next(sample))
+        # the stream dropped at once: a shared read (data/shared.py) frees its rows
+        sae.init_from_data_(next(batches(rows, min(rows.shape[0], 16_384), cfg.seed, cfg.device)))
         state = TrainState.fresh(cfg.sae.num_latents, cfg.device)
     stream = batches(rows, cfg.batch_size, cfg.seed, cfg.device, start=state.step)
     data = stream  # feature sharding: every rank takes the whole batch
@@ -133,7 +133,8 @@ def open_rows(cfg: TrainConfig, activations) -> tuple[Rows, int]:
     autoencoder's rows); refuses targets without --transcoder and the reverse."""
     if activations is None:
         key = cfg.activations_key
-        rows = Store(cfg.store) if cfg.store else load_activations(cfg.activations, key)
+        store = cfg.store and open_store(cfg.store, cfg.sae.hookpoint)
+        rows = store or load_activations(cfg.activations, key)
     elif isinstance(activations, tuple):
         rows = paired(*activations)
     else:
@@ -319,16 +320,17 @@ def summarize(window: dict, state: TrainState, cfg: TrainConfig) -> dict:
     return record
 
 
-OPTIMIZED = ("W_enc", "W_dec", "b_enc", "b_dec")  # the optimizer's parameters, in its order
+OPTIMIZED = ("W_enc", "W_dec", "W_skip", "b_enc", "b_dec")  # the optimizer's order, if held
+DECAYED = OPTIMIZED[:3]  # the weight matrices
 
 
 def make_optimizer(sae: SAE, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW, or schedule-free AdamW in train mode (gradients are taken at y), with weight
-    decay on the weight matrices only."""
-    decay, no_decay = ([getattr(sae, n) for n in names] for names in (OPTIMIZED[:2], OPTIMIZED[2:]))
+    decay on the weight matrices only (a skip transcoder's W_skip among them)."""
+    params = [(n, getattr(sae, n)) for n in OPTIMIZED if getattr(sae, n) is not None]
     groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": [p for n, p in params if n in DECAYED], "weight_decay": cfg.weight_decay},
+        {"params": [p for n, p in params if n not in DECAYED], "weight_decay": 0.0},
     ]
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=lr_of(cfg, 0))
@@ -348,4 +350,5 @@ def base_iterate(checkpoint: dict) -> dict[str, Tensor]:
     """Schedule-free's base sequence z of a checkpoint, by weight name: the unaveraged iterate
     whose average x the run saves (empty for plain AdamW, whose iterate is what it saves)."""
     state = checkpoint["optimizer"]["state"]
-    return {name: state[i]["z"] for i, name in enumerate(OPTIMIZED) if "z" in state.get(i, {})}
+    names = [name for name in OPTIMIZED if name in checkpoint["sae"]]  # W_skip: a skip transcoder
+    return {name: state[i]["z"] for i, name in enumerate(names) if "z" in state.get(i, {})}
