@@ -87,6 +87,16 @@ class SAEConfig:
     skip: bool = False
     """A skip transcoder: a linear path x W_skip [d_in, d_out] added to the prediction beside
     the sparse code (SAELens's skip_transcoder, sparsify's skip_connection); transcoders only."""
+    layers: int = 1
+    """Layers L of a cross-layer transcoder (CLT): its input is the L layers' MLP inputs side
+    by side [x_0 … x_{L-1}], its target their MLP outputs, its latents L blocks of
+    num_latents / L; block l reads x_l alone and writes to every output j >= l. 1: a plain SAE
+    or transcoder. Taken from the store by train --cross-layer."""
+    per_layer: bool = False
+    """A CLT's topk and mutual_choice select within each layer's block of latents, k / layers
+    per layer (per-layer TopK, per-layer Mutual Choice), instead of over every layer's latents
+    at once (the default: the budget k is shared across depth). feature_choice and relu decide
+    each latent alone: the same either way."""
 
     def __post_init__(self):
         if self.sparsifier not in CHOICES:
@@ -114,6 +124,30 @@ class SAEConfig:
             raise ConfigError(
                 f"k={self.k} must be smaller than the number of latents ({self.num_latents})"
             )
+        self.check_layers()
+
+    def check_layers(self) -> None:
+        """A CLT's widths and budget split into its layers' blocks."""
+        L = self.layers
+        if L < 1:
+            raise ConfigError(f"layers must be at least 1, got {L}")
+        if self.per_layer and (L == 1 or self.k % L):
+            raise ConfigError(
+                f"per_layer splits k={self.k} over a cross-layer transcoder's layers: it needs "
+                f"layers > 1 dividing k, got layers={L}"
+            )
+        if L > 1 and self.normalize == "token":
+            raise ConfigError(
+                "a cross-layer transcoder normalizes by dataset (or none): token normalization "
+                "would mix its layers' inputs"
+            )
+        for name in ("num_latents", "d_in", "d_out"):
+            if getattr(self, name) % L:
+                raise ConfigError(
+                    f"{name}={getattr(self, name)} must split into the {L} layers' blocks"
+                )
+        if L > 1 and self.d_in and not self.d_out:
+            raise ConfigError("a cross-layer transcoder (layers > 1) needs targets (d_out)")
 
     @property
     def transcoder(self) -> bool:
@@ -252,6 +286,10 @@ class TrainConfig:
     """Train a transcoder: read the store's --hookpoint rows and predict its --target rows
     (`choicesae harvest --target`); b_dec is then an output bias the encoder does not
     subtract, and the target is scaled by one dataset factor, as it is unknown at inference."""
+    cross_layer: bool = False
+    """With --transcoder, train one cross-layer transcoder over every hookpoint of a
+    several-hookpoint store (its rows [x_0 … x_{L-1} | y_0 … y_{L-1}]), layers taken from the
+    store, rather than one transcoder per hookpoint (docs/training.md)."""
     multi_topk: bool = False
     """Add the Multi-TopK term L(4k)/8 (Gao et al. 5.3.1) for progressive codes."""
     log_every: int = 50
@@ -397,6 +435,8 @@ class TrainConfig:
                 f"multi_topk needs 4k <= num_latents, got k={self.sae.k} and "
                 f"num_latents={self.sae.num_latents}"
             )
+        if self.cross_layer and not self.transcoder:
+            raise ConfigError("cross_layer trains a cross-layer transcoder: add --transcoder")
         self.prefixes  # noqa: B018 -- parsed and checked here, once
         check_feature_parallel(self)
 

@@ -17,7 +17,15 @@ from torch import Tensor, nn
 from choicesae.core.allocation import density_capacities, feature_capacities, warn_if_degenerate
 from choicesae.core.config import SAEConfig, from_dict
 from choicesae.core.preprocess import Stats, denormalize, estimate_dataset_scale, normalize
-from choicesae.core.sparsifiers import SPARSIFIERS, Sparse, jumprelu, sparsify, uniform_capacities
+from choicesae.core.sparsifiers import (
+    SPARSIFIERS,
+    Rule,
+    Sparse,
+    jumprelu,
+    sparsify,
+    uniform_capacities,
+    within_layers,
+)
 from choicesae.errors import ConfigError, DataError
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
@@ -43,6 +51,22 @@ def init_decoder(
         if a < b:
             W_dec[a - lo : b - lo] = chunk[a - start : b - start]
     return W_dec / W_dec.norm(dim=-1, keepdim=True)
+
+
+def layer_mask(cfg: SAEConfig, name: str, latents: slice, device=None) -> Tensor:
+    """Where weight `name` of a cross-layer transcoder (cfg.layers = L blocks) may be non-zero,
+    for its latents `latents`: W_enc [d_in, n] block-diagonal (latent block l reads x_l alone),
+    W_dec [n, d_out] block upper-triangular (block l writes to the outputs of layers j >= l),
+    W_skip [d_in, d_out] block-diagonal (x_l to y_l, a skip transcoder per layer)."""
+    L = cfg.layers
+    latent = torch.arange(latents.start, latents.stop, device=device) // (cfg.num_latents // L)
+    x = torch.arange(cfg.d_in, device=device) // (cfg.d_in // L)  # the layer of each column
+    y = torch.arange(cfg.d_out, device=device) // (cfg.d_out // L)
+    rows, cols = {"W_enc": (x, latent), "W_dec": (latent, y), "W_skip": (x, y)}[name]
+    return rows[:, None] <= cols if name == "W_dec" else rows[:, None] == cols
+
+
+MASKED = ("W_enc", "W_dec", "W_skip")  # a CLT's weights with blocks kept at zero
 
 
 class SAE(nn.Module):
@@ -71,10 +95,16 @@ class SAE(nn.Module):
         F, d = cfg.num_latents, cfg.d_target
         latents = slice(0, F) if latents is None else latents
         W_dec = init_decoder(F, d, latents, generator)
-        self.W_dec = nn.Parameter(W_dec)
+        self.latents = latents
         # tied initialisation (Gao et al.); a transcoder's encoder reads another space, so it
         # gets unit columns of its own
         W_enc = init_decoder(F, cfg.d_in, latents, generator) if cfg.transcoder else W_dec
+        if cfg.layers > 1:  # a CLT: its blocks drawn as a transcoder's, then unit-norm again
+            W_dec = W_dec * layer_mask(cfg, "W_dec", latents)
+            W_dec /= W_dec.norm(dim=-1, keepdim=True)
+            W_enc = (W_enc.T * layer_mask(cfg, "W_enc", latents)).T
+            W_enc /= W_enc.norm(dim=-1, keepdim=True)
+        self.W_dec = nn.Parameter(W_dec)
         self.W_enc = nn.Parameter(W_enc.T.clone())
         self.b_enc = nn.Parameter(torch.zeros(len(W_dec)))
         self.b_dec = nn.Parameter(torch.zeros(d))
@@ -163,9 +193,12 @@ class SAE(nn.Module):
     def default_threshold(self) -> Threshold | None:
         """The thresholds that encode a token by default: "feature" for a rule that selects
         within the batch (Mutual and Feature Choice) and for jumprelu, None for TopK and ReLU,
-        whose own rule reads one token at a time."""
-        rule = SPARSIFIERS.get(self.cfg.sparsifier)
-        return None if rule is not None and not rule.batch else "feature"
+        whose own rule reads one token at a time. A cross-layer transcoder's code at layer l
+        may read no later layer (the replacement model runs layer by layer), so TopK across
+        its layers encodes by the thresholds too; per-layer TopK by its own rule."""
+        c, rule = self.cfg, SPARSIFIERS.get(self.cfg.sparsifier)
+        across = c.layers > 1 and not c.per_layer and c.sparsifier == "topk"
+        return None if rule is not None and not rule.batch and not across else "feature"
 
     def encode(
         self,
@@ -203,7 +236,15 @@ class SAE(nn.Module):
         capacities for a batch of B tokens (the batch rule itself, as training applies it)."""
         reads_m = name in SPARSIFIERS and SPARSIFIERS[name].capacities
         m = self.capacities(z_pre.shape[0], k) if reads_m else None
+        if name in SPARSIFIERS:
+            return self.rule(name)(z_pre, k, m)
         return sparsify(name, z_pre, k=k, m=m)
+
+    def rule(self, name: str) -> Rule:
+        """The reference selection (z' [B, F], k, m) -> codes of sparsifier `name` for this
+        model: the registry's, or within each layer's block (a CLT's cfg.per_layer)."""
+        rule = SPARSIFIERS[name].reference
+        return within_layers(rule, self.cfg.layers) if self.cfg.per_layer else rule
 
     def capacities(self, batch_size: int, k: int) -> Tensor:
         """[F] Feature Choice capacities for a batch: uniform, Zipf by density rank, or in
@@ -318,6 +359,17 @@ class SAE(nn.Module):
     def unit_norm_decoder_(self) -> None:
         """Project every decoder row back onto the unit sphere (after each optimiser step)."""
         self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+
+    @torch.no_grad()
+    def mask_grad_(self) -> None:
+        """Zero a cross-layer transcoder's gradient outside its blocks (`layer_mask`), so that
+        the absent blocks stay zero: the dense products compute them, nothing may move them."""
+        if self.cfg.layers == 1:
+            return
+        for name in MASKED:
+            p = getattr(self, name)
+            if p is not None and p.grad is not None:
+                p.grad.mul_(layer_mask(self.cfg, name, self.latents, p.device))
 
     @torch.no_grad()
     def remove_parallel_grad_(self) -> None:

@@ -105,12 +105,15 @@ def uniform_capacities(k: int, batch_size: int, num_latents: int) -> Tensor:
     return torch.full((num_latents,), m, dtype=torch.long)
 
 
+Rule = Callable[[Tensor, int, Tensor | None], Sparse]  # (z' [B, F], k, m [F]) -> codes
+
+
 class Sparsifier(NamedTuple):
     """A trainable sparsifier: its reference function, the one place its rule is written (the
     sparse kernels' index form and the parallel backends' global forms are tested against
     it), and the losses it trains with."""
 
-    reference: Callable[[Tensor, int, Tensor | None], Sparse]  # (z' [B, F], k, m [F]) -> codes
+    reference: Rule  # (z' [B, F], k, m [F]) -> codes
     capacities: bool = False  # it reads Feature Choice capacities m [F] (SAE.capacities)
     aux: bool = True  # aux_k and aux_zipf may revive its dead and dying latents
     aux_zipf: bool = False  # aux_zipf is on by default (--aux-zipf-coeff left at -1)
@@ -137,6 +140,20 @@ TRAINABLE = tuple(SPARSIFIERS)
 # an SAE's choices: jumprelu (a threshold per feature, no batch) is read from a SAELens file
 # and run, never trained
 CHOICES = (*TRAINABLE, "jumprelu")
+
+
+def within_layers(rule: Rule, layers: int) -> Rule:
+    """`rule` applied to each layer's block of a cross-layer transcoder's affinities z'
+    [B, L·F] (L = `layers` blocks [B, F]) with budget k / L: per-layer TopK and Mutual Choice;
+    capacities m [L·F] are cut the same way."""
+
+    def within(z_pre: Tensor, k: int, m: Tensor | None) -> Sparse:
+        blocks = z_pre.chunk(layers, dim=1)
+        ms = [None] * layers if m is None else m.chunk(layers)
+        codes = [rule(z, k // layers, c).acts for z, c in zip(blocks, ms, strict=True)]
+        return Sparse(torch.cat(codes, 1))
+
+    return within
 
 
 def sparsify(

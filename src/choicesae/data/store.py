@@ -227,10 +227,11 @@ def columns(manifest: dict) -> list[tuple[str, int]]:
     return pairs + ([(manifest["target"], manifest["d_target"])] if manifest["d_target"] else [])
 
 
-def open_store(path: str | Path, hookpoint: str = "") -> "Store":
-    """The store at `path`; of a several-hookpoint harvest, the one `hookpoint` names."""
+def open_store(path: str | Path, hookpoint: str = "", cross_layer: bool = False) -> "Store":
+    """The store at `path`; of a several-hookpoint harvest, the one `hookpoint` names, or with
+    `cross_layer` every one of them: whole rows [x_0 … x_{L-1} | y_0 … y_{L-1}]."""
     store = Store(path)
-    if len(store.hookpoints) == 1:
+    if len(store.hookpoints) == 1 or cross_layer:
         return store
     if not hookpoint:
         raise ConfigError(

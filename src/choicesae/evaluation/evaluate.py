@@ -31,7 +31,7 @@ from choicesae.data.activations import Rows, check_targets, load_activations, pa
 from choicesae.data.hooks import capture_all, find_module
 from choicesae.data.store import Store, open_store
 from choicesae.errors import ConfigError, DataError
-from choicesae.evaluation import metrics, splice
+from choicesae.evaluation import cross_layer, metrics, splice
 from choicesae.step.ops import batch_codes
 
 
@@ -325,7 +325,12 @@ def evaluate(
     B = cfg.batch_size or train_cfg.get("batch_size", 0)
     if not B:
         raise ConfigError("an SAE without its run needs EvalConfig(batch_size=its training's)")
-    rows = open_store(cfg.store, sae.cfg.hookpoint) if activations is None else as_rows(activations)
+    cross = sae.cfg.layers > 1  # a cross-layer transcoder reads the store's whole rows
+    rows = (
+        open_store(cfg.store, sae.cfg.hookpoint, cross)
+        if activations is None
+        else as_rows(activations)
+    )
     what = f"store {cfg.store}" if activations is None else "held-out activations"
     check_rows(rows, sae, what)
     fitted = thresholds_to_use(sae, cfg, train_cfg, calibrate, B)
@@ -335,7 +340,11 @@ def evaluate(
     result = measure(sae, x, B, getattr(rows, "manifest", {}))
     result = {"run": cfg.run, "store": cfg.store if activations is None else "", **result}
     result |= {"thresholds": fitted, "training": training_curves(run)}
-    if cfg.splice_contexts and isinstance(rows, Store):
+    if cross:
+        result["layers"] = cross_layer.layer_metrics(sae, x, B)
+    if cfg.splice_contexts and isinstance(rows, Store) and cross:
+        result["splice"] = cross_layer.splice_metrics(sae, rows, cfg.splice_contexts, B)
+    elif cfg.splice_contexts and isinstance(rows, Store):
         y_mean = sae.split(x)[1].mean(0)  # mean ablation: the mean held-out target
         result["splice"] = splice_metrics(sae, rows, y_mean, cfg.splice_contexts, B)
     if cfg.out or run:

@@ -175,6 +175,30 @@ INDEX = {  # the index form of each sparsifier of sparsifiers.SPARSIFIERS: (z', 
 }
 
 
+def index_form(sae, name: str):
+    """The index form (z', k, m) -> Pairs | None of sparsifier `name` for `sae`: INDEX's, or
+    within each layer's block of a cross-layer transcoder's latents (cfg.per_layer, as
+    SAE.rule)."""
+    index, layers = INDEX[name], sae.cfg.layers
+    if not sae.cfg.per_layer:
+        return index
+
+    def within(z_pre: Tensor, k: int, m: Tensor | None) -> Pairs | None:
+        B, F = z_pre.shape
+        f = F // layers
+        found = [
+            index(z_pre[:, lo : lo + f], k // layers, None if m is None else m[lo : lo + f])
+            for lo in range(0, F, f)
+        ]
+        if any(p is None for p in found):
+            return None
+        token = torch.cat([p.token for p in found])
+        feature = torch.cat([p.feature + i * f for i, p in enumerate(found)])
+        return _csr_order(token, feature, (B, F))
+
+    return within
+
+
 # ---- sparse products -------------------------------------------------------------------------
 
 

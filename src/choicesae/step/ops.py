@@ -80,7 +80,7 @@ def batch_codes(sae, x: Tensor) -> Tensor:
     major = name in kernels.FEATURE_MAJOR
     z = kernels.pre_acts(sae, x, feature_major=major)  # [B, F]
     m = sae.capacities(len(x), k) if SPARSIFIERS[name].capacities else None
-    pairs = kernels.INDEX[name](z, k, m)
+    pairs = kernels.index_form(sae, name)(z, k, m)
     return sae.select(z, batch=True).acts if pairs is None else dense_acts(z, pairs)
 
 
@@ -111,7 +111,7 @@ class Dense:
         m = backend.capacities(sae, z.shape[0], want.k) if rule.capacities else None
         pairs = backend.select(sparsifier, z.detach(), want.k, m)
         if pairs is None:
-            return DenseCode(rule.reference(z, want.k, m).acts)
+            return DenseCode(sae.rule(sparsifier)(z, want.k, m).acts)
         return DenseCode(dense_acts(z, pairs))
 
     def decode(
@@ -175,7 +175,9 @@ class Sparse:
         if SPARSIFIERS[sparsifier].capacities:
             m = backend.capacities(sae, z.shape[0], want.k)
         chosen = backend.select(sparsifier, z, want.k, m)
-        return kernels.INDEX[sparsifier](z, want.k, m) if chosen is None else chosen
+        if chosen is None:
+            return kernels.index_form(sae, sparsifier)(z, want.k, m)
+        return chosen
 
     def decode(
         self, sae, code: SparseCode, rows: slice | None = None, below: int | None = None

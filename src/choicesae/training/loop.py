@@ -133,7 +133,7 @@ def open_rows(cfg: TrainConfig, activations) -> tuple[Rows, int]:
     autoencoder's rows); refuses targets without --transcoder and the reverse."""
     if activations is None:
         key = cfg.activations_key
-        store = cfg.store and open_store(cfg.store, cfg.sae.hookpoint)
+        store = cfg.store and open_store(cfg.store, cfg.sae.hookpoint, cfg.cross_layer)
         rows = store or load_activations(cfg.activations, key)
     elif isinstance(activations, tuple):
         rows = paired(*activations)
@@ -249,6 +249,7 @@ def train_step(
             f"the loss is NaN or Inf at step {state.step + 1}{cause}; stopped with the weights "
             f"of step {state.step} and the last checkpoint kept (--skip-bad-batches skips them)"
         )
+    sae.mask_grad_()  # a cross-layer transcoder's absent blocks stay zero
     sae.remove_parallel_grad_()
     if cfg.grad_clip:
         ops.backend.clip_grad_norm_(sae, cfg.grad_clip)
@@ -282,6 +283,11 @@ def step_ops(cfg: TrainConfig, world: World = SINGLE):
     backend of the run's layout: one process, data parallel (selections over the global batch,
     or each rank's own with --distributed-selection local) or feature sharded."""
     backend = LOCAL
+    if cfg.sae.per_layer and world.size > 1:
+        raise ConfigError(
+            "per_layer selects within each layer's block, which the backends of several "
+            "processes do not do yet: train it on one process"
+        )
     if features.feature_sharded(cfg, world):  # --parallel features
         backend = features.FeatureSharded(world, cfg.sae.num_latents)
     elif world.size > 1:

@@ -23,7 +23,8 @@ def train_many(cfg: TrainConfig) -> list[SAE]:
     empty: all of them), trained side by side from one read of the store."""
     spec = cfg.sae.hookpoint
     store = Store(cfg.store) if cfg.store else None
-    if store is None or len(store.hookpoints) == 1 or spec and not set("*,") & set(spec):
+    one = store is None or len(store.hookpoints) == 1 or spec and not set("*,") & set(spec)
+    if one or cfg.cross_layer:  # a cross-layer transcoder reads every hookpoint at once
         return [train(cfg)]  # one model: in --out itself
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError(

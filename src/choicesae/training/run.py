@@ -55,6 +55,8 @@ def record_source(cfg: TrainConfig, rows) -> TrainConfig:
     found["context"] = meta.get("context")
     found["target"] = meta.get("target")
     sae = dataclasses.replace(s, **{k: getattr(s, k) or v for k, v in found.items() if v})
+    if cfg.cross_layer:  # every hookpoint of the store, one layer each
+        sae = dataclasses.replace(sae, layers=len(str(meta.get("hookpoint")).split(",")))
     return dataclasses.replace(cfg, sae=sae)
 
 
