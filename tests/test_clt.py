@@ -16,6 +16,7 @@ from choicesae.errors import ConfigError
 from choicesae.step import kernels
 from choicesae.step.objective import Masks, objective
 from choicesae.step.ops import Dense, Sparse
+from choicesae.training.loop import train
 
 L, D, F, K, B = 3, 4, 8, 6, 32  # layers, width per layer, latents per layer, k (all layers), batch
 RULES = [  # (sparsifier, per_layer): per-layer and across-layer TopK and Mutual Choice, FC
@@ -338,3 +339,52 @@ def test_eval_reports_every_layer(trained, llama_store, tmp_path):
     cfg = EvalConfig(run=str(trained[1]), store=str(llama_store.path), out=str(tmp_path))
     got = evaluate(dataclasses.replace(cfg, splice_contexts=4, max_tokens=512, report=False))
     assert len(got["layers"]["fvu"]) == L and "transcoders" in got["splice"]["losses"]
+
+
+# ---- feature sharding: 2 processes, each a slice of every layer's latents --------------------
+
+
+def sharded_rows() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1024, L * D, generator=g)
+    return x, (x * 2).tanh().cumsum(1)  # each output reads its own and earlier inputs
+
+
+def sharded_config(out, sparsifier: str, **kw) -> TrainConfig:
+    return TrainConfig(
+        out=str(out),
+        transcoder=True,
+        sae=SAEConfig(sparsifier=sparsifier, k=K, num_latents=L * F, layers=L, skip=True),
+        batch_size=64,
+        steps=10,
+        lr=1e-2,
+        dead_tokens=128,
+        density_tokens=256,
+        k_aux=8,
+        progress=False,
+        **kw,
+    )
+
+
+def test_two_feature_shards_equal_one_process(tmp_path):
+    """Rank r holds latents [r·L·F/2, (r+1)·L·F/2): a shard cuts across layer blocks, and the
+    selections over all latents, the masks and the clipping stay the one-process ones."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).with_name("clt_sharded.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(worker.parent)}
+    done = subprocess.run(
+        [*cmd, "2", str(worker), str(tmp_path)], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    for sparsifier in ("mutual_choice", "feature_choice", "topk"):
+        single = train(sharded_config(tmp_path / "one" / sparsifier, sparsifier), sharded_rows())
+        both = SAE.from_pretrained(tmp_path / sparsifier / "sae")
+        for name, t in single.state_dict().items():
+            torch.testing.assert_close(
+                both.state_dict()[name], t, rtol=1e-4, atol=1e-5, equal_nan=True, msg=name
+            )

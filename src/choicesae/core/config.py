@@ -457,7 +457,6 @@ def check_feature_parallel(cfg: "TrainConfig") -> None:
         "--distributed-selection local": cfg.distributed_selection == "local",
         "nfm_coeff / nfm_inf_coeff": bool(cfg.nfm_coeff or cfg.nfm_inf_coeff),
         "--matryoshka": bool(cfg.matryoshka),
-        "--transcoder": cfg.transcoder,
     }
     refused = [name for name, used in missing.items() if used]
     if refused:

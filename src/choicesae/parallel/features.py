@@ -186,7 +186,8 @@ class FeatureSharded(Local):
     def clip_grad_norm_(self, sae, max_norm: float) -> None:
         """torch.nn.utils.clip_grad_norm_ with the norm of the whole SAE's gradient."""
         sq = torch.stack([getattr(sae, name).grad.pow(2).sum() for name in DIMS]).sum()
-        sq = all_reduce(sq, "stats") + sae.b_dec.grad.pow(2).sum()
+        whole = [p.grad.pow(2).sum() for p in (sae.b_dec, sae.W_skip) if p is not None]
+        sq = all_reduce(sq, "stats") + sum(whole)  # the replicated ones, once
         coef = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
         for p in sae.parameters():
             p.grad.mul_(coef)
