@@ -2,6 +2,7 @@
 one model per hookpoint trained from one read of it (data/shared.py, training/many.py): each
 the model that a harvest and a training run of that hookpoint alone give."""
 
+import copy
 import json
 
 import numpy as np
@@ -133,3 +134,43 @@ def test_a_skip_transcoder_per_layer_from_one_read(layers, tmp_path):
     saes = train_many(run(layers, tmp_path, steps=5, sae={"skip": True}))
     assert len(saes) == 3 and all(s.W_skip is not None for s in saes)
     assert sorted(p.name for p in tmp_path.iterdir()) == LAYERS
+
+
+class Exact(SAE):
+    """A stand-in transcoder that predicts its target exactly: the MLP itself, run on the
+    hookpoint's rows (an MLP reads each token alone)."""
+
+    def __init__(self, cfg: SAEConfig, mlp: torch.nn.Module):
+        super().__init__(cfg)
+        self.mlp = mlp
+
+    def reconstruct(self, x, threshold=None, batch=False):
+        return self.mlp(x)
+
+
+def test_a_whole_set_is_spliced_in_one_pass(layers, gpt2, tmp_path):
+    from choicesae.evaluation.evaluate import set_splice_metrics
+    from choicesae.evaluation.splice import load_spliceable
+
+    base = load_spliceable(str(gpt2))[1]
+    exact = [  # a copy of the MLP: the model's own carries the splice's hook
+        Exact(
+            SAEConfig(
+                k=4, num_latents=64, d_in=32, d_out=32, normalize="dataset",
+                hookpoint=f"h.{i}.ln_2", target=f"h.{i}.mlp",
+            ),
+            copy.deepcopy(base.get_submodule(f"h.{i}.mlp")),
+        )
+        for i in range(3)
+    ]  # fmt: skip
+    result = set_splice_metrics(exact, layers, contexts=8, batch_size=256)
+    assert result["loss_recovered"]["transcoders"] == pytest.approx(1.0, abs=1e-5)
+    assert result["kl"]["transcoders"] == pytest.approx(0.0, abs=1e-6)
+    # trained transcoders for every layer: worse than exact, better than ablating the MLPs
+    saes = train_many(run(layers, tmp_path, steps=40))
+    trained = set_splice_metrics(saes, layers, contexts=8, batch_size=256)
+    one = set_splice_metrics(saes[:1], layers, contexts=8, batch_size=256)
+    kl = trained["kl"]  # a random model's CE hardly moves; its distributions do
+    assert 0 < kl["transcoders"] < kl["mean_ablation"] < kl["zero_ablation"]
+    assert one["losses"]["clean"] == trained["losses"]["clean"]
+    assert 0 < one["kl"]["transcoders"] < kl["transcoders"]

@@ -6,6 +6,7 @@ import sys
 
 import torch
 
+from choicesae.bench.layers import LayersBenchConfig, layers_bench
 from choicesae.bench.paper import BenchConfig, bench
 from choicesae.bench.synthsaebench import SynthSAEBenchConfig, synthsaebench
 from choicesae.bench.transcoder import TranscoderBenchConfig, transcoder_bench
@@ -44,6 +45,10 @@ def _synthsaebench(cfg: SynthSAEBenchConfig) -> None:
 
 def _transcoder_bench(cfg: TranscoderBenchConfig) -> None:
     print(f"wrote {transcoder_bench(cfg)}")
+
+
+def _layers_bench(cfg: LayersBenchConfig) -> None:
+    print(f"wrote {layers_bench(cfg)}")
 
 
 def _synthetic(cfg: SyntheticConfig) -> None:
@@ -106,7 +111,7 @@ COMMANDS = {
         _bench,
         "Compare every sparsifier at matched L0 (docs/results.md); `bench synthsaebench "
         "--help`: on SAELens's SynthSAEBench; `bench transcoder --help`: transcoders "
-        "against SAEs.",
+        "against SAEs; `bench layers --help`: per-layer transcoder sets.",
     ),
 }
 # `bench TARGET`: targets with settings of their own, in place of the paper bench's
@@ -120,6 +125,11 @@ BENCH_TARGETS = {
         TranscoderBenchConfig,
         _transcoder_bench,
         "Transcoders of an MLP against SAEs of its output (`choicesae bench transcoder`).",
+    ),
+    "layers": (
+        LayersBenchConfig,
+        _layers_bench,
+        "Per-layer transcoder sets, every MLP of a slice replaced (`choicesae bench layers`).",
     ),
 }
 # commands whose main setting may also be given positionally: `choicesae hookpoints MODEL`

@@ -17,7 +17,7 @@ import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from choicesae.data.hooks import load_tokenizer  # noqa: E402
-from choicesae.data.store import Store  # noqa: E402
+from choicesae.data.store import open_store  # noqa: E402
 from choicesae.errors import ConfigError, DataError  # noqa: E402
 from choicesae.evaluation.evaluate import check_rows, load_run, whole_batches  # noqa: E402
 from choicesae.evaluation.report import embed, page, save, table  # noqa: E402
@@ -155,7 +155,7 @@ def feature_page(
 def browse(cfg: BrowseConfig) -> Path:
     """Pages for the `top` most frequent features and those asked for; returns the index."""
     sae, train_cfg = load_run(cfg.run, cfg.device)
-    store = Store(cfg.store)
+    store = open_store(cfg.store, sae.cfg.hookpoint)
     check_rows(store, sae, f"store {cfg.store}")
     if not isinstance(store.manifest.get("context"), int):
         raise DataError(f"store {cfg.store} records no context length: not a harvest")

@@ -284,6 +284,35 @@ def splice_metrics(sae: SAE, store: Store, y_mean: Tensor, contexts: int, batch_
     return splice.downstream_metrics(kind, len(ids), measured)
 
 
+def set_splice_metrics(saes: list[SAE], store: Store, contexts: int, batch_size: int) -> dict:
+    """Downstream losses (splice.py) with a per-layer transcoder set spliced in whole: in one
+    forward pass every transcoder replaces its target's output by its prediction, each token
+    on its own (the default codes), from its hookpoint's output in that same, already spliced,
+    pass (the replacement model of attribution graphs), against zero and mean ablation of every
+    target. `store`: a held-out harvest of the set's hookpoints and targets (data/store.py)."""
+    model, base, tokenizer, kind = splice.load_spliceable(store.manifest["model"])
+    device = saes[0].W_enc.device
+    model.to(device)
+    ids, where = splice.store_contexts(store, tokenizer, contexts)
+    ids, where = ids.to(device), where.to(device)
+    variants: dict[str, list[splice.Splice]] = {}
+    for sae in saes:
+        pair = store.select(sae.cfg.hookpoint)
+        check_store_targets(pair, sae.cfg, f"store {store.path}")
+        y_mean = sae.split(pair[: min(len(pair), 65_536)].to(device))[1].mean(0)  # [d_out]
+        source, target = find_module(base, sae.cfg.hookpoint), find_module(base, sae.cfg.target)
+        replacements = {
+            "transcoders": sae.reconstruct,
+            "zero_ablation": lambda h, m=y_mean: m.new_zeros(len(h), len(m)),
+            "mean_ablation": lambda h, m=y_mean: m.expand(len(h), -1),
+        }
+        for name, splices in splice.at(target, replacements, source).items():
+            variants.setdefault(name, []).extend(splices)
+    per_batch = max(1, batch_size // int(where[0].sum()))
+    measured = splice.downstream_losses(model, kind, ids, where, variants, per_batch)
+    return splice.downstream_metrics(kind, len(ids), measured, ("transcoders",))
+
+
 def check_rows_match(model, module, ids: Tensor, where: Tensor, store: Store, target=None) -> None:
     """The hookpoint's clean output at the spliced positions must be the store's rows (up to
     the storage dtype), and the `target` module's (if given) their target half: otherwise the

@@ -191,10 +191,16 @@ SAE_VARIANTS = ("sae", "sae_feature_threshold", "sae_global_threshold")
 replacements measured beside them are zero_ablation and mean_ablation."""
 
 
-def downstream_metrics(kind: str, contexts: int, measured: dict[str, dict[str, float]]) -> dict:
+def downstream_metrics(
+    kind: str,
+    contexts: int,
+    measured: dict[str, dict[str, float]],
+    variants: tuple[str, ...] = SAE_VARIANTS,
+) -> dict:
     """The "splice" entry of metrics.json from downstream_losses' means: the losses, ΔL
     (ΔCE for a causal LM), the loss recovered against zero and mean ablation and, for a causal
-    LM, the KL divergences and the KL recovered (against zero ablation, as SAEBench)."""
+    LM, the KL divergences and the KL recovered (against zero ablation, as SAEBench), of each
+    of `variants` (the first against mean ablation)."""
     losses = measured["loss"]
     clean, zero, mean = losses["clean"], losses["zero_ablation"], losses["mean_ablation"]
     result = {
@@ -202,17 +208,15 @@ def downstream_metrics(kind: str, contexts: int, measured: dict[str, dict[str, f
         "measure": "cross-entropy" if kind == "causal" else "1 - cos(embedding, clean)",
         "contexts": contexts,
         "losses": losses,
-        "delta_loss": {name: losses[name] - clean for name in SAE_VARIANTS},
-        "loss_recovered": {
-            name: loss_recovered(losses[name], clean, zero) for name in SAE_VARIANTS
-        },
-        "loss_recovered_mean_ablation": loss_recovered(losses["sae"], clean, mean),
+        "delta_loss": {name: losses[name] - clean for name in variants},
+        "loss_recovered": {name: loss_recovered(losses[name], clean, zero) for name in variants},
+        "loss_recovered_mean_ablation": loss_recovered(losses[variants[0]], clean, mean),
     }
     if "kl" in measured:
         kl = measured["kl"]
         result["kl"] = kl
         result["kl_recovered"] = {
-            name: loss_recovered(kl[name], 0.0, kl["zero_ablation"]) for name in SAE_VARIANTS
+            name: loss_recovered(kl[name], 0.0, kl["zero_ablation"]) for name in variants
         }
     return result
 
