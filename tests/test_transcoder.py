@@ -142,8 +142,6 @@ def test_targets_without_transcoder_and_the_reverse_are_refused(tmp_path):
         train(TrainConfig(out=str(tmp_path / "b"), **base), (x, y))
     with pytest.raises(DataError, match="inputs hold 512 rows but targets 100"):
         train(TrainConfig(transcoder=True, out=str(tmp_path / "c"), **base), (x, y[:100]))
-    with pytest.raises(ConfigError, match="--parallel features does not support --transcoder"):
-        TrainConfig(transcoder=True, parallel="features")
     assert not any((tmp_path / name).exists() for name in "abc")  # nothing written
 
 
