@@ -238,7 +238,9 @@ def test_identity_recovers_all_and_zero_none(tiny_run):
     _, model, module, kind, ids, where = setup_splice(test_store)
     assert kind == ("encoder" if arch == "bert" else "causal")
     replace = {"identity": lambda h: h, "zero": torch.zeros_like, "half": lambda h: h / 2}
-    measured = splice.downstream_losses(model, kind, ids, where, splice.at(module, replace), 5)
+    measured = splice.downstream_losses(
+        model, kind, ids, where, splice.at(module, None, replace), 5
+    )
     losses = measured["loss"]
     assert splice.loss_recovered(losses["identity"], losses["clean"], losses["zero"]) == 1.0
     assert splice.loss_recovered(losses["zero"], losses["clean"], losses["zero"]) == 0.0

@@ -67,7 +67,7 @@ def test_an_exact_transcoder_spliced_in_the_same_pass_recovers_all(pair):
         "exact": lambda h: F_.linear(h, target.weight, target.bias),
         "zero": lambda h: h.new_zeros(len(h), target.out_features),
     }
-    variants = splice.at(target, replace, source)
+    variants = splice.at(target, source, replace)
     losses = splice.downstream_losses(model, kind, ids, where, variants, 5)["loss"]
     assert kind == "encoder" and losses["clean"] == 0.0
     assert losses["exact"] == pytest.approx(0.0, abs=1e-10) and losses["zero"] > 1e-6

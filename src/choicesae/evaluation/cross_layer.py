@@ -11,7 +11,6 @@ from torch import Tensor
 
 from choicesae.core.preprocess import denormalize, normalize
 from choicesae.core.sae import SAE
-from choicesae.data.hooks import find_module
 from choicesae.data.store import Store, names
 from choicesae.errors import ConfigError
 from choicesae.evaluation import splice
@@ -67,29 +66,17 @@ def layer_replacements(sae: SAE) -> list[splice.Replace]:
 
 
 def splice_metrics(sae: SAE, store: Store, contexts: int, batch_size: int) -> dict:
-    """Downstream losses (splice.py) on the store's first `contexts` contexts with every MLP
-    output of the CLT's layers replaced by its prediction (`layer_replacements`), against
-    zero and mean ablation of every one of them. `store`: a held-out harvest of the CLT's
-    hookpoints and targets, whole rows."""
-    model, base, tokenizer, kind = splice.load_spliceable(store.manifest["model"])
+    """Downstream losses (splice.replaced_set) on the store's first `contexts` contexts with
+    every MLP output of the CLT's layers replaced by its prediction (`layer_replacements`),
+    against zero and mean ablation of every one of them. `store`: a held-out harvest of the
+    CLT's hookpoints and targets, whole rows."""
     device = sae.W_enc.device
-    model.to(device)
-    ids, where = splice.store_contexts(store, tokenizer, contexts)
-    ids, where = ids.to(device), where.to(device)
     y_mean = sae.split(store[: min(len(store), 65_536)].to(device))[1].mean(0)  # [L·d_out]
-    sources = [find_module(base, name) for name in names(sae.cfg.hookpoint)]
-    targets = [find_module(base, name) for name in names(sae.cfg.target)]
-    variants: dict[str, list[splice.Splice]] = {}
-    means = y_mean.chunk(sae.cfg.layers)
-    layers = zip(targets, sources, layer_replacements(sae), means, strict=True)
-    for target, source, replace, mean in layers:
-        replacements = {
-            "transcoders": replace,
-            "zero_ablation": lambda h, m=mean: m.new_zeros(len(h), len(m)),
-            "mean_ablation": lambda h, m=mean: m.expand(len(h), -1),
-        }
-        for name, splices in splice.at(target, replacements, source).items():
-            variants.setdefault(name, []).extend(splices)
-    per_batch = max(1, batch_size // int(where[0].sum()))
-    measured = splice.downstream_losses(model, kind, ids, where, variants, per_batch)
-    return splice.downstream_metrics(kind, len(ids), measured, ("transcoders",))
+    sites = zip(
+        names(sae.cfg.target),
+        names(sae.cfg.hookpoint),
+        layer_replacements(sae),
+        y_mean.chunk(sae.cfg.layers),
+        strict=True,
+    )
+    return splice.replaced_set(store, list(sites), contexts, batch_size, device)

@@ -279,38 +279,23 @@ def splice_metrics(sae: SAE, store: Store, y_mean: Tensor, contexts: int, batch_
     # an SAE replaces the hookpoint's own output; a transcoder its target's, read from the
     # hookpoint's output earlier in the same forward pass
     module, source = (hookpoint, None) if target is None else (target, hookpoint)
-    variants = splice.at(module, replacements, source)
+    variants = splice.at(module, source, replacements)
     measured = splice.downstream_losses(model, kind, ids, where, variants, per_batch)
     return splice.downstream_metrics(kind, len(ids), measured)
 
 
 def set_splice_metrics(saes: list[SAE], store: Store, contexts: int, batch_size: int) -> dict:
-    """Downstream losses (splice.py) with a per-layer transcoder set spliced in whole: in one
-    forward pass every transcoder replaces its target's output by its prediction, each token
-    on its own (the default codes), from its hookpoint's output in that same, already spliced,
-    pass (the replacement model of attribution graphs), against zero and mean ablation of every
-    target. `store`: a held-out harvest of the set's hookpoints and targets (data/store.py)."""
-    model, base, tokenizer, kind = splice.load_spliceable(store.manifest["model"])
-    device = saes[0].W_enc.device
-    model.to(device)
-    ids, where = splice.store_contexts(store, tokenizer, contexts)
-    ids, where = ids.to(device), where.to(device)
-    variants: dict[str, list[splice.Splice]] = {}
+    """Downstream losses with a per-layer transcoder set spliced in whole (splice.replaced_set):
+    every transcoder replaces its target's output by its prediction, each token on its own (the
+    default codes), from its hookpoint's output in the same pass. `store`: a held-out harvest of
+    the set's hookpoints and targets (data/store.py)."""
+    device, sites = saes[0].W_enc.device, []
     for sae in saes:
         pair = store.select(sae.cfg.hookpoint)
         check_store_targets(pair, sae.cfg, f"store {store.path}")
         y_mean = sae.split(pair[: min(len(pair), 65_536)].to(device))[1].mean(0)  # [d_out]
-        source, target = find_module(base, sae.cfg.hookpoint), find_module(base, sae.cfg.target)
-        replacements = {
-            "transcoders": sae.reconstruct,
-            "zero_ablation": lambda h, m=y_mean: m.new_zeros(len(h), len(m)),
-            "mean_ablation": lambda h, m=y_mean: m.expand(len(h), -1),
-        }
-        for name, splices in splice.at(target, replacements, source).items():
-            variants.setdefault(name, []).extend(splices)
-    per_batch = max(1, batch_size // int(where[0].sum()))
-    measured = splice.downstream_losses(model, kind, ids, where, variants, per_batch)
-    return splice.downstream_metrics(kind, len(ids), measured, ("transcoders",))
+        sites.append((sae.cfg.target, sae.cfg.hookpoint, sae.reconstruct, y_mean))
+    return splice.replaced_set(store, sites, contexts, batch_size, device)
 
 
 def check_rows_match(model, module, ids: Tensor, where: Tensor, store: Store, target=None) -> None:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F_
 from torch import Tensor, nn
 
-from choicesae.data.hooks import from_pretrained, load_tokenizer
+from choicesae.data.hooks import find_module, from_pretrained, load_tokenizer
 from choicesae.data.store import Store
 from choicesae.data.text import special_tokens
 from choicesae.errors import ConfigError, DataError
@@ -35,7 +35,7 @@ Splice = tuple[nn.Module, nn.Module | None, Replace]  # (module replaced, its so
 
 
 def at(
-    module: nn.Module, replacements: dict[str, Replace], source: nn.Module | None = None
+    module: nn.Module, source: nn.Module | None, replacements: dict[str, Replace]
 ) -> dict[str, list[Splice]]:
     """Variants that each replace one module's output (see `spliced_into`)."""
     return {name: [(module, source, replace)] for name, replace in replacements.items()}
@@ -219,6 +219,34 @@ def downstream_metrics(
             name: loss_recovered(kl[name], 0.0, kl["zero_ablation"]) for name in variants
         }
     return result
+
+
+Site = tuple[str, str, Replace, Tensor]  # (target path, source path, replace, target mean [d])
+
+
+def replaced_set(store: Store, sites: list[Site], contexts: int, batch_size: int, device) -> dict:
+    """The downstream metrics of a replacement model on the store's first `contexts` contexts,
+    run about `batch_size` tokens at a time: in one forward pass every site's target module has
+    its output replaced by the site's prediction from its source's output ("transcoders",
+    each read in that same, already replaced, pass), against zero and mean ablation of every
+    target. `store`: a held-out harvest of the sites' modules."""
+    model, base, tokenizer, kind = load_spliceable(store.manifest["model"])
+    model.to(device)
+    ids, where = store_contexts(store, tokenizer, contexts)
+    ids, where = ids.to(device), where.to(device)
+    variants: dict[str, list[Splice]] = {}
+    for target, source, replace, mean in sites:
+        replacements = {
+            "transcoders": replace,
+            "zero_ablation": lambda h, m=mean: m.new_zeros(len(h), len(m)),
+            "mean_ablation": lambda h, m=mean: m.expand(len(h), -1),
+        }
+        modules = find_module(base, target), find_module(base, source)
+        for name, splices in at(*modules, replacements).items():
+            variants.setdefault(name, []).extend(splices)
+    per_batch = max(1, batch_size // int(where[0].sum()))
+    measured = downstream_losses(model, kind, ids, where, variants, per_batch)
+    return downstream_metrics(kind, len(ids), measured, ("transcoders",))
 
 
 SPLICED = {  # inference mode -> its variant in downstream_metrics' entries
