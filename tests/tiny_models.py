@@ -122,7 +122,9 @@ def save_tiny_gguf(path: Path) -> tuple[Path, torch.nn.Module]:
     writer.add_head_count(cfg.num_attention_heads)
     writer.add_head_count_kv(cfg.num_key_value_heads)
     writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
-    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    # transformers 5 keeps it in rope_parameters, 4.x (circuit-tracer's) as rope_theta
+    theta = cfg.rope_parameters["rope_theta"] if hasattr(cfg, "rope_parameters") else cfg.rope_theta
+    writer.add_rope_freq_base(theta)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_vocab_size(len(tokens))
     writer.add_tokenizer_model("gpt2")
@@ -130,6 +132,7 @@ def save_tiny_gguf(path: Path) -> tuple[Path, torch.nn.Module]:
     writer.add_token_types([gguf.TokenType.CONTROL] + [gguf.TokenType.NORMAL] * (len(tokens) - 1))
     writer.add_token_merges(merges)
     writer.add_bos_token_id(0)
+    writer.add_add_bos_token(False)  # as SmolLM2's file: no BOS token before the text
     writer.add_eos_token_id(0)
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads

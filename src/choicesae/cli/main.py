@@ -101,7 +101,7 @@ COMMANDS = {
     "harvest": (HarvestConfig, _harvest, "Harvest a model's activations over text to a store."),
     "hookpoints": (HookpointsConfig, _hookpoints, "List the module paths a harvest can hook."),
     "verify": (VerifyConfig, _verify, "Check a store's checksums or a run's files."),
-    "export": (ExportConfig, _export, "Write an SAE in SAELens's or sparsify's format."),
+    "export": (ExportConfig, _export, "Write to SAELens, sparsify or circuit-tracer's format."),
     "import": (ImportConfig, _import, "Read an SAE in SAELens's or sparsify's format."),
     "eval": (EvalConfig, _eval, "Evaluate a run on a held-out store; thresholds and report."),
     "compare": (CompareConfig, _compare, "Pareto plot and table of evaluated runs."),

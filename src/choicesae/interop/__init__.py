@@ -1,1 +1,1 @@
-"""The on-disk formats of other libraries (SAELens, sparsify)."""
+"""The on-disk formats of other libraries (SAELens, sparsify, circuit-tracer)."""

@@ -1,25 +1,35 @@
 """`choicesae export` and `choicesae import`: an SAE or transcoder to or from SAELens's or
-sparsify's format."""
+sparsify's format, and a set of per-layer transcoders to circuit-tracer's."""
 
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from choicesae.core.sae import SAE
+from choicesae.core.sae import CONFIG, SAE
 from choicesae.errors import ConfigError
+from choicesae.interop.circuit_tracer import (
+    INPUT_HOOK,
+    OUTPUT_HOOK,
+    recorded_layer,
+    to_circuit_tracer,
+)
 from choicesae.interop.saelens import from_saelens, to_saelens
 from choicesae.interop.sparsify import from_sparsify, to_sparsify
 
 
 @dataclass(frozen=True)
 class ExportConfig:
-    """Write a trained SAE in SAELens's or sparsify's format."""
+    """Write a trained SAE in SAELens's or sparsify's format, or per-layer transcoders in
+    circuit-tracer's."""
 
     sae: str = ""
-    """The SAE: a run folder (its sae/ is used) or a folder written by save_pretrained."""
-    format: Literal["saelens", "sparsify"] = "saelens"
-    """Target format: saelens (cfg.json + sae_weights.safetensors) or sparsify (cfg.json +
-    sae.safetensors)."""
+    """The SAE: a run folder (its sae/ is used) or a folder written by save_pretrained. For
+    circuit-tracer, one transcoder per layer of the model: comma-separated in layer order
+    (runs/l0,runs/l1,...), or a folder of runs (as train writes one per hookpoint of a store),
+    ordered by the layer each one's hookpoint names."""
+    format: Literal["saelens", "sparsify", "circuit-tracer"] = "saelens"
+    """Target format: saelens (cfg.json + sae_weights.safetensors), sparsify (cfg.json +
+    sae.safetensors) or circuit-tracer (a transcoder set: config.yaml + layer_{i}.safetensors)."""
     out: str = ""
     """Folder to write."""
     threshold: Literal["feature", "global"] = "feature"
@@ -36,6 +46,14 @@ class ExportConfig:
     as_topk: bool = False
     """sparsify only: run a Mutual or Feature Choice SAE there as TopK(k) per token (sparsify
     has no batch or threshold activation)."""
+    scan: str = ""
+    """circuit-tracer only: the transcoder set's name there (empty: the --out folder's name)."""
+    input_hook: str = INPUT_HOOK
+    """circuit-tracer only: the hook its transcoders read (nnsight backend; mlp.hook_in is the
+    output of a Llama layer's post_attention_layernorm)."""
+    output_hook: str = OUTPUT_HOOK
+    """circuit-tracer only: the hook its transcoders replace (mlp.hook_out: a Llama layer's
+    mlp output)."""
 
 
 @dataclass(frozen=True)
@@ -50,16 +68,50 @@ class ImportConfig:
     """Folder to write our SAE to (SAE.from_pretrained reads it)."""
 
 
+def sae_folder(path: Path) -> Path:
+    """Where the SAE of a run folder (its sae/) or of a save_pretrained folder is."""
+    return path / "sae" if (path / "sae" / CONFIG).is_file() else path
+
+
 def load_any(path: str | Path) -> SAE:
     """Our SAE from a run folder (its sae/) or a save_pretrained folder."""
-    path = Path(path)
-    return SAE.from_pretrained(path / "sae" if (path / "sae" / "config.json").is_file() else path)
+    return SAE.from_pretrained(sae_folder(Path(path)))
+
+
+def load_layers(spec: str) -> list[SAE]:
+    """The transcoders of --sae for circuit-tracer: runs comma-separated in layer order, or one
+    folder holding a run per layer, put in the order of the layers their hookpoints name."""
+    folder = Path(spec)
+    if "," in spec or not folder.is_dir() or (sae_folder(folder) / CONFIG).is_file():
+        return [load_any(p) for p in spec.split(",")]
+    runs = [p for p in sorted(folder.iterdir()) if (sae_folder(p) / CONFIG).is_file()]
+    saes = [load_any(p) for p in runs]
+    unplaced = [str(p) for p, sae in zip(runs, saes, strict=True) if recorded_layer(sae) is None]
+    if unplaced or not saes:
+        what = (
+            f"runs whose hookpoint names no layer: {', '.join(unplaced)}" if unplaced else "no run"
+        )
+        raise ConfigError(
+            f"{spec} holds {what}; list the runs as --sae run0,run1,... in layer order"
+        )
+    return sorted(saes, key=recorded_layer)
 
 
 def export(cfg: ExportConfig) -> Path:
     """`choicesae export`: the SAE in cfg.sae written to cfg.out in cfg.format."""
     if not cfg.sae or not cfg.out:
         raise ConfigError("export needs --sae (a run or SAE folder) and --out")
+    if cfg.format == "circuit-tracer":
+        if not cfg.fold:
+            raise ConfigError("circuit-tracer runs transcoders on raw activations: drop --no-fold")
+        return to_circuit_tracer(
+            load_layers(cfg.sae),
+            cfg.out,
+            threshold=cfg.threshold,
+            scan=cfg.scan,
+            input_hook=cfg.input_hook,
+            output_hook=cfg.output_hook,
+        )
     sae = load_any(cfg.sae)
     if cfg.format == "sparsify":
         return to_sparsify(sae, cfg.out, fold=cfg.fold, as_topk=cfg.as_topk)
