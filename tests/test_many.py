@@ -174,3 +174,18 @@ def test_a_whole_set_is_spliced_in_one_pass(layers, gpt2, tmp_path):
     assert 0 < kl["transcoders"] < kl["mean_ablation"] < kl["zero_ablation"]
     assert one["losses"]["clean"] == trained["losses"]["clean"]
     assert 0 < one["kl"]["transcoders"] < kl["transcoders"]
+
+
+def test_a_wide_harvest_builds_smaller_shards_of_the_same_rows(
+    layers, gpt2, text, tmp_path, monkeypatch
+):
+    """A shard is built in memory as float32: past SHARD_BYTES it holds fewer contexts (whole
+    batches), and the store holds the same rows."""
+    from choicesae.data import harvest as harvest_module
+
+    monkeypatch.setattr(harvest_module, "SHARD_BYTES", 4 * 6 * 32 * 100)  # 100 rows of 192
+    cfg = config(gpt2, text, tmp_path / "s", hookpoint="h.*.ln_2", target="h.*.mlp")
+    narrow = harvest(cfg)
+    assert narrow.manifest["contexts_per_shard"] == 4  # one batch of 4 contexts, 252 rows
+    assert max(s["rows"] for s in narrow.manifest["shards"]) == 4 * 63 < 300
+    assert torch.equal(narrow[:], layers[:])

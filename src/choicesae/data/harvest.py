@@ -103,10 +103,13 @@ class HarvestConfig:
     def rows_per_context(self) -> int:
         return self.context - self.drop_first
 
-    @property
-    def contexts_per_shard(self) -> int:
+    def contexts_per_shard(self, width: int) -> int:
+        """Contexts of a shard of rows `width` wide: about shard_tokens rows in whole batches,
+        fewer where a shard would hold more than SHARD_BYTES as float32 while it is built (a
+        harvest of every layer is tens of thousands of columns wide)."""
         per_batch = self.batch_size * self.rows_per_context
-        return self.batch_size * max(1, round(self.shard_tokens / per_batch))
+        rows = min(self.shard_tokens, SHARD_BYTES // (4 * width))
+        return self.batch_size * max(1, round(rows / per_batch))
 
 
 class Harvester:
@@ -222,7 +225,8 @@ def harvest(cfg: HarvestConfig, harvester: Harvester | None = None) -> Store:
         disable=not cfg.progress,
         smoothing=0.1,
     )
-    for index, group in enumerate(batched(stream, cfg.contexts_per_shard)):
+    width = harvester.d_model + harvester.d_target
+    for index, group in enumerate(batched(stream, cfg.contexts_per_shard(width))):
         if index < writer.done:  # resumed: this shard is on disk already
             continue
         acts, ids = harvester.rows(group)
@@ -244,10 +248,12 @@ def store_meta(cfg: HarvestConfig, harvester: Harvester) -> dict:
     if len(harvester.hookpoints) > 1:
         meta["columns"] = [list(column) for column in harvester.columns]
     widths = {"d_model": harvester.d_model, "d_target": harvester.d_target}
-    return meta | widths | {"contexts_per_shard": cfg.contexts_per_shard}
+    shard = cfg.contexts_per_shard(harvester.d_model + harvester.d_target)
+    return meta | widths | {"contexts_per_shard": shard}
 
 
 SETTINGS_NOT_RECORDED = ("out", "overwrite", "progress", "device", "shard_tokens")
+SHARD_BYTES = 1 << 29  # a shard's float32 rows while they are built: 512 MiB
 ONLINE_SHUFFLE_ROWS = 1 << 16  # smaller than a store's: it fills before the first batch
 
 
