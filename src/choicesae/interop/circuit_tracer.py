@@ -18,7 +18,15 @@ activation: ReLU stays ReLU; Mutual and Feature Choice, which select within a ba
 token as JumpReLU at our thresholds (appendix B), as `sae.codes(x)` does; so does TopK, since
 circuit-tracer does not pass k through for a per-layer set (its loader builds ReLU or JumpReLU
 only). circuit-tracer's JumpReLU keeps z' > θ, ours z' > max(θ, 0): the file holds max(θ, 0).
-Its cross-layer transcoder files (W_enc_{i}, W_dec_{i}) take the same folding and config.yaml.
+
+A cross-layer transcoder (SAEConfig.layers = L > 1, one run) is written as circuit-tracer's
+CrossLayerTranscoder, read by its `load_clt(folder)`: per layer i, `W_enc_{i}.safetensors` holds
+W_enc_{i} [F, d] (latent block i's encoder, reading layer i's MLP input), b_enc_{i} [F],
+b_dec_{i} [d] and threshold_{i} [F], and `W_dec_{i}.safetensors` holds W_dec_{i} [F, L − i, d],
+block i's decoders to the MLP outputs of layers i … L−1. They are cut from the same folded
+tensors as a set's (`transcoder_tensors`), and config.yaml has model_kind
+cross_layer_transcoder. circuit-tracer 0.5.0's load_clt reads no skip path, and its CLT spans
+every layer of the model from layer 0.
 """
 
 import re
@@ -30,6 +38,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from choicesae.core.sae import SAE, Threshold
+from choicesae.data.store import names
 from choicesae.errors import ConfigError
 from choicesae.interop.common import fold_factors, folded
 
@@ -37,38 +46,49 @@ CONFIG = "config.yaml"
 # the hooks circuit-tracer's nnsight backend maps for Llama-family models (utils/
 # tl_nnsight_mapping.py): the output of layers[L].post_attention_layernorm and of layers[L].mlp
 INPUT_HOOK, OUTPUT_HOOK = "mlp.hook_in", "mlp.hook_out"
+THRESHOLD = "activation_function.threshold"
+
+
+def hook_layer(name: str) -> int | None:
+    """The layer that a module path names, its first number (layers.3.mlp: 3); None if none."""
+    numbers = re.findall(r"\d+", name)
+    return int(numbers[0]) if numbers else None
 
 
 def recorded_layer(sae: SAE) -> int | None:
-    """The layer that the transcoder's recorded hookpoint names, its first number
-    (layers.3.post_attention_layernorm: 3); None if it records none."""
-    numbers = re.findall(r"\d+", sae.cfg.hookpoint)
-    return int(numbers[0]) if numbers else None
+    """The layer that the transcoder's recorded hookpoint names; None if it records none."""
+    return hook_layer(sae.cfg.hookpoint)
+
+
+def check_runnable(sae: SAE, where: str) -> None:
+    """Refuse what circuit-tracer cannot run as a transcoder, per layer or cross-layer."""
+    c = sae.cfg
+    if not c.transcoder:
+        raise ConfigError(
+            f"{where}: circuit-tracer replaces MLPs by transcoders, and this is an SAE "
+            "(train it with --transcoder on a store harvested with --target)"
+        )
+    if c.d_out != c.d_in:
+        raise ConfigError(
+            f"{where}: circuit-tracer's transcoders predict a target as wide as their "
+            f"input; this one reads d_in={c.d_in} and predicts d_out={c.d_out}"
+        )
+    if c.normalize == "token":
+        raise ConfigError(
+            f"{where}: circuit-tracer feeds raw activations and a per-token normalisation "
+            "cannot fold into the weights: train with --normalize dataset (a transcoder's "
+            "default) or none"
+        )
 
 
 def check_layer(sae: SAE, layer: int) -> None:
     """Refuse what circuit-tracer cannot run as the transcoder of layer `layer`."""
     c = sae.cfg
-    if not c.transcoder:
-        raise ConfigError(
-            f"layer {layer}: circuit-tracer replaces MLPs by transcoders, and this is an SAE "
-            "(train it with --transcoder on a store harvested with --target)"
-        )
+    check_runnable(sae, f"layer {layer}")
     if c.layers > 1:
         raise ConfigError(
             f"layer {layer}: a cross-layer transcoder (layers={c.layers}) is not one layer's, "
-            "and a per-layer set holds one transcoder per layer"
-        )
-    if c.d_out != c.d_in:
-        raise ConfigError(
-            f"layer {layer}: circuit-tracer's transcoders predict a target as wide as their "
-            f"input; this one reads d_in={c.d_in} and predicts d_out={c.d_out}"
-        )
-    if c.normalize == "token":
-        raise ConfigError(
-            f"layer {layer}: circuit-tracer feeds raw activations and a per-token normalisation "
-            "cannot fold into the weights: train with --normalize dataset (a transcoder's "
-            "default) or none"
+            "and a per-layer set holds one transcoder per layer: export it alone"
         )
     if recorded_layer(sae) not in (None, layer):
         raise ConfigError(
@@ -87,7 +107,7 @@ def transcoder_tensors(sae: SAE, threshold: Threshold = "feature") -> dict[str, 
     if sae.cfg.sparsifier != "relu":
         theta = sae.thresholds(threshold).detach().cpu().clamp(min=0)  # [] or [F]
         theta = theta.to(w["W_enc"].dtype).expand(sae.cfg.num_latents).contiguous()
-        tensors["activation_function.threshold"] = theta
+        tensors[THRESHOLD] = theta
     return tensors
 
 
@@ -95,7 +115,8 @@ def write_config(
     path: Path, model_kind: str, scan: str, input_hook: str, output_hook: str, **files
 ) -> None:
     """circuit-tracer's config.yaml; `files` its own keys for the weights (a transcoder set's
-    `transcoders`: the layer files in layer order, as absolute paths)."""
+    `transcoders`: the layer files in layer order, as absolute paths; a cross-layer
+    transcoder's files are found by their names, so it has none)."""
     cfg = {
         "model_kind": model_kind,
         "feature_input_hook": input_hook,
@@ -143,4 +164,66 @@ def to_circuit_tracer(
         files.append(str(path / f"layer_{layer}.safetensors"))
         save_file(transcoder_tensors(sae, threshold), files[-1])
     write_config(path, "transcoder_set", scan, input_hook, output_hook, transcoders=files)
+    return path
+
+
+def check_clt(sae: SAE) -> None:
+    """Refuse a cross-layer transcoder that circuit-tracer's CrossLayerTranscoder cannot run."""
+    c = sae.cfg
+    check_runnable(sae, "the cross-layer transcoder")
+    if c.skip:
+        raise ConfigError(
+            "circuit-tracer's load_clt reads no skip path (W_skip) of a cross-layer transcoder: "
+            "train it without --skip"
+        )
+    hooks = names(c.hookpoint)
+    if hooks and [hook_layer(h) for h in hooks] != list(range(c.layers)):
+        raise ConfigError(
+            f"circuit-tracer's cross-layer transcoder spans every layer of the model from layer 0, "
+            f"in order; this one reads {c.hookpoint!r}: train it on a harvest of layers.*"
+        )
+
+
+def clt_files(sae: SAE, threshold: Threshold = "feature") -> dict[str, dict[str, Tensor]]:
+    """A cross-layer transcoder's files for circuit-tracer, {file name: tensors}, for raw inputs
+    and raw targets: `transcoder_tensors` of the whole model cut into its layers' blocks."""
+    L = sae.cfg.layers
+    F, d = sae.cfg.num_latents // L, sae.cfg.d_in // L
+    t = transcoder_tensors(sae, threshold)  # W_enc [L·F, L·d], W_dec [L·F, L·d], ...
+    files = {}
+    for i in range(L):
+        block, x = slice(i * F, (i + 1) * F), slice(i * d, (i + 1) * d)
+        enc = {f"W_enc_{i}": t["W_enc"][block, x], f"b_enc_{i}": t["b_enc"][block]}
+        enc[f"b_dec_{i}"] = t["b_dec"][x]
+        if THRESHOLD in t:
+            enc[f"threshold_{i}"] = t[THRESHOLD][block]
+        dec = {f"W_dec_{i}": t["W_dec"][block, i * d :].reshape(F, L - i, d)}  # outputs i … L−1
+        files[f"W_enc_{i}.safetensors"] = {n: w.contiguous() for n, w in enc.items()}
+        files[f"W_dec_{i}.safetensors"] = {n: w.contiguous() for n, w in dec.items()}
+    return files
+
+
+def to_circuit_tracer_clt(
+    sae: SAE,
+    path: str | Path,
+    *,
+    threshold: Threshold = "feature",
+    scan: str = "",
+    input_hook: str = INPUT_HOOK,
+    output_hook: str = OUTPUT_HOOK,
+) -> Path:
+    """Write the cross-layer transcoder `sae` (layers > 1, over every layer of the model) as
+    circuit-tracer's CrossLayerTranscoder in the folder `path`; load it with
+    `circuit_tracer.transcoder.cross_layer_transcoder.load_clt(path, feature_input_hook=...,
+    feature_output_hook=...)` with the hooks of its config.yaml (circuit-tracer's
+    `load_transcoders` reads a CLT from the Hugging Face Hub only). `threshold`, `scan`: as in
+    `to_circuit_tracer`."""
+    if sae.cfg.layers == 1:
+        raise ConfigError("a cross-layer transcoder has layers > 1: export a per-layer set")
+    check_clt(sae)
+    path = Path(path).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    for name, tensors in clt_files(sae, threshold).items():
+        save_file(tensors, path / name)
+    write_config(path, "cross_layer_transcoder", scan, input_hook, output_hook)
     return path

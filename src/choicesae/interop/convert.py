@@ -1,5 +1,6 @@
 """`choicesae export` and `choicesae import`: an SAE or transcoder to or from SAELens's or
-sparsify's format, and a set of per-layer transcoders to circuit-tracer's."""
+sparsify's format, and a set of per-layer transcoders or a cross-layer transcoder to
+circuit-tracer's."""
 
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ from choicesae.interop.circuit_tracer import (
     OUTPUT_HOOK,
     recorded_layer,
     to_circuit_tracer,
+    to_circuit_tracer_clt,
 )
 from choicesae.interop.saelens import from_saelens, to_saelens
 from choicesae.interop.sparsify import from_sparsify, to_sparsify
@@ -19,17 +21,19 @@ from choicesae.interop.sparsify import from_sparsify, to_sparsify
 
 @dataclass(frozen=True)
 class ExportConfig:
-    """Write a trained SAE in SAELens's or sparsify's format, or per-layer transcoders in
-    circuit-tracer's."""
+    """Write a trained SAE in SAELens's or sparsify's format, or per-layer transcoders or a
+    cross-layer transcoder in circuit-tracer's."""
 
     sae: str = ""
     """The SAE: a run folder (its sae/ is used) or a folder written by save_pretrained. For
-    circuit-tracer, one transcoder per layer of the model: comma-separated in layer order
-    (runs/l0,runs/l1,...), or a folder of runs (as train writes one per hookpoint of a store),
-    ordered by the layer each one's hookpoint names."""
+    circuit-tracer, one cross-layer transcoder's run (train --cross-layer), or one transcoder
+    per layer of the model: comma-separated in layer order (runs/l0,runs/l1,...), or a folder
+    of runs (as train writes one per hookpoint of a store), ordered by the layer each one's
+    hookpoint names."""
     format: Literal["saelens", "sparsify", "circuit-tracer"] = "saelens"
     """Target format: saelens (cfg.json + sae_weights.safetensors), sparsify (cfg.json +
-    sae.safetensors) or circuit-tracer (a transcoder set: config.yaml + layer_{i}.safetensors)."""
+    sae.safetensors) or circuit-tracer (config.yaml and a transcoder set's
+    layer_{i}.safetensors, or a cross-layer transcoder's W_enc_{i} and W_dec_{i}.safetensors)."""
     out: str = ""
     """Folder to write."""
     threshold: Literal["feature", "global"] = "feature"
@@ -104,8 +108,11 @@ def export(cfg: ExportConfig) -> Path:
     if cfg.format == "circuit-tracer":
         if not cfg.fold:
             raise ConfigError("circuit-tracer runs transcoders on raw activations: drop --no-fold")
-        return to_circuit_tracer(
-            load_layers(cfg.sae),
+        saes = load_layers(cfg.sae)
+        clt = len(saes) == 1 and saes[0].cfg.layers > 1  # one run over every layer
+        write = to_circuit_tracer_clt if clt else to_circuit_tracer
+        return write(
+            saes[0] if clt else saes,
             cfg.out,
             threshold=cfg.threshold,
             scan=cfg.scan,
