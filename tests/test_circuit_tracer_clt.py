@@ -148,7 +148,7 @@ def test_what_circuit_tracer_cannot_run_is_refused(tmp_path):
         to_circuit_tracer_clt(sae, tmp_path)
 
 
-def test_export_command_writes_a_clt_run_as_a_clt(tmp_path):
+def test_export_command_writes_a_clt_run_as_a_clt(tmp_path, capsys):
     ours = make_clt()
     ours.save_pretrained(tmp_path / "run" / "sae")
     args = ["export", "--sae", str(tmp_path / "run"), "--format", "circuit-tracer"]
@@ -158,6 +158,9 @@ def test_export_command_writes_a_clt_run_as_a_clt(tmp_path):
     w = load_file(tmp_path / "clt" / "W_dec_1.safetensors")["W_dec_1"]  # [F, L - 1, D]
     expected = ours.W_dec[F : 2 * F, D:] / ours.scale_out
     torch.testing.assert_close(w, expected.detach().view(F, L - 1, D))
+    args[-1] = "saelens"
+    assert main([*args, "--out", str(tmp_path / "saelens")]) == 2
+    assert "--format circuit-tracer" in capsys.readouterr().err
 
 
 def test_circuit_tracer_attributes_a_prompt_with_our_clt(tmp_path):

@@ -120,6 +120,11 @@ def export(cfg: ExportConfig) -> Path:
             output_hook=cfg.output_hook,
         )
     sae = load_any(cfg.sae)
+    if sae.cfg.layers > 1:
+        raise ConfigError(
+            f"{cfg.format} has no cross-layer transcoder (layers={sae.cfg.layers}): export it "
+            "with --format circuit-tracer"
+        )
     if cfg.format == "sparsify":
         return to_sparsify(sae, cfg.out, fold=cfg.fold, as_topk=cfg.as_topk)
     return to_saelens(sae, cfg.out, threshold=cfg.threshold, form=cfg.form, fold=cfg.fold)
