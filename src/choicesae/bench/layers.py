@@ -1,6 +1,7 @@
 """`choicesae bench layers`: per-layer transcoder sets, the replacement model of attribution
 graphs, on a slice of a causal LM's layers: TopK, Mutual and Feature Choice, each with and
-without a skip path, at the same k.
+without a skip path, at the same k; and cross-layer transcoders (the `clt_` methods) over the
+same slice at the same total L0, k per layer times the slice's L layers for the whole CLT.
 
 One forward pass harvests every layer's MLP input and output of the slice into one store
 (data/store.py), and the text that follows it, held out, into another; each (method, skip,
@@ -9,7 +10,10 @@ transcoder is measured on the held-out rows, each token encoded on its own (the 
 L0, FVU of its MLP's output and dead latents (none fired on the held-out rows). The set is then
 spliced in whole, every MLP of the slice replaced in one forward pass
 (evaluate.set_splice_metrics): CE loss recovered (against zero ablation of those MLPs), ΔCE and
-KL of the next-token distribution.
+KL of the next-token distribution. A CLT is one run (train --cross-layer) on the same store,
+measured on the same rows by `choicesae eval`'s cross-layer metrics (evaluation/cross_layer.py):
+each layer's L0 (how its selection spreads the budget over depth), FVU and dead latents, and
+every MLP of the slice replaced by its outputs in one pass.
 
 Results accumulate in OUT/results.jsonl (a set already there is not trained again), then
 OUT/table.md: mean ± std over seeds.
@@ -30,13 +34,24 @@ from choicesae.evaluation.evaluate import EvalConfig, evaluate, set_splice_metri
 from choicesae.training.many import train_many
 
 SPARSIFIERS = ("topk", "mutual_choice", "feature_choice")
+# a CLT method: (sparsifier, per_layer). Global selection spends the budget k·L over every
+# layer's latents at once; per-layer selection gives each layer k (SAEConfig.per_layer)
+CLT_METHODS = {
+    "clt_topk": ("topk", False),
+    "clt_topk_per_layer": ("topk", True),
+    "clt_mutual_choice": ("mutual_choice", False),
+    "clt_mutual_choice_per_layer": ("mutual_choice", True),
+    "clt_feature_choice": ("feature_choice", False),
+}
+METHODS = (*SPARSIFIERS, *CLT_METHODS)
 SETTINGS = ("model", "layers", "k", "expansion", "tokens", "steps", "batch_size", "heldout_tokens")
 
 
 @dataclass(frozen=True)
 class LayersBenchConfig:
     """Per-layer transcoder sets on a slice of layers (every MLP of the slice replaced),
-    every sparsifier with and without skip, at the same k (table over seeds)."""
+    every sparsifier with and without skip, at the same k, and cross-layer transcoders at k
+    per layer (table over seeds)."""
 
     out: str = ""
     """Folder of the stores, runs, results.jsonl and table.md; empty: runs/bench-layers."""
@@ -46,13 +61,15 @@ class LayersBenchConfig:
     layers: str = "14,15"
     """Comma-separated layer indices: the slice whose MLPs the set replaces."""
     methods: str = ",".join(SPARSIFIERS)
-    """Comma-separated sparsifiers."""
+    """Comma-separated methods: per-layer sets (topk, mutual_choice, feature_choice) and
+    cross-layer transcoders at the same total L0 (clt_topk, clt_topk_per_layer,
+    clt_mutual_choice, clt_mutual_choice_per_layer, clt_feature_choice)."""
     skips: str = "false,true"
     """Train without (false) and with (true) the skip path W_skip."""
     k: int = 32
-    """Target L0 of every transcoder."""
+    """Target L0 of every transcoder (a CLT's: k times the slice's layers)."""
     expansion: int = 4
-    """Latents per transcoder as a multiple of the MLP's input width."""
+    """Latents per transcoder (per layer of a CLT) as a multiple of the MLP's input width."""
     tokens: int = 98_304
     """Training rows harvested from the default corpus."""
     steps: int = 200
@@ -71,10 +88,8 @@ class LayersBenchConfig:
     """Show the harvests' and runs' progress bars."""
 
     def __post_init__(self):
-        if not self.method_list or set(self.method_list) - set(SPARSIFIERS):
-            raise ConfigError(
-                f"methods must be among {', '.join(SPARSIFIERS)}, got {self.methods!r}"
-            )
+        if not self.method_list or set(self.method_list) - set(METHODS):
+            raise ConfigError(f"methods must be among {', '.join(METHODS)}, got {self.methods!r}")
         if not self.skip_list or not set(self.skips.split(",")) <= {"false", "true"}:
             raise ConfigError(f"skips must be false, true or both, got {self.skips!r}")
         if not self.layer_list:
@@ -126,16 +141,73 @@ def stores(cfg: LayersBenchConfig) -> tuple[Store, Store]:
     return found[0], found[1]
 
 
+def train_config(cfg: LayersBenchConfig, train_store: Store, method, skip, seed) -> TrainConfig:
+    """The run of (method, skip, seed) on the slice's store: one transcoder per layer at k, or
+    one CLT over the slice at k per layer (k·L in all)."""
+    clt = method in CLT_METHODS
+    L = len(cfg.layer_list) if clt else 1  # the layers of one model
+    sparsifier, per_layer = CLT_METHODS.get(method, (method, False))
+    return TrainConfig(
+        store=str(train_store.path), transcoder=True, cross_layer=clt,
+        sae=SAEConfig(
+            sparsifier=sparsifier, k=cfg.k * L, expansion=cfg.expansion, skip=skip, layers=L,
+            per_layer=per_layer,
+        ),
+        steps=cfg.steps, batch_size=cfg.batch_size, seed=seed,
+        out=str(cfg.folder / "runs" / f"{method}{'-skip' if skip else ''}-seed{seed}"),
+        overwrite=True, device=cfg.device, progress=cfg.progress,
+    )  # fmt: skip
+
+
 def run_set(cfg: LayersBenchConfig, train_store: Store, heldout: Store, method, skip, seed) -> dict:
+    """Train the slice's transcoders from one read (or its CLT), measure each layer on the
+    held-out rows and the set spliced in whole."""
+    train_cfg = train_config(cfg, train_store, method, skip, seed)
+    if train_cfg.cross_layer:
+        measured = run_clt(cfg, train_cfg, heldout)
+    else:
+        measured = run_per_layer(cfg, train_cfg, heldout)
+    return {
+        "method": method,
+        "skip": skip,
+        "seed": seed,
+        **{name: getattr(cfg, name) for name in SETTINGS},
+        **measured,
+    }
+
+
+def run_clt(cfg: LayersBenchConfig, train_cfg: TrainConfig, heldout: Store) -> dict:
+    """Train the CLT and measure it on the held-out rows: each layer's L0, FVU and dead
+    latents, and every MLP of the slice replaced by it in one pass."""
+    train_many(train_cfg)
+    eval_cfg = EvalConfig(
+        run=train_cfg.out, store=str(heldout.path), max_tokens=cfg.heldout_tokens,
+        splice_contexts=cfg.splice_contexts, report=False, seed=train_cfg.seed,
+        device=cfg.device,
+    )  # fmt: skip
+    result = evaluate(eval_cfg)
+    layers = result["layers"]
+    per_layer = [
+        {"l0": l0, "fvu": fvu, "dead": dead}
+        for l0, fvu, dead in zip(layers["l0"], layers["fvu"], layers["dead"], strict=True)
+    ]
+    return {"per_layer": per_layer, **spliced(result["splice"])}
+
+
+def spliced(result: dict) -> dict:
+    """A record's downstream losses, of splice.replaced_set's result."""
+    return {
+        "loss_recovered": result["loss_recovered"]["transcoders"],
+        "delta_ce": result["delta_loss"]["transcoders"],
+        "kl": result["kl"]["transcoders"],
+        "ce_clean": result["losses"]["clean"],
+    }
+
+
+def run_per_layer(cfg: LayersBenchConfig, train_cfg: TrainConfig, heldout: Store) -> dict:
     """Train the slice's transcoders from one read, measure each on the held-out rows and the
     set spliced in whole."""
-    out = cfg.folder / "runs" / f"{method}{'-skip' if skip else ''}-seed{seed}"
-    train_cfg = TrainConfig(
-        store=str(train_store.path), transcoder=True,
-        sae=SAEConfig(sparsifier=method, k=cfg.k, expansion=cfg.expansion, skip=skip),
-        steps=cfg.steps, batch_size=cfg.batch_size, seed=seed, out=str(out), overwrite=True,
-        device=cfg.device, progress=cfg.progress,
-    )  # fmt: skip
+    out, seed = Path(train_cfg.out), train_cfg.seed
     saes = train_many(train_cfg)
     per_layer = []
     for sae in saes:
@@ -148,18 +220,8 @@ def run_set(cfg: LayersBenchConfig, train_store: Store, heldout: Store, method, 
         per_layer.append(
             {"l0": result["l0"], "fvu": result["fvu_raw"], "dead": result["allocation"]["dead"]}
         )
-    spliced = set_splice_metrics(saes, heldout, cfg.splice_contexts, cfg.batch_size)
-    return {
-        "method": method,
-        "skip": skip,
-        "seed": seed,
-        **{name: getattr(cfg, name) for name in SETTINGS},
-        "per_layer": per_layer,
-        "loss_recovered": spliced["loss_recovered"]["transcoders"],
-        "delta_ce": spliced["delta_loss"]["transcoders"],
-        "kl": spliced["kl"]["transcoders"],
-        "ce_clean": spliced["losses"]["clean"],
-    }
+    set_result = set_splice_metrics(saes, heldout, cfg.splice_contexts, cfg.batch_size)
+    return {"per_layer": per_layer, **spliced(set_result)}
 
 
 def layers_bench(cfg: LayersBenchConfig) -> Path:
@@ -188,16 +250,18 @@ def layers_bench(cfg: LayersBenchConfig) -> Path:
 
 
 def table(cfg: LayersBenchConfig, records: list[dict]) -> str:
-    """Mean ± std over seeds of each (method, skip): per-layer L0, FVU and dead latents, and the
-    whole set's CE loss recovered, ΔCE and KL."""
+    """Mean ± std over seeds of each (method, skip): the L0 of all layers together (the
+    budget), per-layer L0 (how it spreads over depth), FVU and dead latents, and the whole
+    set's CE loss recovered, ΔCE and KL."""
     layers = cfg.layer_list
     per_layer = [f"L0 {i} | FVU {i} | dead {i}" for i in layers]
     head = (
-        f"{cfg.model}: MLPs of layers {cfg.layers} replaced, k {cfg.k}, F = {cfg.expansion} x d, "
+        f"{cfg.model}: MLPs of layers {cfg.layers} replaced, k {cfg.k} per layer (a CLT's "
+        f"{cfg.k * len(layers)} over all), F = {cfg.expansion} x d per layer, "
         f"{cfg.steps} x {cfg.batch_size} tokens, held-out {cfg.heldout_tokens} rows and "
         f"{cfg.splice_contexts} contexts\n\n"
-        f"| method | skip | {' | '.join(per_layer)} | CE loss recovered | ΔCE | KL |\n"
-        "|---|---|" + "---|" * (3 * len(layers) + 3)
+        f"| method | skip | L0 | {' | '.join(per_layer)} | CE loss recovered | ΔCE | KL |\n"
+        "|---|---|---|" + "---|" * (3 * len(layers) + 3)
     )
     lines = [head]
     for method in cfg.method_list:
@@ -205,7 +269,8 @@ def table(cfg: LayersBenchConfig, records: list[dict]) -> str:
             rows = [r for r in records if (r["method"], r["skip"]) == (method, skip)]
             if not rows:
                 continue
-            cells = [
+            cells = [_cell([sum(layer["l0"] for layer in r["per_layer"]) for r in rows])]
+            cells += [
                 _cell([r["per_layer"][j][key] for r in rows])
                 for j in range(len(layers))
                 for key in ("l0", "fvu", "dead")

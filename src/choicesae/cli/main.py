@@ -111,7 +111,8 @@ COMMANDS = {
         _bench,
         "Compare every sparsifier at matched L0 (docs/results.md); `bench synthsaebench "
         "--help`: on SAELens's SynthSAEBench; `bench transcoder --help`: transcoders "
-        "against SAEs; `bench layers --help`: per-layer transcoder sets.",
+        "against SAEs; `bench layers --help`: per-layer transcoder sets and cross-layer "
+        "transcoders.",
     ),
 }
 # `bench TARGET`: targets with settings of their own, in place of the paper bench's
@@ -129,7 +130,8 @@ BENCH_TARGETS = {
     "layers": (
         LayersBenchConfig,
         _layers_bench,
-        "Per-layer transcoder sets, every MLP of a slice replaced (`choicesae bench layers`).",
+        "Per-layer transcoder sets and cross-layer transcoders at the same total L0, every MLP "
+        "of a slice replaced (`choicesae bench layers`).",
     ),
 }
 # commands whose main setting may also be given positionally: `choicesae hookpoints MODEL`
