@@ -140,6 +140,9 @@ def test_what_circuit_tracer_cannot_run_is_refused(tmp_path):
     sae.cfg = dataclasses.replace(sae.cfg, hookpoint=HOOKS.replace("layers.0", "layers.5"))
     with pytest.raises(ConfigError, match="every layer of the model from layer 0"):
         to_circuit_tracer_clt(sae, tmp_path)
+    (tmp_path / "W_enc_3.safetensors").touch()  # a 4-layer CLT's, exported here before
+    with pytest.raises(ConfigError, match="W_enc_3.safetensors of another export"):
+        to_circuit_tracer_clt(make_clt(), tmp_path)
     with pytest.raises(ConfigError, match="export it alone"):
         to_circuit_tracer([make_clt()], tmp_path)
     sae = make_clt()

@@ -222,8 +222,13 @@ def to_circuit_tracer_clt(
         raise ConfigError("a cross-layer transcoder has layers > 1: export a per-layer set")
     check_clt(sae)
     path = Path(path).resolve()
+    files = clt_files(sae, threshold)
+    found = [*path.glob("W_enc_*.safetensors"), *path.glob("W_dec_*.safetensors")]
+    stale = sorted(p.name for p in found if p.name not in files)
+    if stale:  # load_clt counts the layers by the W_enc_* files in the folder
+        raise ConfigError(f"{path} holds {', '.join(stale)} of another export: use a new folder")
     path.mkdir(parents=True, exist_ok=True)
-    for name, tensors in clt_files(sae, threshold).items():
+    for name, tensors in files.items():
         save_file(tensors, path / name)
     write_config(path, "cross_layer_transcoder", scan, input_hook, output_hook)
     return path
