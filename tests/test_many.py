@@ -189,3 +189,15 @@ def test_a_wide_harvest_builds_smaller_shards_of_the_same_rows(
     assert narrow.manifest["contexts_per_shard"] == 4  # one batch of 4 contexts, 252 rows
     assert max(s["rows"] for s in narrow.manifest["shards"]) == 4 * 63 < 300
     assert torch.equal(narrow[:], layers[:])
+
+
+def test_a_store_from_before_skip_and_model_dtype_is_the_same_harvest(gpt2, text, tmp_path):
+    """Stores harvested before --skip and --model-dtype existed lack them in their manifest:
+    the same harvest finds them complete rather than refusing them as another one."""
+    cfg = config(gpt2, text, tmp_path / "s", hookpoint="h.1")
+    first = harvest(cfg)
+    manifest = json.loads((first.path / "manifest.json").read_text())
+    del manifest["skip"], manifest["model_dtype"]
+    (first.path / "manifest.json").write_text(json.dumps(manifest))
+    again = harvest(cfg)  # complete: read back, nothing harvested or refused
+    assert torch.equal(again[:], first[:])

@@ -39,9 +39,10 @@ from choicesae.errors import ConfigError, DataError
 FORMAT = 1
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _NUMPY = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}  # bf16 as bits
-LATER_FIELDS = {"target": "", "d_target": 0, "columns": None}
-"""Manifest fields added after the first stores, with what their absence means: no target, and
-one hookpoint (and target) as the columns."""
+LATER_FIELDS = {"target": "", "d_target": 0, "columns": None, "skip": 0, "model_dtype": "float32"}
+"""Manifest fields added after the first stores, with what their absence means: no target, one
+hookpoint (and target) as the columns, no text skipped, the model run in float32 (so that such
+a store is still found complete, or resumed, by the same harvest)."""
 BLOCK_ROWS = 4096  # contiguous rows read at once: long sequential reads, shuffled afterwards
 
 
