@@ -13,11 +13,10 @@ import threading
 from collections import deque
 from collections.abc import Iterator
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from choicesae.data.store import Store
+from choicesae.data.store import DTYPES, Store
 
 LEAD = 2  # batches a reader may draw ahead of the slowest
 
@@ -40,7 +39,7 @@ class SharedRead:
     @property
     def bytes_read(self) -> int:
         """Bytes of activations drawn from the store (whole rows, storage dtype)."""
-        return self.rows_read * self.store.width * np.dtype(_ITEM[self.store.dtype]).itemsize
+        return self.rows_read * self.store.width * DTYPES[self.store.dtype].itemsize
 
     def readers(self) -> list["Reader"]:
         """One row source per hookpoint, in order: what `train` reads for its model."""
@@ -81,9 +80,6 @@ class SharedRead:
                 if not stream.active:
                     del self.streams[key]
             self.cond.notify_all()
-
-
-_ITEM = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
 
 
 class _Stream:
