@@ -140,6 +140,19 @@ def test_loss_and_gradients_equal_a_plain_loop(sparsifier, per_layer, ops):
         torch.testing.assert_close(getattr(sae, name).grad, g, atol=1e-5, rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("feature_major", [False, True])
+def test_block_product_equals_the_dense_product(feature_major):
+    """The encoder's product over W_enc's diagonal blocks equals the whole dense product, for
+    the CLT and for a shard of its latents (which takes the dense product itself)."""
+    sae, (x, _) = clt("mutual_choice"), data()
+    dense = x @ sae.W_enc
+    z = sae.product(x, feature_major)
+    torch.testing.assert_close(z.t() if feature_major else z, dense)
+    assert not feature_major or z.is_contiguous()
+    shard = SAE(sae.cfg, latents=slice(3, 17), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(shard.product(x), x @ shard.W_enc)
+
+
 def test_skip_path_is_one_per_layer():
     sae, (x, y) = clt("topk", per_layer=True, skip=True), data()
     none = torch.zeros(L * F, dtype=torch.bool)
@@ -339,6 +352,9 @@ def test_eval_reports_every_layer(trained, llama_store, tmp_path):
     cfg = EvalConfig(run=str(trained[1]), store=str(llama_store.path), out=str(tmp_path))
     got = evaluate(dataclasses.replace(cfg, splice_contexts=4, max_tokens=512, report=False))
     assert len(got["layers"]["fvu"]) == L and "transcoders" in got["splice"]["losses"]
+    # thresholds estimated again, on the whole rows of the run's own store
+    again = evaluate(dataclasses.replace(cfg, calibrate=str(llama_store.path), report=False))
+    assert again["thresholds"]["estimated_by"] == "eval" and len(again["layers"]["fvu"]) == L
 
 
 # ---- feature sharding: 2 processes, each a slice of every layer's latents --------------------
@@ -350,11 +366,15 @@ def sharded_rows() -> tuple[torch.Tensor, torch.Tensor]:
     return x, (x * 2).tanh().cumsum(1)  # each output reads its own and earlier inputs
 
 
-def sharded_config(out, sparsifier: str, **kw) -> TrainConfig:
+PER_LAYER = ("mutual_choice", "topk")  # what --per-layer selects within each block
+
+
+def sharded_config(out, sparsifier: str, per_layer=False, **kw) -> TrainConfig:
+    sae = SAEConfig(sparsifier, k=K, num_latents=L * F, layers=L, skip=True, per_layer=per_layer)
     return TrainConfig(
         out=str(out),
         transcoder=True,
-        sae=SAEConfig(sparsifier=sparsifier, k=K, num_latents=L * F, layers=L, skip=True),
+        sae=sae,
         batch_size=64,
         steps=10,
         lr=1e-2,
@@ -366,9 +386,11 @@ def sharded_config(out, sparsifier: str, **kw) -> TrainConfig:
     )
 
 
-def test_two_feature_shards_equal_one_process(tmp_path):
-    """Rank r holds latents [r·L·F/2, (r+1)·L·F/2): a shard cuts across layer blocks, and the
-    selections over all latents, the masks and the clipping stay the one-process ones."""
+def test_two_processes_equal_one(tmp_path):
+    """--parallel features: rank r holds latents [r·L·F/2, (r+1)·L·F/2), a shard cutting across
+    layer blocks, and the selections over all latents, the masks and the clipping stay the
+    one-process ones. --parallel data with --per-layer: each layer's block selects over the
+    global batch, as one process does."""
     import os
     import subprocess
     import sys
@@ -381,9 +403,12 @@ def test_two_feature_shards_equal_one_process(tmp_path):
         [*cmd, "2", str(worker), str(tmp_path)], capture_output=True, text=True, env=env
     )
     assert done.returncode == 0, done.stderr[-4000:]
-    for sparsifier in ("mutual_choice", "feature_choice", "topk"):
-        single = train(sharded_config(tmp_path / "one" / sparsifier, sparsifier), sharded_rows())
-        both = SAE.from_pretrained(tmp_path / sparsifier / "sae")
+    runs = [(s, s, False) for s in ("mutual_choice", "feature_choice", "topk")]
+    runs += [(f"data-{s}", s, True) for s in PER_LAYER]
+    for run, sparsifier, per_layer in runs:
+        cfg = sharded_config(tmp_path / "one" / run, sparsifier, per_layer)
+        single = train(cfg, sharded_rows())
+        both = SAE.from_pretrained(tmp_path / run / "sae")
         for name, t in single.state_dict().items():
             torch.testing.assert_close(
                 both.state_dict()[name], t, rtol=1e-4, atol=1e-5, equal_nan=True, msg=name

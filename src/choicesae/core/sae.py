@@ -139,7 +139,23 @@ class SAE(nn.Module):
 
     def pre_acts(self, x: Tensor) -> Tensor:
         """Affinities z' [B, F] of normalized inputs x [B, d_in]."""
-        return self.centred(x) @ self.W_enc + self.b_enc
+        return self.product(self.centred(x)) + self.b_enc
+
+    def product(self, xc: Tensor, feature_major: bool = False) -> Tensor:
+        """The encoder's one dense product xc W_enc [B, F] of centred inputs (feature_major:
+        its transpose [F, B], contiguous). A cross-layer transcoder that holds all its latents
+        multiplies only the L diagonal blocks of its block-diagonal W_enc (`layer_mask`): 1/L of
+        the dense product's work, the same values. A shard of one (feature sharding) cuts
+        across blocks and takes the dense product."""
+        L = self.cfg.layers
+        if L == 1 or self.latents != slice(0, self.cfg.num_latents):
+            return torch.mm(self.W_enc.t(), xc.t()) if feature_major else xc @ self.W_enc
+        W = self.W_enc.unflatten(0, (L, -1)).unflatten(2, (L, -1))  # [L, d, L, f]
+        W = W.diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # block l: [d, f]
+        x = xc.unflatten(1, (L, -1)).transpose(0, 1)  # [L, B, d]
+        if feature_major:
+            return torch.bmm(W.transpose(1, 2), x.transpose(1, 2)).flatten(0, 1)
+        return torch.bmm(x, W).transpose(0, 1).flatten(1)
 
     def as_input(self, x: Tensor | np.ndarray) -> Tensor:
         """Inputs [B, d_in] as a tensor in the weights' dtype and on their device: a numpy array

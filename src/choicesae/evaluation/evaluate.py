@@ -156,16 +156,22 @@ def calibrate_thresholds_(
     return estimate_thresholds_(sae, list(x_n.split(batch_size)), codes)
 
 
-def calibration_source(cfg: EvalConfig, train_cfg: dict, hookpoint: str) -> Rows:
-    """The calibration data named by --calibrate, else the run's training data (of a store of
-    several hookpoints, the SAE's `hookpoint`)."""
+def sae_store(path: str | Path, sae: SAE) -> Store:
+    """The store at `path` as `sae` reads it: of a store of several hookpoints, the SAE's own
+    hookpoint, or a cross-layer transcoder's whole rows."""
+    return open_store(path, sae.cfg.hookpoint, sae.cfg.layers > 1)
+
+
+def calibration_source(cfg: EvalConfig, train_cfg: dict, sae: SAE) -> Rows:
+    """The calibration data named by --calibrate, else the run's training data, as `sae` reads
+    it (`sae_store`)."""
     source = cfg.calibrate or train_cfg.get("store") or train_cfg.get("activations")
     if not source or not Path(source).exists():
         raise DataError(
             f"the run's training data {source!r} is not here to calibrate the "
             "thresholds on; pass --calibrate STORE_OR_FILE (from Python: calibrate=rows)"
         )
-    return open_store(source, hookpoint) if Path(source).is_dir() else load_activations(source)
+    return sae_store(source, sae) if Path(source).is_dir() else load_activations(source)
 
 
 def first_tokens(manifest: dict, n: int) -> Tensor:
@@ -339,12 +345,8 @@ def evaluate(
     B = cfg.batch_size or train_cfg.get("batch_size", 0)
     if not B:
         raise ConfigError("an SAE without its run needs EvalConfig(batch_size=its training's)")
-    cross = sae.cfg.layers > 1  # a cross-layer transcoder reads the store's whole rows
-    rows = (
-        open_store(cfg.store, sae.cfg.hookpoint, cross)
-        if activations is None
-        else as_rows(activations)
-    )
+    cross = sae.cfg.layers > 1  # a cross-layer transcoder: per-layer metrics and splice
+    rows = sae_store(cfg.store, sae) if activations is None else as_rows(activations)
     what = f"store {cfg.store}" if activations is None else "held-out activations"
     check_rows(rows, sae, what)
     fitted = thresholds_to_use(sae, cfg, train_cfg, calibrate, B)
@@ -381,11 +383,7 @@ def thresholds_to_use(
         saved = {"threshold_global": float(sae.threshold_global)}
         saved["threshold_feature_mean"] = float(sae.threshold.mean())
         return {"estimated_by": "saved"} | saved  # by training, or in the SAE's file
-    source = (
-        calibration_source(cfg, train_cfg, sae.cfg.hookpoint)
-        if calibrate is None
-        else as_rows(calibrate)
-    )
+    source = calibration_source(cfg, train_cfg, sae) if calibrate is None else as_rows(calibrate)
     fitted = calibrate_thresholds_(sae, source, batch_size, cfg.calibration_tokens, cfg.seed)
     return {"estimated_by": "eval"} | fitted
 

@@ -18,6 +18,8 @@ rows each, W ranks). The step is the one-process step on the concatenated batch:
 per rank), with the gradients and counts still summed.
 """
 
+from functools import partial
+
 import torch
 from torch import Tensor
 
@@ -32,6 +34,7 @@ from choicesae.parallel.comm import (
     pairs_of,
     ties_taken,
 )
+from choicesae.step import kernels
 from choicesae.step.kernels import Pairs
 from choicesae.step.ops import Local
 
@@ -93,8 +96,9 @@ class DataParallel(Local):
     the global batch (the local ones under --distributed-selection local), and the loss,
     gradients and counts summed over ranks by `reduce`."""
 
-    def __init__(self, world: World, global_selection: bool = True):
-        self.world, self.global_selection = world, global_selection
+    def __init__(self, world: World, global_selection: bool = True, layers: int = 1):
+        """`layers` > 1: select within each of a per-layer CLT's layer blocks (per_layer)."""
+        self.world, self.global_selection, self.layers = world, global_selection, layers
 
     def capacities(self, sae, batch_size: int, k: int) -> Tensor:
         """Feature Choice's capacities for the batch the selection spans."""
@@ -107,7 +111,10 @@ class DataParallel(Local):
         if name not in GLOBAL:
             raise ConfigError(f"sparsifier {name!r} has no selection over the global batch")
         form = GLOBAL[name]
-        return None if form is None else form(z_pre, k, m, self.world)
+        if form is None:
+            return None
+        index = partial(form, world=self.world)
+        return (kernels.per_layer(index, self.layers) if self.layers > 1 else index)(z_pre, k, m)
 
     def reduce(self, sae, result, y: Tensor, fired: Tensor, cfg):
         return reduce_step(sae, result, y, self.world, fired, aux_rows(sae.cfg.k, cfg.k_aux))

@@ -179,9 +179,13 @@ def index_form(sae, name: str):
     """The index form (z', k, m) -> Pairs | None of sparsifier `name` for `sae`: INDEX's, or
     within each layer's block of a cross-layer transcoder's latents (cfg.per_layer, as
     SAE.rule)."""
-    index, layers = INDEX[name], sae.cfg.layers
-    if not sae.cfg.per_layer:
-        return index
+    return per_layer(INDEX[name], sae.cfg.layers) if sae.cfg.per_layer else INDEX[name]
+
+
+def per_layer(index, layers: int):
+    """The index form `index` (z', k, m) -> Pairs | None applied within each of `layers`
+    blocks of z' [B, L·F] with budget k / L, capacities m [L·F] cut the same way, the pairs
+    of the blocks joined; None where a block's is None."""
 
     def within(z_pre: Tensor, k: int, m: Tensor | None) -> Pairs | None:
         B, F = z_pre.shape
@@ -291,10 +295,10 @@ def pre_acts(sae, x: Tensor, feature_major: bool = False) -> Tensor:
     Feature Choice's per-feature top-k reads contiguous rows. The bias is added in place: on CPU
     addmm's broadcast copy of it costs several times more."""
     with torch.no_grad():
-        xc = sae.centred(x)  # [B, d]
+        z = sae.product(sae.centred(x), feature_major)
         if feature_major:
-            return torch.mm(sae.W_enc.t(), xc.t()).add_(sae.b_enc[:, None]).t()
-        return torch.mm(xc, sae.W_enc).add_(sae.b_enc)
+            return z.add_(sae.b_enc[:, None]).t()
+        return z.add_(sae.b_enc)
 
 
 def encode_pairs(

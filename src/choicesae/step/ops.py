@@ -95,7 +95,7 @@ class Dense:
         return self
 
     def affinities(self, sae, x: Tensor, sparsifier: str) -> Tensor:
-        return self.backend.replicated(sae.centred(x)) @ sae.W_enc + sae.b_enc  # SAE.pre_acts
+        return sae.product(self.backend.replicated(sae.centred(x))) + sae.b_enc  # SAE.pre_acts
 
     def codes(self, sae, x: Tensor, z: Tensor, sparsifier: str, wanted: dict) -> dict:
         return {name: self.code(sae, z, sparsifier, want) for name, want in wanted.items()}

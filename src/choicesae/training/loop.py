@@ -283,15 +283,16 @@ def step_ops(cfg: TrainConfig, world: World = SINGLE):
     backend of the run's layout: one process, data parallel (selections over the global batch,
     or each rank's own with --distributed-selection local) or feature sharded."""
     backend = LOCAL
-    if cfg.sae.per_layer and world.size > 1:
-        raise ConfigError(
-            "per_layer selects within each layer's block, which the backends of several "
-            "processes do not do yet: train it on one process"
-        )
     if features.feature_sharded(cfg, world):  # --parallel features
+        if cfg.sae.per_layer:
+            raise ConfigError(
+                "per_layer selects within each layer's block, which --parallel features (whose "
+                "shards cut across the blocks) does not do yet: use --parallel data"
+            )
         backend = features.FeatureSharded(world, cfg.sae.num_latents)
     elif world.size > 1:
-        backend = DataParallel(world, cfg.distributed_selection == "global")
+        layers = cfg.sae.layers if cfg.sae.per_layer else 1
+        backend = DataParallel(world, cfg.distributed_selection == "global", layers)
     return (Sparse if cfg.kernels == "sparse" else Dense)(backend)
 
 
