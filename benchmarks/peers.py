@@ -6,14 +6,17 @@ training time each needs to reach sparsify's final FVU, in one run and one table
     .venv/bin/python benchmarks/peers.py --steps 20 --eval-every 10 --num-latents 768 \\
         --batch-size 1024 --heldout 5000                                # a quick look
     ... benchmarks/peers.py --lr-sweep      # every method on a grid around its default lr
+    ... benchmarks/peers.py --merge runs/peers/s0 runs/peers/s1 runs/peers/s2   # over seeds
 
 The last --heldout rows of the store are held out; training takes the first steps x batch-size
 rows of the others (all of them when fewer, reused pass after pass). Every library draws its
 batches with choicesae.data.activations.batches(rows, batch_size, seed), and the run checks that
 all of them trained on the same batches in the same order. One CPU thread each (--threads).
 Every method trains at its library's default learning rate; with --lr-sweep at each factor of
-choicesae.bench.lr_sweep.LR_FACTORS times it too, on the same batches, and the table gives each
-row twice: at the default, and at the factor of the lowest final held-out FVU ("best lr").
+--lr-grid (choicesae.bench.lr_sweep.LR_FACTORS by default) times it too, on the same batches, and
+the table gives each row twice: at the default, and at the factor of the lowest final held-out
+FVU ("best lr"). --merge reads the curves of runs that differ in --seed alone and gives their
+final points as mean ± std over seeds, the best lr that of the lowest mean FVU.
 
   sparsify_topk   EleutherAI sparsify's default training (sparsify/trainer.py) replayed on the
                   stored activations: SparseCoder TopK, b_dec at the first batch's mean, the FVU
@@ -103,10 +106,20 @@ def parse() -> argparse.Namespace:
     p.add_argument(
         "--lr-sweep",
         action="store_true",
-        help=f"also train every method at {', '.join(map(str, LR_FACTORS))} x its default lr",
+        help="also train every method at the --lr-grid factors x its default lr",
+    )
+    p.add_argument(
+        "--lr-grid",
+        default=",".join(map(str, LR_FACTORS)),
+        help="comma-separated factors of each library's default lr, 1 included: %(default)s",
+    )
+    p.add_argument(
+        "--merge", nargs="+", type=Path, help="--out folders of several seeds: their table"
     )
     p.add_argument("--out", type=Path, default=Path("runs/peers"), help="work folder")
     args = p.parse_args()
+    if args.merge:
+        return args
     args.methods = args.methods.split(",")
     unknown = sorted(set(args.methods) - set(METHODS))
     if unknown:
@@ -362,6 +375,7 @@ def commit() -> str:
 def header(args: argparse.Namespace, x_train: Tensor, store_rows: int) -> str:
     versions = {name: importlib.metadata.version(name) for name in ("torch", "eai-sparsify")}
     tokens = args.steps * args.batch_size
+    factors = lr_factors(args.lr_sweep, args.lr_grid)
     return (
         f"choicesae {commit()}, torch {versions['torch']}, sparsify "
         f"{versions['eai-sparsify']}; {args.threads} thread(s)\n"
@@ -369,18 +383,63 @@ def header(args: argparse.Namespace, x_train: Tensor, store_rows: int) -> str:
         f"first {len(x_train):,}, FVU on the last {args.heldout:,} (raw activations)\n"
         f"F = {args.num_latents}, k = {args.k}, batch {args.batch_size}, {args.steps} steps = "
         f"{tokens:,} tokens, seed {args.seed}, measured every {args.eval_every} steps; "
-        f"learning rates: each library's default x {', '.join(map(str, lr_factors(args.lr_sweep)))}"
+        f"learning rates: each library's default x {', '.join(map(str, factors))}"
     )
+
+
+def merged(folders: list[Path]) -> str:
+    """The final held-out points of runs of several seeds (their curves.json), as mean ± std
+    over seeds of each row and lr factor they all hold: the row at its default lr and at the
+    factor of the lowest mean FVU, and each seed's FVU ÷ sparsify's at the same label."""
+    seeds = [json.loads((f / "curves.json").read_text()) for f in folders]
+    last = {  # row -> factor -> [the seeds' final points]
+        row: {
+            float(f): [s[row][f][-1] for s in seeds]
+            for f in by_lr
+            if all(row in s and f in s[row] for s in seeds)
+        }
+        for row, by_lr in seeds[0].items()
+    }
+
+    def cell(points: list[dict], key: str, digits: int) -> str:
+        v = torch.tensor([float(p[key]) for p in points], dtype=torch.float64)
+        return f"{v.mean():.{digits}f} ± {v.std(correction=0):.{digits}f}"
+
+    chosen = {
+        row: default_and_best({f: sum(p["fvu"] for p in ps) / len(ps) for f, ps in by.items()})
+        for row, by in last.items()
+    }
+    refs = {label: last[REFERENCE][f] for label, f in chosen[REFERENCE]}
+    lines = [
+        f"{len(folders)} seeds ({', '.join(map(str, folders))}): final held-out points, mean ± std",
+        "",
+        "| method | lr | L0 | FVU | dead % | FVU ÷ sparsify |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for row, rows in chosen.items():
+        for label, f in rows:
+            points = last[row][f]
+            ratios = [{"r": p["fvu"] / r["fvu"]} for p, r in zip(points, refs[label], strict=True)]
+            name = row if label == "default" else f"{row}, best lr"
+            lines.append(
+                f"| {name} | {lr_cell(points[0]['lr'], float(f))} | {cell(points, 'l0', 1)} | "
+                f"{cell(points, 'fvu', 4)} | {cell(points, 'dead_pct', 1)} | "
+                f"{cell(ratios, 'r', 3)} |"
+            )
+    return "\n".join(lines)
 
 
 def main() -> None:
     args = parse()
+    if args.merge:
+        print(merged(args.merge))
+        return
     torch.set_num_threads(args.threads)
     x_train, x_test, store_rows = load_rows(args)
     lrs = {  # (method, factor) -> its learning rate
         (method, factor): factor * default_lr(method, args.num_latents)
         for method in args.methods
-        for factor in lr_factors(args.lr_sweep)
+        for factor in lr_factors(args.lr_sweep, args.lr_grid)
     }
     rows = {run: SameBatches(x_train) for run in lrs}
     runs = {run: trained(run[0], rows[run], args, lr) for run, lr in lrs.items()}

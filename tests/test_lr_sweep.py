@@ -2,7 +2,10 @@
 
 import itertools
 
+import pytest
+
 from choicesae.bench.lr_sweep import LR_FACTORS, default_and_best, lr_cell, lr_factors
+from choicesae.errors import ConfigError
 
 
 def test_the_grid_is_factors_of_two_around_the_default():
@@ -10,6 +13,14 @@ def test_the_grid_is_factors_of_two_around_the_default():
     assert all(b == 2 * a for a, b in itertools.pairwise(LR_FACTORS))
     assert LR_FACTORS[0] < 1.0 < LR_FACTORS[-1]  # the default is not at the grid's edge
     assert lr_factors(sweep=True) == LR_FACTORS and lr_factors(sweep=False) == (1.0,)
+
+
+def test_a_grid_is_read_sorted_and_must_hold_the_default():
+    assert lr_factors(True, "8, 1,0.25,1") == (0.25, 1.0, 8.0)
+    assert lr_factors(False, "8,1") == (1.0,)
+    for bad in ("2,4", "0,1", "1,x"):
+        with pytest.raises(ConfigError, match="lr grid"):
+            lr_factors(True, bad)
 
 
 def test_a_method_is_shown_at_its_default_and_at_the_argmin_of_its_loss():

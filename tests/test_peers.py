@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from choicesae.bench.lr_sweep import LR_FACTORS
 from choicesae.data.store import StoreWriter
 
 pytest.importorskip("sparsify", reason="the interop extra installs eai-sparsify")
@@ -62,15 +61,16 @@ def test_the_lr_sweep_gives_each_row_at_its_default_and_at_its_best(tmp_path):
     non-zero if any run trained on other batches); the best row is the lowest final FVU, and its
     ratios are to sparsify at its own best."""
     methods = "sparsify_topk,mutual_choice"
-    table, curves = peers(tmp_path, "--lr-sweep", "--methods", methods)
+    grid = (0.5, 1.0, 2.0)
+    table, curves = peers(tmp_path, "--lr-sweep", "--lr-grid", "2,1,0.5", "--methods", methods)
     rows = ["sparsify_topk", "mutual_choice", "mutual_choice +θ"]
     cells = [[c.strip() for c in line.split("|")[1:-1]] for line in table.splitlines()[-6:]]
     assert [c[0] for c in cells] == [name for row in rows for name in (row, f"{row}, best lr")]
     final = {row: {float(f): c[-1] for f, c in curves[row].items()} for row in rows}
     for row, (default, best) in zip(rows, zip(cells[::2], cells[1::2], strict=True), strict=True):
-        assert sorted(final[row]) == list(LR_FACTORS)
+        assert sorted(final[row]) == list(grid)
         lrs = {f: point["lr"] for f, point in final[row].items()}
-        assert all(lrs[f] == pytest.approx(f * lrs[1.0]) for f in LR_FACTORS)
+        assert all(lrs[f] == pytest.approx(f * lrs[1.0]) for f in grid)
         factor = min(final[row], key=lambda f: final[row][f]["fvu"])
         assert default[1].endswith("(×1)") and best[1].endswith(f"(×{factor:g})")
         assert float(default[4]) == pytest.approx(final[row][1.0]["fvu"], abs=1e-4)
@@ -78,3 +78,35 @@ def test_the_lr_sweep_gives_each_row_at_its_default_and_at_its_best(tmp_path):
     ref = min(final["sparsify_topk"].values(), key=lambda point: point["fvu"])["fvu"]
     assert float(cells[3][-1]) == pytest.approx(float(cells[3][4]) / ref, abs=2e-3)
     assert float(cells[1][-1]) == 1.0
+
+
+def test_merge_gives_mean_and_std_over_seeds(tmp_path):
+    """--merge over two folders whose final FVUs differ by 0.02: the mean is halfway and the
+    std 0.01, each method at its default and at its lowest mean FVU."""
+    first, second = tmp_path / "s0", tmp_path / "s1"
+    curves = {
+        "sparsify_topk": {"0.5": [0.3, 0.2], "1.0": [0.3, 0.25]},
+        "mutual_choice": {"0.5": [0.3, 0.22], "1.0": [0.3, 0.2]},
+    }
+    for folder, shift in ((first, 0.0), (second, 0.02)):
+        folder.mkdir()
+        by_row = {
+            row: {
+                f: [{"lr": float(f), "fvu": v + shift, "l0": 4.0, "dead_pct": 0.0} for v in fvus]
+                for f, fvus in by_lr.items()
+            }
+            for row, by_lr in curves.items()
+        }
+        (folder / "curves.json").write_text(json.dumps(by_row))
+    done = subprocess.run(
+        [sys.executable, "benchmarks/peers.py", "--merge", str(first), str(second)],
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    cells = [[c.strip() for c in line.split("|")[1:-1]] for line in done.stdout.splitlines()[-4:]]
+    assert [c[0] for c in cells] == [
+        "sparsify_topk", "sparsify_topk, best lr", "mutual_choice", "mutual_choice, best lr"
+    ]  # fmt: skip
+    assert [c[3] for c in cells] == ["0.2600 ± 0.0100"] + ["0.2100 ± 0.0100"] * 3
+    assert cells[1][1].endswith("(×0.5)") and cells[3][1].endswith("(×1)")
+    assert cells[2][-1] == "0.807 ± 0.007" and cells[3][-1] == "1.000 ± 0.000"

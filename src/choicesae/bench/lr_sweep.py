@@ -5,13 +5,25 @@ default and one at its best factor."""
 
 from collections.abc import Mapping
 
+from choicesae.errors import ConfigError
+
 LR_FACTORS = (0.5, 1.0, 2.0, 4.0)  # x each library's default; 1.0 is the default itself
 
 
-def lr_factors(sweep: bool) -> tuple[float, ...]:
+def lr_factors(sweep: bool, grid: str = "") -> tuple[float, ...]:
     """The factors of each library's default learning rate a comparison trains at: the sweep's
-    grid, or the default alone."""
-    return LR_FACTORS if sweep else (1.0,)
+    grid (`grid`, comma-separated factors; empty: LR_FACTORS), or the default alone."""
+    if not sweep:
+        return (1.0,)
+    if not grid:
+        return LR_FACTORS
+    try:
+        factors = tuple(sorted({float(f) for f in grid.split(",") if f.strip()}))
+    except ValueError:
+        raise ConfigError(f"the lr grid takes comma-separated numbers, got {grid!r}") from None
+    if 1.0 not in factors or factors[0] <= 0:
+        raise ConfigError(f"the lr grid's factors must be positive and hold 1, got {grid!r}")
+    return factors
 
 
 def default_and_best(loss: Mapping[float, float]) -> list[tuple[str, float]]:

@@ -18,9 +18,9 @@ Matryoshka methods' prefixes), trained by SAELens's SAETrainer with its syntheti
 defaults (SyntheticSAERunnerConfig) on the same rows.
 
 Every method trains at its library's default learning rate (ours: the recipe's, schedule.RECIPES;
-SAELens's: its synthetic runner's); with --lr-sweep at each factor of lr_sweep.LR_FACTORS times it
-too, and the table gives each method twice: at the default, and at the factor of the best mean
-MCC over seeds.
+SAELens's: its synthetic runner's); with --lr-sweep at each factor of --lr-grid
+(lr_sweep.LR_FACTORS by default) times it too, and the table gives each method twice: at the
+default, and at the factor of the best mean MCC over seeds.
 
 Results accumulate in OUT/results.jsonl (a run already there is not trained again), then
 OUT/table.md: mean ± std over seeds. sae-lens (the interop extra) is imported inside the functions
@@ -108,6 +108,9 @@ class SynthSAEBenchConfig:
     """Also train every method, SAELens's included, at the other factors of its library's
     default learning rate (lr_sweep.LR_FACTORS); the table gives each method at its default and
     at its best (mean MCC)."""
+    lr_grid: str = ""
+    """The sweep's factors of each library's default learning rate, comma-separated, 1
+    included; empty: 0.5,1,2,4."""
     device: str = "cpu"
     """Torch device."""
     progress: bool = False
@@ -127,6 +130,7 @@ class SynthSAEBenchConfig:
         for name in ("seeds", "steps", "batch_size", "eval_samples"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        lr_factors(self.lr_sweep, self.lr_grid)  # a grid it can read
         paper_config(self)  # the paper bench's checks of the settings it shares (the switch)
 
     @property
@@ -344,7 +348,7 @@ def synthsaebench(cfg: SynthSAEBenchConfig) -> Path:
     cfg.folder.mkdir(parents=True, exist_ok=True)
     done = {_key(r): r for r in read_results(cfg.folder / "results.jsonl")}
     model = None
-    runs = [(m, f) for m in cfg.method_list for f in lr_factors(cfg.lr_sweep)]
+    runs = [(m, f) for m in cfg.method_list for f in lr_factors(cfg.lr_sweep, cfg.lr_grid)]
     for seed in range(cfg.seeds):
         todo = [(m, f) for m, f in runs if _key(settings(cfg, m, seed, f)) not in done]
         if not todo:
@@ -411,7 +415,8 @@ def table(cfg: SynthSAEBenchConfig, records: list[dict]) -> str:
         "variance. Mutual and Feature Choice encode one sample at a time (JumpReLU at per-feature "
         "thresholds); saelens_batchtopk is scored as SAELens's runner scores it (BatchTopK over "
         f"batches of {cfg.batch_size}). Learning rates: each library's default x "
-        f"{', '.join(map(str, lr_factors(cfg.lr_sweep)))}; a method's best has the best mean MCC.",
+        f"{', '.join(map(str, lr_factors(cfg.lr_sweep, cfg.lr_grid)))}; a method's best has the "
+        "best mean MCC.",
         "",
         "| method | lr | seeds | " + " | ".join(COLUMNS) + " |",
         "|---|---|---|" + "---|" * len(COLUMNS),
@@ -419,7 +424,7 @@ def table(cfg: SynthSAEBenchConfig, records: list[dict]) -> str:
     for method in cfg.method_list:
         by_lr = {  # factor -> the method's records at it
             f: [r for r in records if r["method"] == method and _factor(r) == f]
-            for f in lr_factors(cfg.lr_sweep)
+            for f in lr_factors(cfg.lr_sweep, cfg.lr_grid)
         }
         by_lr = {f: group for f, group in by_lr.items() if group}
         mcc = {f: -np.mean([COLUMNS["MCC"](r) for r in group]) for f, group in by_lr.items()}
