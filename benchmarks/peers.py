@@ -72,6 +72,7 @@ from choicesae.core.schedule import RECIPES, recipe_lr
 from choicesae.core.sparsifiers import TRAINABLE
 from choicesae.core.thresholds import estimate_thresholds_
 from choicesae.data.activations import batches, check_activations
+from choicesae.evaluation.evaluate import first_tokens
 
 REFERENCE = "sparsify_topk"
 METHODS = (REFERENCE, *TRAINABLE)
@@ -151,16 +152,21 @@ class SameBatches:
 
 
 def load_rows(args: argparse.Namespace) -> tuple[Tensor, Tensor, int]:
-    """(training rows [n, d], held-out rows [heldout, d], rows in the store), float32."""
+    """(training rows [n, d], held-out rows [heldout, d], rows in the store), float32. A store
+    that kept each context's first token (a causal LM's attention sink, norms far above the
+    others) is read without those rows, as choicesae eval reads it."""
     store = Store(args.store)
-    rest = len(store) - args.heldout
+    keep = ~first_tokens(store.manifest, len(store))
+    n = int(keep.sum())
+    rest = n - args.heldout
     if rest < args.batch_size:
         raise SystemExit(
-            f"{args.store} has {len(store)} rows: too few for {args.heldout} held out and a "
+            f"{args.store} has {n} rows: too few for {args.heldout} held out and a "
             f"batch of {args.batch_size}"
         )
-    x_train = store[: min(args.steps * args.batch_size, rest)]
-    return check_activations(x_train, args.store), store[rest:], len(store)
+    rows = store if keep.all() else torch.as_tensor(store[:])[keep]
+    x_train = rows[: min(args.steps * args.batch_size, rest)]
+    return check_activations(x_train, args.store), rows[rest:], n
 
 
 def ends(args: argparse.Namespace) -> list[int]:

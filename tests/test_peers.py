@@ -15,10 +15,14 @@ pytest.importorskip("sparsify", reason="the interop extra installs eai-sparsify"
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def peers(tmp_path, *flags: str) -> tuple[str, dict]:
-    """benchmarks/peers.py on a toy store: (table.md, curves.json)."""
-    writer = StoreWriter(tmp_path / "store", {"model": "toy", "d_model": 32, "dtype": "float32"})
+def peers(tmp_path, *flags: str, first: dict | None = None) -> tuple[str, dict]:
+    """benchmarks/peers.py on a toy store: (table.md, curves.json). `first`: manifest fields
+    of a store that kept each context's first token, those rows made 1000 times larger."""
+    manifest = {"model": "toy", "d_model": 32, "dtype": "float32", **(first or {})}
+    writer = StoreWriter(tmp_path / "store", manifest)
     x = torch.randn(4096, 32, generator=torch.Generator().manual_seed(0))
+    if first:
+        x[:: first["context"]] *= 1000
     writer.write_shard(x, np.zeros(len(x), dtype=np.int32))
     writer.finish()
     out = tmp_path / "peers"
@@ -110,3 +114,13 @@ def test_merge_gives_mean_and_std_over_seeds(tmp_path):
     assert [c[3] for c in cells] == ["0.2600 ± 0.0100"] + ["0.2100 ± 0.0100"] * 3
     assert cells[1][1].endswith("(×0.5)") and cells[3][1].endswith("(×1)")
     assert cells[2][-1] == "0.807 ± 0.007" and cells[3][-1] == "1.000 ± 0.000"
+
+
+def test_a_contexts_first_tokens_are_left_out(tmp_path):
+    """A store that kept each context's first token (drop_first false): those rows, here 1000
+    times the others (as a causal LM's attention sink), are read by no library."""
+    table, curves = peers(
+        tmp_path, "--methods", "sparsify_topk", first={"drop_first": False, "context": 8}
+    )
+    assert "3,584 rows" in table  # 4,096 less every 8th
+    assert all(point["fvu"] < 2 for point in curves["sparsify_topk"]["1.0"])
