@@ -407,8 +407,8 @@ def merged(folders: list[Path]) -> str:
         for row, by_lr in seeds[0].items()
     }
 
-    def cell(points: list[dict], key: str, digits: int) -> str:
-        v = torch.tensor([float(p[key]) for p in points], dtype=torch.float64)
+    def cell(values: list[float], digits: int) -> str:
+        v = torch.tensor(values, dtype=torch.float64)
         return f"{v.mean():.{digits}f} ± {v.std(correction=0):.{digits}f}"
 
     chosen = {
@@ -425,12 +425,12 @@ def merged(folders: list[Path]) -> str:
     for row, rows in chosen.items():
         for label, f in rows:
             points = last[row][f]
-            ratios = [{"r": p["fvu"] / r["fvu"]} for p, r in zip(points, refs[label], strict=True)]
+            of = {key: [float(p[key]) for p in points] for key in ("l0", "fvu", "dead_pct")}
+            ratios = [p["fvu"] / r["fvu"] for p, r in zip(points, refs[label], strict=True)]
             name = row if label == "default" else f"{row}, best lr"
             lines.append(
-                f"| {name} | {lr_cell(points[0]['lr'], float(f))} | {cell(points, 'l0', 1)} | "
-                f"{cell(points, 'fvu', 4)} | {cell(points, 'dead_pct', 1)} | "
-                f"{cell(ratios, 'r', 3)} |"
+                f"| {name} | {lr_cell(points[0]['lr'], f)} | {cell(of['l0'], 1)} | "
+                f"{cell(of['fvu'], 4)} | {cell(of['dead_pct'], 1)} | {cell(ratios, 3)} |"
             )
     return "\n".join(lines)
 
