@@ -37,8 +37,10 @@ raw activation space, Σ|x − x̂|² / Σ|x − mean(x)|² over all held-out ro
 that fire on none. Training time counts the steps alone, drawing the batches included:
 choicesae's from its metrics.jsonl (elapsed_s), sparsify's timed around its steps. The time to
 reach sparsify's final FVU interpolates linearly between the measured points. A best-lr row's
-ratios are to sparsify at its best lr, a default row's to sparsify at its default. OUT/table.md
-holds the table, OUT/curves.json the held-out curves (row -> lr factor -> points).
+ratios are to sparsify at its best lr, a default row's to sparsify at its default; without
+sparsify_topk in --methods (a sweep split over processes, each method's points the same as in a
+joint run) they are left empty. OUT/table.md holds the table, OUT/curves.json the held-out
+curves (row -> lr factor -> points).
 """
 
 import os
@@ -125,8 +127,6 @@ def parse() -> argparse.Namespace:
     unknown = sorted(set(args.methods) - set(METHODS))
     if unknown:
         p.error(f"unknown --methods {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-    if REFERENCE not in args.methods:
-        p.error(f"--methods must include {REFERENCE}: the ratios are taken against it")
     if min(args.steps, args.eval_every, args.batch_size, args.heldout, args.threads) < 1:
         p.error("--steps, --eval-every, --batch-size, --heldout and --threads must be positive")
     if args.calibration < args.batch_size:
@@ -348,7 +348,7 @@ def table(curves: dict[str, dict[float, list[dict]]], tokens: int) -> str:
         row: default_and_best({factor: curve[-1]["fvu"] for factor, curve in by_lr.items()})
         for row, by_lr in curves.items()
     }
-    refs = {label: curves[REFERENCE][factor] for label, factor in chosen[REFERENCE]}
+    refs = {label: curves[REFERENCE][factor] for label, factor in chosen.get(REFERENCE, [])}
     lines = [
         "| method | lr | tokens/s | L0 | FVU | dead % | s to sparsify's FVU | tokens/s ÷ sparsify "
         "| FVU ÷ sparsify |",
@@ -356,15 +356,20 @@ def table(curves: dict[str, dict[float, list[dict]]], tokens: int) -> str:
     ]
     for row, rows in chosen.items():
         for label, factor in rows:
-            curve, ref = curves[row][factor], refs[label][-1]
+            curve = curves[row][factor]
             end, speed = curve[-1], tokens / curve[-1]["seconds"]
-            reach = seconds_to_reach(curve, ref["fvu"])
+            ratios = "— | — | —"  # without sparsify in the run
+            if refs:
+                ref = refs[label][-1]
+                reach = seconds_to_reach(curve, ref["fvu"])
+                ratios = (
+                    f"{'—' if reach is None else f'{reach:.1f}'} | "
+                    f"{speed / (tokens / ref['seconds']):.2f} | {end['fvu'] / ref['fvu']:.3f}"
+                )
             name = row if label == "default" else f"{row}, best lr"
             lines.append(
                 f"| {name} | {lr_cell(end['lr'], factor)} | {speed:,.0f} | {end['l0']:.1f} | "
-                f"{end['fvu']:.4f} | {end['dead_pct']:.1f} | "
-                f"{'—' if reach is None else f'{reach:.1f}'} | "
-                f"{speed / (tokens / ref['seconds']):.2f} | {end['fvu'] / ref['fvu']:.3f} |"
+                f"{end['fvu']:.4f} | {end['dead_pct']:.1f} | {ratios} |"
             )
     return "\n".join(lines)
 
@@ -415,7 +420,7 @@ def merged(folders: list[Path]) -> str:
         row: default_and_best({f: sum(p["fvu"] for p in ps) / len(ps) for f, ps in by.items()})
         for row, by in last.items()
     }
-    refs = {label: last[REFERENCE][f] for label, f in chosen[REFERENCE]}
+    refs = {label: last[REFERENCE][f] for label, f in chosen.get(REFERENCE, [])}
     lines = [
         f"{len(folders)} seeds ({', '.join(map(str, folders))}): final held-out points, mean ± std",
         "",
@@ -426,11 +431,14 @@ def merged(folders: list[Path]) -> str:
         for label, f in rows:
             points = last[row][f]
             of = {key: [float(p[key]) for p in points] for key in ("l0", "fvu", "dead_pct")}
-            ratios = [p["fvu"] / r["fvu"] for p, r in zip(points, refs[label], strict=True)]
+            ratio = "—"  # without sparsify in the runs
+            if refs:
+                ratios = [p["fvu"] / r["fvu"] for p, r in zip(points, refs[label], strict=True)]
+                ratio = cell(ratios, 3)
             name = row if label == "default" else f"{row}, best lr"
             lines.append(
                 f"| {name} | {lr_cell(points[0]['lr'], f)} | {cell(of['l0'], 1)} | "
-                f"{cell(of['fvu'], 4)} | {cell(of['dead_pct'], 1)} | {cell(ratios, 3)} |"
+                f"{cell(of['fvu'], 4)} | {cell(of['dead_pct'], 1)} | {ratio} |"
             )
     return "\n".join(lines)
 
@@ -461,13 +469,14 @@ def main() -> None:
         run: {step: fp for (size, step), fp in r.served.items() if size == args.batch_size}
         for run, r in rows.items()
     }
+    first = (REFERENCE if REFERENCE in args.methods else args.methods[0]), 1.0
     for run in lrs:
-        if steps[run] != steps[REFERENCE, 1.0]:
+        if steps[run] != steps[first]:
             raise SystemExit(
-                f"{run[0]} at lr {lrs[run]:.1e} trained on other batches than {REFERENCE}"
+                f"{run[0]} at lr {lrs[run]:.1e} trained on other batches than {first[0]}"
             )
-    if sorted(steps[REFERENCE, 1.0]) != list(range(args.steps)):
-        raise SystemExit(f"{REFERENCE} did not train on steps 0 to {args.steps - 1} once each")
+    if sorted(steps[first]) != list(range(args.steps)):
+        raise SystemExit(f"{first[0]} did not train on steps 0 to {args.steps - 1} once each")
     text = header(args, x_train, store_rows) + "\n\n" + table(curves, args.steps * args.batch_size)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "table.md").write_text(text + "\n")

@@ -124,3 +124,17 @@ def test_a_contexts_first_tokens_are_left_out(tmp_path):
     )
     assert "3,584 rows" in table  # 4,096 less every 8th
     assert all(point["fvu"] < 2 for point in curves["sparsify_topk"]["1.0"])
+
+
+def test_a_sweep_split_over_processes_gives_the_same_points(tmp_path):
+    """Without sparsify in --methods (a sweep split over processes, one per library) a method's
+    held-out points are those of the joint run, and the ratio columns are left empty."""
+    _, joint = peers(tmp_path / "joint", "--methods", "sparsify_topk,mutual_choice")
+    table, alone = peers(tmp_path / "alone", "--methods", "mutual_choice")
+    strip = ("seconds",)  # timings differ run to run
+    for row in ("mutual_choice", "mutual_choice +θ"):
+        same = [{k: v for k, v in p.items() if k not in strip} for p in joint[row]["1.0"]]
+        assert [{k: v for k, v in p.items() if k not in strip} for p in alone[row]["1.0"]] == same
+    assert "sparsify_topk" not in alone
+    last = [c.strip() for c in table.splitlines()[-1].split("|")[1:-1]]
+    assert last[0] == "mutual_choice +θ" and last[-3:] == ["—", "—", "—"]
